@@ -1,0 +1,114 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/* The maps of the XDP program. Layouts are in xdplb_abi.h; names are part of the
+ * contract with src/xdplb/abi.py (at most 15 characters: the kernel keeps 15). */
+#ifndef XDPLB_MAPS_H
+#define XDPLB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "xdplb_abi.h"
+
+/* Global settings written by the control plane: seed, SNAT range, timeouts, trace. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xdplb_config);
+} xdplb_config SEC(".maps");
+
+/* Per destination port: is any service or the SNAT range using it (enum xdplb_port_flags).
+ * Lets a packet for an unrelated port leave after one array read. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XDPLB_PORTS);
+	__type(key, __u32);
+	__type(value, __u8);
+} xdplb_ports SEC(".maps");
+
+/* VIP:port/proto -> service. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XDPLB_MAX_SERVICES);
+	__type(key, struct xdplb_service_key);
+	__type(value, struct xdplb_service);
+} xdplb_services SEC(".maps");
+
+/* Backend id -> address, port and next-hop MACs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XDPLB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct xdplb_backend);
+} xdplb_backends SEC(".maps");
+
+/* Template of one service's Maglev ring: slot -> backend id. BPF_F_INNER_MAP lets each
+ * ring have its own (prime) size. */
+struct xdplb_ring {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+/* Service id -> its Maglev ring. The control plane builds a new ring and swaps it in
+ * with one update, so a packet never sees a half-written ring. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, XDPLB_MAX_SERVICES);
+	__type(key, __u32);
+	__array(values, struct xdplb_ring);
+} xdplb_rings SEC(".maps");
+
+/* Flow table, both directions: arriving 5-tuple -> rewrite. Resized at load time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XDPLB_FLOW_ENTRIES_DEFAULT);
+	__type(key, struct xdplb_flow_key);
+	__type(value, struct xdplb_flow);
+} xdplb_flows SEC(".maps");
+
+/* Per CPU and backend: where the next SNAT port search starts. Cycling through the
+ * range (instead of hashing) delays reuse of a (SNAT addr, port, backend) tuple as long
+ * as possible, which keeps backends' TIME_WAIT entries from rejecting new SYNs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XDPLB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, __u32);
+} xdplb_port_cur SEC(".maps");
+
+/* Per-service client allow-lists (service id + CIDR). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, XDPLB_MAX_CLIENT_RULES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct xdplb_client_key);
+	__type(value, __u8);
+} xdplb_clients SEC(".maps");
+
+/* Packet counters by action and reason (enum xdplb_counter). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XDPLB_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} xdplb_counters SEC(".maps");
+
+/* Per-service traffic, both directions. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XDPLB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct xdplb_traffic);
+} xdplb_svc_stats SEC(".maps");
+
+/* Per-backend traffic, both directions. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XDPLB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct xdplb_traffic);
+} xdplb_be_stats SEC(".maps");
+
+#endif /* XDPLB_MAPS_H */

@@ -1,0 +1,532 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * xdplb: a full-NAT L4 load balancer in XDP.
+ *
+ * A packet for a service (VIP:port/proto) is rewritten client->VIP into SNAT->backend;
+ * the backend's reply is rewritten back into VIP->client. Both directions are entries
+ * of one flow table keyed by the arriving 5-tuple, so an established packet costs one
+ * lookup and a rewrite with precomputed checksum deltas. Everything that is not for a
+ * service (or a reply of one of its flows) passes to the kernel untouched.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "xdplb_abi.h"
+#include "maps.h"
+#include "parse.h"
+#include "csum.h"
+#include "hash.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+enum parse_result {
+	PARSE_OTHER,     /* not IPv4 TCP/UDP/ICMP: none of our business */
+	PARSE_MALFORMED, /* claims to be IPv4 but does not fit: the kernel will drop it */
+	PARSE_L4,        /* TCP or UDP with complete headers */
+	PARSE_ICMP,
+	PARSE_LATER_FRAGMENT, /* no L4 header to match on */
+};
+
+struct packet {
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct tcphdr *tcp; /* NULL unless TCP */
+	struct udphdr *udp; /* NULL unless UDP */
+	struct icmphdr *icmp;
+	void *l4_end;
+	struct xdplb_flow_key key;
+	__u8 tcp_flags;
+	__u8 first_fragment;
+};
+
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+#define TCP_FLAGS_OFFSET 13
+
+static __always_inline void count(__u32 counter)
+{
+	__u64 *value = bpf_map_lookup_elem(&xdplb_counters, &counter);
+
+	if (value)
+		*value += 1;
+}
+
+static __always_inline int pass(__u32 reason)
+{
+	if (reason != XDPLB_CNT_PASS)
+		count(reason);
+	count(XDPLB_CNT_PASS);
+	return XDP_PASS;
+}
+
+static __always_inline int drop(__u32 reason)
+{
+	count(reason);
+	count(XDPLB_CNT_DROP);
+	return XDP_DROP;
+}
+
+static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
+	int proto;
+
+	if (parse_ethhdr(&c, &pkt->eth) != bpf_htons(ETH_P_IP))
+		return PARSE_OTHER;
+	proto = parse_iphdr(&c, &pkt->ip);
+	if (proto < 0)
+		return PARSE_MALFORMED;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP)
+		return PARSE_OTHER;
+	if (ip_is_fragment(pkt->ip)) {
+		if (pkt->ip->frag_off & bpf_htons(IP_OFFSET))
+			return PARSE_LATER_FRAGMENT;
+		pkt->first_fragment = 1;
+	}
+	pkt->key.saddr = pkt->ip->saddr;
+	pkt->key.daddr = pkt->ip->daddr;
+	pkt->key.proto = proto;
+	if (proto == IPPROTO_TCP) {
+		if (parse_tcphdr(&c, &pkt->tcp) < 0)
+			return PARSE_MALFORMED;
+		pkt->key.sport = pkt->tcp->source;
+		pkt->key.dport = pkt->tcp->dest;
+		pkt->tcp_flags = ((__u8 *)pkt->tcp)[TCP_FLAGS_OFFSET];
+	} else if (proto == IPPROTO_UDP) {
+		if (parse_udphdr(&c, &pkt->udp) < 0)
+			return PARSE_MALFORMED;
+		pkt->key.sport = pkt->udp->source;
+		pkt->key.dport = pkt->udp->dest;
+	} else {
+		if (pkt->first_fragment || parse_icmphdr(&c, &pkt->icmp) < 0)
+			return PARSE_OTHER;
+		pkt->l4_end = c.pos;
+		return PARSE_ICMP;
+	}
+	return PARSE_L4;
+}
+
+static __always_inline void trace(struct xdp_md *ctx, const struct xdplb_config *cfg,
+				  const struct packet *pkt, const struct xdplb_flow *flow,
+				  __u32 event, __u32 action)
+{
+	if (!(cfg->flags & XDPLB_CFG_TRACE))
+		return;
+	bpf_printk(XDPLB_TRACE_TAG " %u %u %x %x %u %x %u %x %u %u %u %u", ctx->ingress_ifindex,
+		   pkt->key.proto, pkt->tcp_flags, bpf_ntohl(pkt->key.saddr),
+		   bpf_ntohs(pkt->key.sport), bpf_ntohl(pkt->key.daddr), bpf_ntohs(pkt->key.dport),
+		   flow ? bpf_ntohl(flow->daddr) : 0, flow ? bpf_ntohs(flow->dport) : 0,
+		   flow ? flow->backend_id : XDPLB_NO_BACKEND, event, action);
+}
+
+static __always_inline void account(__u32 id, void *stats_map, __u64 bytes, __u32 new_flow)
+{
+	struct xdplb_traffic *t = bpf_map_lookup_elem(stats_map, &id);
+
+	if (!t)
+		return;
+	t->packets += 1;
+	t->bytes += bytes;
+	t->new_flows += new_flow;
+}
+
+/* Sends the rewritten frame towards the flow's next hop. */
+static __always_inline int transmit(struct xdp_md *ctx, const struct xdplb_flow *flow)
+{
+	if (flow->ifindex == ctx->ingress_ifindex) {
+		count(XDPLB_CNT_TX);
+		return XDP_TX;
+	}
+	count(XDPLB_CNT_REDIRECT);
+	return bpf_redirect(flow->ifindex, 0);
+}
+
+static __always_inline void rewrite_l2(struct ethhdr *eth, const struct xdplb_flow *flow)
+{
+	__builtin_memcpy(eth->h_dest, flow->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, flow->smac, ETH_ALEN);
+}
+
+/* Rewrites addresses, ports, TTL and both checksums of a TCP/UDP packet. */
+static __always_inline void rewrite(struct packet *pkt, const struct xdplb_flow *flow)
+{
+	struct iphdr *ip = pkt->ip;
+
+	rewrite_l2(pkt->eth, flow);
+	ip->saddr = flow->saddr;
+	ip->daddr = flow->daddr;
+	ip->ttl -= 1;
+	ip->check = csum_apply(ip->check, flow->l3_csum_delta);
+	if (pkt->tcp) {
+		pkt->tcp->source = flow->sport;
+		pkt->tcp->dest = flow->dport;
+		pkt->tcp->check = csum_apply(pkt->tcp->check, flow->l4_csum_delta);
+	} else if (pkt->udp) {
+		pkt->udp->source = flow->sport;
+		pkt->udp->dest = flow->dport;
+		/* 0 means "no checksum" and stays so; a computed 0 is sent as 0xffff. */
+		if (pkt->udp->check) {
+			__u16 check = csum_apply(pkt->udp->check, flow->l4_csum_delta);
+
+			pkt->udp->check = check ? check : 0xffff;
+		}
+	}
+}
+
+/* Checksum deltas of rewriting `from` into `to`, TTL decrement included. */
+static __always_inline void flow_set_deltas(struct xdplb_flow *to, const struct xdplb_flow_key *from)
+{
+	__u32 addrs = 0, ttl;
+
+	addrs = csum_delta32(addrs, from->saddr, to->saddr);
+	addrs = csum_delta32(addrs, from->daddr, to->daddr);
+	/* TTL is the high byte of its 16-bit word: it drops by 0x0100 in network order. */
+	ttl = (__u16)~bpf_htons(0x0100);
+	to->l3_csum_delta = csum_fold32(addrs + ttl);
+	to->l4_csum_delta = csum_fold32(csum_delta16(csum_delta16(addrs, from->sport, to->sport),
+						     from->dport, to->dport));
+}
+
+static __always_inline __u64 flow_timeout(const struct xdplb_config *cfg, __u8 proto, __u8 flags)
+{
+	if (proto != IPPROTO_TCP)
+		return cfg->udp_timeout_ns;
+	return (flags & XDPLB_FLOW_CLOSING) ? cfg->tcp_closing_timeout_ns : cfg->tcp_timeout_ns;
+}
+
+/* Only the client side expires on lookup: a reply is translated as long as its entry
+ * exists, so a one-way client flow cannot strand the backend's late answers. */
+static __always_inline int flow_expired(const struct xdplb_config *cfg, const struct xdplb_flow *flow,
+					__u8 proto, __u64 now)
+{
+	__u64 timeout;
+
+	if (flow->flags & XDPLB_FLOW_REPLY)
+		return 0;
+	timeout = flow_timeout(cfg, proto, flow->flags);
+	return timeout && now - flow->last_seen_ns > timeout + XDPLB_TOUCH_INTERVAL_NS;
+}
+
+/* A backend-side entry may be taken over when the client flow that made it is gone,
+ * expired, or has moved to another SNAT port or backend. */
+static __always_inline int snat_entry_reusable(const struct xdplb_config *cfg,
+					       const struct xdplb_flow_key *rev_key, __u64 now)
+{
+	struct xdplb_flow_key client_key = { .proto = rev_key->proto };
+	struct xdplb_flow *old, *client;
+
+	old = bpf_map_lookup_elem(&xdplb_flows, rev_key);
+	if (!old)
+		return 1;
+	client_key.saddr = old->daddr;
+	client_key.daddr = old->saddr;
+	client_key.sport = old->dport;
+	client_key.dport = old->sport;
+	client = bpf_map_lookup_elem(&xdplb_flows, &client_key);
+	if (!client)
+		return 1;
+	return client->sport != rev_key->dport || client->daddr != rev_key->saddr ||
+	       flow_expired(cfg, client, rev_key->proto, now);
+}
+
+/* Finds a free SNAT port towards the backend and stores the backend-side entry with it.
+ * Returns the port in network byte order, or 0 when every port tried is taken. */
+static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __u32 backend_id,
+					      struct xdplb_flow_key *rev_key, struct xdplb_flow *rev,
+					      __u64 now)
+{
+	__u32 span = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
+	__u32 cpus = cfg->nr_cpus ? cfg->nr_cpus : 1;
+	__u32 cpu = bpf_get_smp_processor_id() % cpus;
+	__u32 slice = span / cpus, first, *cursor;
+
+	if (cfg->snat_port_max < cfg->snat_port_min)
+		return 0;
+	if (!slice) {
+		slice = span;
+		cpu = 0;
+	}
+	first = cfg->snat_port_min + cpu * slice;
+	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &backend_id);
+	if (!cursor)
+		return 0;
+	for (int i = 0; i < XDPLB_SNAT_PORT_TRIES; i++) {
+		__be16 port = bpf_htons(first + *cursor % slice);
+
+		*cursor += 1;
+		rev_key->dport = port;
+		flow_set_deltas(rev, rev_key);
+		if (!bpf_map_update_elem(&xdplb_flows, rev_key, rev, BPF_NOEXIST))
+			return port;
+		if (snat_entry_reusable(cfg, rev_key, now) &&
+		    !bpf_map_update_elem(&xdplb_flows, rev_key, rev, BPF_ANY))
+			return port;
+	}
+	return 0;
+}
+
+static __always_inline int client_allowed(const struct xdplb_service *svc, __be32 addr)
+{
+	struct xdplb_client_key key = {
+		.prefixlen = 64,
+		.service_id = bpf_htonl(svc->id),
+		.addr = addr,
+	};
+
+	if (!(svc->flags & XDPLB_SVC_ALLOWLIST))
+		return 1;
+	return bpf_map_lookup_elem(&xdplb_clients, &key) != NULL;
+}
+
+/* Maglev: the flow hash picks a slot of the service's ring, the slot names a backend. */
+static __always_inline struct xdplb_backend *select_backend(const struct xdplb_config *cfg,
+							    const struct xdplb_service *svc,
+							    const struct xdplb_flow_key *key,
+							    __u32 *backend_id)
+{
+	struct xdplb_backend *backend;
+	__u32 slot, *id;
+	void *ring;
+
+	if (!svc->ring_size)
+		return NULL;
+	ring = bpf_map_lookup_elem(&xdplb_rings, &svc->id);
+	if (!ring)
+		return NULL;
+	slot = flow_hash(key, cfg->hash_seed) % svc->ring_size;
+	id = bpf_map_lookup_elem(ring, &slot);
+	if (!id || *id == XDPLB_NO_BACKEND)
+		return NULL;
+	backend = bpf_map_lookup_elem(&xdplb_backends, id);
+	if (!backend || !(backend->flags & XDPLB_BACKEND_IN_USE))
+		return NULL;
+	*backend_id = *id;
+	return backend;
+}
+
+static __always_inline int forward(struct xdp_md *ctx, const struct xdplb_config *cfg,
+				   struct packet *pkt, const struct xdplb_flow *flow, __u32 event)
+{
+	__u64 bytes = ctx->data_end - ctx->data;
+
+	rewrite(pkt, flow);
+	account(flow->service_id, &xdplb_svc_stats, bytes, event == XDPLB_EV_NEW_FLOW);
+	account(flow->backend_id, &xdplb_be_stats, bytes, event == XDPLB_EV_NEW_FLOW);
+	trace(ctx, cfg, pkt, flow, event, flow->ifindex == ctx->ingress_ifindex ? XDP_TX : XDP_REDIRECT);
+	return transmit(ctx, flow);
+}
+
+static __always_inline int new_flow(struct xdp_md *ctx, const struct xdplb_config *cfg,
+				    struct packet *pkt, const struct xdplb_service *svc, __u64 now)
+{
+	struct xdplb_flow_key rev_key = { .proto = pkt->key.proto };
+	struct xdplb_flow fwd = {}, rev = {};
+	struct xdplb_backend *backend;
+	__u32 backend_id = 0;
+
+	if (pkt->tcp && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_SYN) {
+		trace(ctx, cfg, pkt, NULL, XDPLB_EV_NO_FLOW, XDP_PASS);
+		return pass(XDPLB_CNT_NO_FLOW);
+	}
+	if (!client_allowed(svc, pkt->key.saddr)) {
+		trace(ctx, cfg, pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_PASS);
+		return pass(XDPLB_CNT_NOT_ALLOWED);
+	}
+	backend = select_backend(cfg, svc, &pkt->key, &backend_id);
+	if (!backend) {
+		trace(ctx, cfg, pkt, NULL, XDPLB_EV_NO_BACKEND, XDP_PASS);
+		return pass(XDPLB_CNT_NO_BACKEND);
+	}
+
+	/* Backend side first: it owns the SNAT port, which the client side then uses. */
+	rev_key.saddr = backend->addr;
+	rev_key.daddr = cfg->snat_addr;
+	rev_key.sport = backend->port;
+	rev.saddr = pkt->key.daddr;
+	rev.daddr = pkt->key.saddr;
+	rev.sport = pkt->key.dport;
+	rev.dport = pkt->key.sport;
+	rev.ifindex = ctx->ingress_ifindex;
+	/* Replies go back to the hop the client's frame came from. */
+	__builtin_memcpy(rev.dmac, pkt->eth->h_source, ETH_ALEN);
+	__builtin_memcpy(rev.smac, pkt->eth->h_dest, ETH_ALEN);
+	rev.service_id = svc->id;
+	rev.backend_id = backend_id;
+	rev.flags = XDPLB_FLOW_REPLY;
+	rev.last_seen_ns = now;
+
+	fwd.sport = claim_snat_port(cfg, backend_id, &rev_key, &rev, now);
+	if (!fwd.sport) {
+		trace(ctx, cfg, pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
+		return drop(XDPLB_CNT_TABLE_FULL);
+	}
+	fwd.saddr = cfg->snat_addr;
+	fwd.daddr = backend->addr;
+	fwd.dport = backend->port;
+	fwd.ifindex = backend->ifindex;
+	__builtin_memcpy(fwd.dmac, backend->dmac, ETH_ALEN);
+	__builtin_memcpy(fwd.smac, backend->smac, ETH_ALEN);
+	fwd.service_id = svc->id;
+	fwd.backend_id = backend_id;
+	fwd.last_seen_ns = now;
+	flow_set_deltas(&fwd, &pkt->key);
+	if (bpf_map_update_elem(&xdplb_flows, &pkt->key, &fwd, BPF_ANY)) {
+		bpf_map_delete_elem(&xdplb_flows, &rev_key);
+		trace(ctx, cfg, pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
+		return drop(XDPLB_CNT_TABLE_FULL);
+	}
+	count(XDPLB_CNT_NEW_FLOW);
+	return forward(ctx, cfg, pkt, &fwd, XDPLB_EV_NEW_FLOW);
+}
+
+/* ICMP errors quote the packet we sent; the entry for the opposite direction of that
+ * packet knows the original endpoints. The error is sent to the original sender with
+ * the quoted packet turned back into the one it sent. */
+static __always_inline int translate_icmp_error(struct xdp_md *ctx, const struct xdplb_config *cfg,
+						struct packet *pkt)
+{
+	void *end = (void *)(long)ctx->data_end;
+	struct iphdr *inner = pkt->l4_end;
+	struct xdplb_flow_key key = {};
+	struct xdplb_flow *flow;
+	__be16 *ports, *l4_check = NULL;
+	__u32 addrs = 0, icmp = 0;
+	__u16 old;
+
+	if ((void *)(inner + 1) > end || inner->ihl != 5 ||
+	    (inner->protocol != IPPROTO_TCP && inner->protocol != IPPROTO_UDP))
+		return pass(XDPLB_CNT_PASS);
+	ports = (void *)(inner + 1);
+	if ((void *)(ports + 4) > end)
+		return pass(XDPLB_CNT_PASS);
+	key.saddr = inner->daddr;
+	key.daddr = inner->saddr;
+	key.sport = ports[1];
+	key.dport = ports[0];
+	key.proto = inner->protocol;
+	flow = bpf_map_lookup_elem(&xdplb_flows, &key);
+	if (!flow)
+		return pass(XDPLB_CNT_PASS);
+
+	if (inner->protocol == IPPROTO_UDP) {
+		if (ports[3])
+			l4_check = &ports[3];
+	} else if ((void *)(ports + 9) <= end) {
+		l4_check = &ports[8];
+	}
+
+	/* The quoted packet: addresses, ports, its IP checksum and (when quoted) its L4 checksum. */
+	addrs = csum_delta32(addrs, inner->saddr, flow->daddr);
+	addrs = csum_delta32(addrs, inner->daddr, flow->saddr);
+	icmp = addrs;
+	inner->saddr = flow->daddr;
+	inner->daddr = flow->saddr;
+	old = inner->check;
+	inner->check = csum_apply(old, csum_fold32(addrs));
+	icmp = csum_delta16(icmp, old, inner->check);
+	icmp = csum_delta16(icmp, ports[0], flow->dport);
+	icmp = csum_delta16(icmp, ports[1], flow->sport);
+	if (l4_check) {
+		__u32 l4 = csum_delta16(csum_delta16(addrs, ports[0], flow->dport), ports[1], flow->sport);
+
+		old = *l4_check;
+		*l4_check = csum_apply(old, csum_fold32(l4));
+		icmp = csum_delta16(icmp, old, *l4_check);
+	}
+	ports[0] = flow->dport;
+	ports[1] = flow->sport;
+	pkt->icmp->checksum = csum_apply(pkt->icmp->checksum, csum_fold32(icmp));
+
+	/* The outer header now comes from the load balancer's side of that flow. */
+	addrs = 0;
+	addrs = csum_delta32(addrs, pkt->ip->saddr, flow->saddr);
+	addrs = csum_delta32(addrs, pkt->ip->daddr, flow->daddr);
+	pkt->ip->saddr = flow->saddr;
+	pkt->ip->daddr = flow->daddr;
+	pkt->ip->check = csum_apply(pkt->ip->check, csum_fold32(addrs));
+	rewrite_l2(pkt->eth, flow);
+	count(XDPLB_CNT_ICMP_TRANSLATED);
+	trace(ctx, cfg, pkt, flow, XDPLB_EV_ICMP, flow->ifindex == ctx->ingress_ifindex ? XDP_TX : XDP_REDIRECT);
+	return transmit(ctx, flow);
+}
+
+SEC("xdp")
+int xdplb_main(struct xdp_md *ctx)
+{
+	struct xdplb_service_key svc_key = {};
+	struct packet pkt = {};
+	struct xdplb_config *cfg;
+	struct xdplb_service *svc;
+	struct xdplb_flow *flow;
+	__u32 zero = 0, port;
+	__u8 *port_use, wanted;
+	__u64 now;
+
+	switch (parse_packet(ctx, &pkt)) {
+	case PARSE_L4:
+		break;
+	case PARSE_ICMP:
+		if (pkt.icmp->type != ICMP_DEST_UNREACH && pkt.icmp->type != ICMP_TIME_EXCEEDED)
+			return pass(XDPLB_CNT_PASS);
+		cfg = bpf_map_lookup_elem(&xdplb_config, &zero);
+		if (!cfg)
+			return pass(XDPLB_CNT_PASS);
+		return translate_icmp_error(ctx, cfg, &pkt);
+	case PARSE_MALFORMED:
+		return pass(XDPLB_CNT_MALFORMED);
+	default:
+		return pass(XDPLB_CNT_PASS);
+	}
+
+	/* Cheapest test first: is this destination port used by anything of ours? */
+	port = bpf_ntohs(pkt.key.dport);
+	port_use = bpf_map_lookup_elem(&xdplb_ports, &port);
+	wanted = XDPLB_PORT_SNAT |
+		 (pkt.key.proto == IPPROTO_TCP ? XDPLB_PORT_TCP_SERVICE : XDPLB_PORT_UDP_SERVICE);
+	if (!port_use || !(*port_use & wanted))
+		return pass(XDPLB_CNT_PASS);
+	cfg = bpf_map_lookup_elem(&xdplb_config, &zero);
+	if (!cfg)
+		return pass(XDPLB_CNT_PASS);
+
+	now = bpf_ktime_get_coarse_ns();
+	flow = bpf_map_lookup_elem(&xdplb_flows, &pkt.key);
+	/* A SYN on a closing flow is the client reusing its port: balance it afresh. */
+	if (flow && !flow_expired(cfg, flow, pkt.key.proto, now) &&
+	    !((flow->flags & XDPLB_FLOW_CLOSING) && (pkt.tcp_flags & TCP_FLAG_SYN) &&
+	      !(pkt.tcp_flags & TCP_FLAG_ACK))) {
+		if (pkt.first_fragment) {
+			trace(ctx, cfg, &pkt, flow, XDPLB_EV_FRAGMENT, XDP_DROP);
+			return drop(XDPLB_CNT_FRAGMENT);
+		}
+		if (pkt.ip->ttl <= 1) {
+			trace(ctx, cfg, &pkt, flow, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
+			return pass(XDPLB_CNT_TTL_EXPIRED);
+		}
+		if (now - flow->last_seen_ns > XDPLB_TOUCH_INTERVAL_NS)
+			flow->last_seen_ns = now;
+		if ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(flow->flags & XDPLB_FLOW_CLOSING))
+			flow->flags |= XDPLB_FLOW_CLOSING;
+		return forward(ctx, cfg, &pkt, flow,
+			       (flow->flags & XDPLB_FLOW_REPLY) ? XDPLB_EV_REPLY : XDPLB_EV_FLOW);
+	}
+
+	svc_key.vip = pkt.key.daddr;
+	svc_key.port = pkt.key.dport;
+	svc_key.proto = pkt.key.proto;
+	svc = bpf_map_lookup_elem(&xdplb_services, &svc_key);
+	if (!svc)
+		return pass(XDPLB_CNT_PASS);
+	if (pkt.first_fragment) {
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_FRAGMENT, XDP_DROP);
+		return drop(XDPLB_CNT_FRAGMENT);
+	}
+	if (pkt.ip->ttl <= 1) {
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
+		return pass(XDPLB_CNT_TTL_EXPIRED);
+	}
+	return new_flow(ctx, cfg, &pkt, svc, now);
+}

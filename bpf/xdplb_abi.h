@@ -1,0 +1,187 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The contract between the XDP program and the Python control plane.
+ *
+ * Every struct here is mirrored once in src/xdplb/abi.py; tests/packet/test_abi.py
+ * compares both against the DWARF of the compiled object, so a field added here and
+ * forgotten there fails the test suite instead of corrupting a map.
+ * Fixed-width fields only, explicit padding, byte order in the type (__be*).
+ */
+#ifndef XDPLB_ABI_H
+#define XDPLB_ABI_H
+
+#include <linux/types.h>
+
+#define XDPLB_ABI_VERSION 1
+
+/* Limits. Map sizes derived from these are fixed at load time. */
+#define XDPLB_MAX_SERVICES 512
+#define XDPLB_MAX_BACKENDS 4096
+#define XDPLB_MAX_CLIENT_RULES 4096
+/* Two entries per flow (client side and backend side); resized at load time. */
+#define XDPLB_FLOW_ENTRIES_DEFAULT (2 * 1048576)
+#define XDPLB_PORTS 65536
+
+/* A ring slot that maps to no backend (a service with no usable backend). */
+#define XDPLB_NO_BACKEND 0xffffffffu
+
+/* How many SNAT ports a new flow tries before giving up (the rest are in use). */
+#define XDPLB_SNAT_PORT_TRIES 8
+
+/* Flow entries are re-stamped at most this often, to keep their cache line clean. */
+#define XDPLB_TOUCH_INTERVAL_NS 1000000000ull
+
+/* xdplb_ports values: which kinds of traffic use a destination port. */
+enum xdplb_port_flags {
+	XDPLB_PORT_TCP_SERVICE = 1 << 0,
+	XDPLB_PORT_UDP_SERVICE = 1 << 1,
+	XDPLB_PORT_SNAT = 1 << 2,
+};
+
+/* xdplb_config.flags */
+enum xdplb_config_flags {
+	XDPLB_CFG_TRACE = 1 << 0,
+};
+
+/* xdplb_service.flags */
+enum xdplb_service_flags {
+	XDPLB_SVC_ALLOWLIST = 1 << 0, /* only clients in xdplb_clients may use it */
+};
+
+/* xdplb_backend.flags */
+enum xdplb_backend_flags {
+	XDPLB_BACKEND_IN_USE = 1 << 0,
+};
+
+/* xdplb_flow.flags */
+enum xdplb_flow_flags {
+	XDPLB_FLOW_REPLY = 1 << 0,   /* backend -> client direction */
+	XDPLB_FLOW_CLOSING = 1 << 1, /* FIN or RST seen: shorter timeout */
+};
+
+/* Indexes of xdplb_counters: what happened to packets, and why. */
+enum xdplb_counter {
+	XDPLB_CNT_PASS = 0,          /* not for a service: handed to the kernel */
+	XDPLB_CNT_TX,                /* forwarded out of the ingress interface */
+	XDPLB_CNT_REDIRECT,          /* forwarded out of another interface */
+	XDPLB_CNT_DROP,              /* dropped (each drop also counts a reason) */
+	XDPLB_CNT_MALFORMED,         /* truncated or invalid headers: passed */
+	XDPLB_CNT_NO_BACKEND,        /* service without usable backend: passed */
+	XDPLB_CNT_TABLE_FULL,        /* flow or SNAT port could not be stored: dropped */
+	XDPLB_CNT_FRAGMENT,          /* first fragment of a service packet: dropped */
+	XDPLB_CNT_TTL_EXPIRED,       /* TTL <= 1 for a service: passed to the kernel */
+	XDPLB_CNT_NOT_ALLOWED,       /* client not in the service's allow-list: passed */
+	XDPLB_CNT_NEW_FLOW,          /* flows created */
+	XDPLB_CNT_ICMP_TRANSLATED,   /* ICMP errors about a flow, translated */
+	XDPLB_CNT_NO_FLOW,           /* TCP non-SYN of an unknown flow: passed (kernel resets) */
+	XDPLB_CNT_MAX,
+};
+
+/* What a trace line reports (only while tracing is on). */
+enum xdplb_trace_event {
+	XDPLB_EV_NEW_FLOW = 0,
+	XDPLB_EV_FLOW,
+	XDPLB_EV_REPLY,
+	XDPLB_EV_NO_BACKEND,
+	XDPLB_EV_NOT_ALLOWED,
+	XDPLB_EV_TTL_EXPIRED,
+	XDPLB_EV_FRAGMENT,
+	XDPLB_EV_TABLE_FULL,
+	XDPLB_EV_NO_FLOW,
+	XDPLB_EV_ICMP,
+};
+
+/* Every trace line starts with this tag and carries exactly these fields, in order:
+ * ifindex proto tcp_flags saddr sport daddr dport out_daddr out_dport backend event action
+ * (addresses and ports in host byte order, hexadecimal addresses). */
+#define XDPLB_TRACE_TAG "xdplb1"
+
+
+/* Key of xdplb_services. */
+struct xdplb_service_key {
+	__be32 vip;
+	__be16 port;
+	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;
+};
+
+/* Value of xdplb_services. */
+struct xdplb_service {
+	__u32 id;        /* index into xdplb_rings and xdplb_svc_stats */
+	__u32 ring_size; /* entries of this service's Maglev ring (a prime) */
+	__u32 flags;     /* enum xdplb_service_flags */
+	__u32 pad;
+};
+
+/* Value of xdplb_backends, indexed by backend id. Next-hop MACs are resolved by the
+ * control plane from the kernel's neighbour table, never derived from addresses. */
+struct xdplb_backend {
+	__be32 addr;
+	__be16 port;
+	__u16 weight;
+	__u16 service_id;
+	__u16 flags;   /* enum xdplb_backend_flags */
+	__u32 ifindex; /* egress interface towards the backend */
+	__u8 dmac[6];  /* next hop's MAC */
+	__u8 smac[6];  /* egress interface's MAC */
+};
+
+/* Key of xdplb_flows: a packet's 5-tuple as it arrives. */
+struct xdplb_flow_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* Value of xdplb_flows: how to rewrite a packet of this flow. The checksum deltas
+ * are fixed for a flow (they depend only on old and new addresses, ports and the
+ * TTL decrement), so they are computed once when the flow is created. */
+struct xdplb_flow {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u32 ifindex;
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u16 l3_csum_delta; /* ones' complement sum to fold into the IPv4 checksum */
+	__u16 l4_csum_delta; /* same for the TCP/UDP checksum */
+	__u16 service_id;
+	__u16 backend_id;
+	__u8 flags; /* enum xdplb_flow_flags */
+	__u8 pad[3];
+	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns() */
+};
+
+/* Value of the one-entry xdplb_config. Timeouts of 0 mean "never expire". */
+struct xdplb_config {
+	__u32 abi_version;
+	__u32 flags;      /* enum xdplb_config_flags */
+	__u32 hash_seed;  /* same seed on every node => same backend for a flow */
+	__be32 snat_addr; /* source address of packets sent to backends */
+	__u16 snat_port_min;
+	__u16 snat_port_max;
+	__u32 nr_cpus;    /* the SNAT port range is split into one slice per CPU */
+	__u64 tcp_timeout_ns;
+	__u64 tcp_closing_timeout_ns;
+	__u64 udp_timeout_ns;
+};
+
+/* Key of xdplb_clients (LPM trie): prefixlen counts the 32 bits of service_id too. */
+struct xdplb_client_key {
+	__u32 prefixlen;
+	__be32 service_id;
+	__be32 addr;
+};
+
+/* Per-CPU values of xdplb_svc_stats and xdplb_be_stats. */
+struct xdplb_traffic {
+	__u64 packets;
+	__u64 bytes;
+	__u64 new_flows;
+};
+
+#endif /* XDPLB_ABI_H */

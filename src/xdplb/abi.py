@@ -1,0 +1,141 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ctypes mirror of bpf/xdplb_abi.h, the one contract between C and Python.
+
+tests/packet/test_abi.py checks every struct here against the DWARF of the compiled
+object (field names, offsets, sizes) and every constant against the header.
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+# Network byte order fields are kept as raw bytes-in-an-integer: converted at the edge.
+be16, be32 = ctypes.c_uint16, ctypes.c_uint32
+
+ABI_VERSION = 1
+MAX_SERVICES = 512
+MAX_BACKENDS = 4096
+MAX_CLIENT_RULES = 4096
+FLOW_ENTRIES_DEFAULT = 2 * 1048576
+PORTS = 65536
+NO_BACKEND = 0xFFFFFFFF
+SNAT_PORT_TRIES = 8
+TOUCH_INTERVAL_NS = 1_000_000_000
+TRACE_TAG = "xdplb1"
+PROGRAM_NAME = "xdplb_main"
+
+
+class PortFlags(enum.IntFlag):
+    TCP_SERVICE = 1 << 0
+    UDP_SERVICE = 1 << 1
+    SNAT = 1 << 2
+
+
+class ConfigFlags(enum.IntFlag):
+    TRACE = 1 << 0
+
+
+class ServiceFlags(enum.IntFlag):
+    ALLOWLIST = 1 << 0
+
+
+class BackendFlags(enum.IntFlag):
+    IN_USE = 1 << 0
+
+
+class FlowFlags(enum.IntFlag):
+    REPLY = 1 << 0
+    CLOSING = 1 << 1
+
+
+class Counter(enum.IntEnum):
+    PASS = 0
+    TX = 1
+    REDIRECT = 2
+    DROP = 3
+    MALFORMED = 4
+    NO_BACKEND = 5
+    TABLE_FULL = 6
+    FRAGMENT = 7
+    TTL_EXPIRED = 8
+    NOT_ALLOWED = 9
+    NEW_FLOW = 10
+    ICMP_TRANSLATED = 11
+    NO_FLOW = 12
+    MAX = 13
+
+
+class TraceEvent(enum.IntEnum):
+    NEW_FLOW = 0
+    FLOW = 1
+    REPLY = 2
+    NO_BACKEND = 3
+    NOT_ALLOWED = 4
+    TTL_EXPIRED = 5
+    FRAGMENT = 6
+    TABLE_FULL = 7
+    NO_FLOW = 8
+    ICMP = 9
+
+
+class ServiceKey(ctypes.Structure):
+    _fields_ = [("vip", be32), ("port", be16), ("proto", u8), ("pad", u8)]
+
+
+class Service(ctypes.Structure):
+    _fields_ = [("id", u32), ("ring_size", u32), ("flags", u32), ("pad", u32)]
+
+
+class Backend(ctypes.Structure):
+    _fields_ = [("addr", be32), ("port", be16), ("weight", u16), ("service_id", u16),
+                ("flags", u16), ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6)]
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [("saddr", be32), ("daddr", be32), ("sport", be16), ("dport", be16),
+                ("proto", u8), ("pad", u8 * 3)]
+
+
+class Flow(ctypes.Structure):
+    _fields_ = [("saddr", be32), ("daddr", be32), ("sport", be16), ("dport", be16),
+                ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6),
+                ("l3_csum_delta", u16), ("l4_csum_delta", u16), ("service_id", u16),
+                ("backend_id", u16), ("flags", u8), ("pad", u8 * 3), ("last_seen_ns", u64)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_addr", be32),
+                ("snat_port_min", u16), ("snat_port_max", u16), ("nr_cpus", u32),
+                ("tcp_timeout_ns", u64), ("tcp_closing_timeout_ns", u64), ("udp_timeout_ns", u64)]
+
+
+class ClientKey(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("service_id", be32), ("addr", be32)]
+
+
+class Traffic(ctypes.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64), ("new_flows", u64)]
+
+
+# Map name -> (key type, value type); the value is per CPU where PERCPU is set.
+MAPS = {
+    "xdplb_config": (u32, Config),
+    "xdplb_ports": (u32, u8),
+    "xdplb_services": (ServiceKey, Service),
+    "xdplb_backends": (u32, Backend),
+    "xdplb_rings": (u32, u32),
+    "xdplb_flows": (FlowKey, Flow),
+    "xdplb_port_cur": (u32, u32),
+    "xdplb_clients": (ClientKey, u8),
+    "xdplb_counters": (u32, u64),
+    "xdplb_svc_stats": (u32, Traffic),
+    "xdplb_be_stats": (u32, Traffic),
+}
+PERCPU_MAPS = {"xdplb_port_cur", "xdplb_counters", "xdplb_svc_stats", "xdplb_be_stats"}
+# Structs that appear in the object's DWARF under these names.
+STRUCTS = {
+    "xdplb_service_key": ServiceKey, "xdplb_service": Service, "xdplb_backend": Backend,
+    "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_config": Config,
+    "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic,
+}

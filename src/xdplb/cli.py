@@ -1,0 +1,282 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The xdplb command line: parse options, call the library, print."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import click
+
+from . import build as build_mod
+from . import control, lab as lab_mod, loader, model, namespaces, trace as trace_mod
+from .errors import UsageError, XdplbError
+
+
+class Group(click.Group):
+    """Turns library errors into one-line click errors (a traceback only with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.UsageError(str(exc), ctx) from None
+        except XdplbError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-n", "--netns", metavar="NETNS", help="Work in this network namespace (like ip -n).")
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@click.pass_context
+def main(ctx, netns, debug):
+    """xdplb: an XDP L4 load balancer.
+
+    \b
+    Example:
+      xdplb build
+      xdplb attach eth0 --backends 10.0.0.11,10.0.0.12
+      xdplb trace eth0
+      xdplb detach eth0
+    """
+    ctx.ensure_object(dict)
+    ctx.obj.update(netns=netns, debug=debug)
+
+
+def _enter(ctx) -> None:
+    """Moves into the requested network namespace, keeping the host's bpffs in view."""
+    netns = ctx.obj.get("netns")
+    if netns:
+        loader.ensure_root()
+        namespaces.enter_netns(netns)
+    namespaces.join_host_mounts()
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@main.command()
+def build():
+    """Compile bpf/ into build/xdplb.bpf.o and check the object.
+
+    \b
+    Example:
+      xdplb build
+    """
+    report = build_mod.compile_object()
+    click.echo(f"built {report.path} ({report.size} bytes, {report.instructions} instructions)")
+    click.echo(f"  libbpf headers: {report.libbpf_headers}")
+    click.echo(f"  licence: {report.license}; BTF: {'yes' if report.btf else 'no'}")
+    click.echo(f"  maps: {', '.join(report.maps)}")
+
+
+@main.command()
+@click.argument("iface")
+@click.option("--backends", "-b", required=True, metavar="ADDR[:PORT],...",
+              help="Backends, as addresses or host names; PORT defaults to --port.")
+@click.option("--vip", metavar="ADDR", help="Service address [default: the interface's primary IPv4].")
+@click.option("--port", default="80", show_default=True, help="Service port.")
+@click.option("--proto", default="tcp", show_default=True, type=click.Choice(["tcp", "udp"]))
+@click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "native", "generic"]),
+              help="XDP mode; auto prefers native and falls back to generic.")
+@click.option("--clients", metavar="CIDR,...", help="Only these clients may use the service [default: all].")
+@click.option("--snat", metavar="ADDR", help="Source address towards backends [default: the interface's primary IPv4].")
+@click.option("--snat-ports", metavar="LOW-HIGH", help="Source ports towards backends [default: 10000-32767].")
+@click.option("--flows", type=click.IntRange(1024, 1 << 24), default=control.FLOWS_DEFAULT, show_default=True,
+              help="Flow table capacity (connections); memory is reserved up front.")
+@click.option("--seed", type=click.IntRange(0, 0xFFFFFFFF), help="Hash seed; the same on every node of a cluster.")
+@click.option("--force", is_flag=True, help="Replace an XDP program that is not xdplb's.")
+@click.pass_context
+def attach(ctx, iface, backends, vip, port, proto, mode, clients, snat, snat_ports, flows, seed, force):
+    """Balance VIP:PORT arriving on IFACE over the backends (full NAT).
+
+    Running it again with other backends updates the running program in place:
+    established connections stay on their backends.
+
+    \b
+    Example:
+      xdplb attach eth0 --backends 10.0.0.11,10.0.0.12
+      xdplb -n xdplb-lb attach eth0 --backends 10.42.0.101,10.42.0.102 --port 80
+    """
+    _enter(ctx)
+    port_n = model.parse_port(port)
+    req = control.AttachRequest(
+        ifname=iface, backends=model.parse_backends(backends, port_n),
+        vip=model.parse_address(vip, "VIP") if vip else None, port=port_n, proto=proto, mode=mode,
+        clients=model.parse_networks(clients) if clients else [], force=force,
+        snat_addr=model.parse_address(snat, "SNAT address") if snat else None,
+        snat_ports=model.parse_port_range(snat_ports) if snat_ports else None, flows=flows, seed=seed)
+    attachment, notes, loaded = control.attach(req)
+    for note in notes:
+        click.echo(note)
+    svc = next(s for s in attachment.dataplane.services() if s.port == req.port and s.proto == proto
+               and (req.vip is None or s.vip == req.vip))
+    verb = "attached to" if loaded else "updated on"
+    click.echo(f"xdplb {verb} {iface} (program {attachment.prog_id}, {attachment.mode} mode): "
+               f"{svc.name} -> {', '.join(b.endpoint for b in svc.backends)}")
+    attachment.dataplane.close()
+
+
+@main.command()
+@click.argument("iface")
+@click.option("--force", is_flag=True, help="Also remove an XDP program that is not xdplb's.")
+@click.pass_context
+def detach(ctx, iface, force):
+    """Remove xdplb from IFACE and delete its pins.
+
+    \b
+    Example:
+      xdplb detach eth0
+    """
+    _enter(ctx)
+    click.echo(control.detach(iface, force))
+
+
+def _print_status(entry: dict) -> None:
+    if entry["program_id"] is None:
+        click.echo(f"{entry['interface']}: xdplb is not attached")
+        return
+    click.echo(f"{entry['interface']}: xdplb program {entry['program_id']}, {entry['mode']} mode, "
+               f"SNAT {entry['snat']['address']} ports {entry['snat']['ports']}"
+               f"{', tracing' if entry['trace'] else ''}")
+    for s in entry["services"]:
+        click.echo(f"  service {s['vip']}:{s['port']}/{s['proto']} (clients: {', '.join(s['clients'])}): "
+                   f"{s['packets']} packets, {s['bytes']} bytes, {s['new_flows']} flows")
+        for b in s["backends"]:
+            click.echo(f"    backend {b['address']}:{b['port']} weight {b['weight']}: "
+                       f"{b['packets']} packets, {b['bytes']} bytes, {b['new_flows']} flows")
+    nonzero = {k: v for k, v in entry["counters"].items() if v}
+    click.echo("  counters: " + (", ".join(f"{k} {v}" for k, v in nonzero.items()) or "none yet"))
+
+
+@main.command()
+@click.argument("iface", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx, iface, as_json):
+    """Show where xdplb is attached, its services, backends and counters.
+
+    \b
+    Example:
+      xdplb status
+      xdplb -n xdplb-lb status eth0 --json
+    """
+    _enter(ctx)
+    entries = control.status(iface)
+    if as_json:
+        _echo_json(entries)
+        return
+    if not entries:
+        click.echo("xdplb is not attached to any interface here")
+    for entry in entries:
+        _print_status(entry)
+
+
+@main.command()
+@click.argument("iface", required=False)
+@click.option("--raw", is_flag=True, help="Print trace_pipe lines undecoded.")
+@click.option("--duration", type=float, metavar="SECONDS", help="Stop after this long.")
+@click.pass_context
+def trace(ctx, iface, raw, duration):
+    """Print one line per load-balancing decision until Ctrl-C.
+
+    Tracing is switched on for the interface while this runs and off again after.
+
+    \b
+    Example:
+      xdplb trace eth0
+      xdplb -n xdplb-lb trace eth0 --duration 5
+    """
+    _enter(ctx)
+    loader.ensure_root()
+    names = [iface] if iface else loader.attached_interfaces()
+    if not names:
+        raise XdplbError("xdplb is not attached to any interface here; attach it first")
+    attachments = []
+    try:
+        for name in names:
+            found = loader.find(name)
+            if found is None:
+                raise XdplbError(f"xdplb is not attached to {name}; attach it first")
+            attachments.append(found)
+        ifindex = attachments[0].link.index if len(attachments) == 1 else None
+        trace_mod.tracefs()
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        for a in attachments:
+            a.dataplane.set_trace(True)
+        click.echo(f"tracing {', '.join(names)} (Ctrl-C to stop)", err=True)
+        try:
+            for line in trace_mod.follow(ifindex, raw=raw, duration=duration):
+                click.echo(line)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        for a in attachments:
+            a.dataplane.set_trace(False)
+            a.dataplane.close()
+
+
+@main.group()
+def lab():
+    """The built-in lab: client, load balancer and backends in network namespaces."""
+
+
+@lab.command("up")
+@click.option("--backends", type=int, default=2, show_default=True, help="How many backends.")
+@click.option("--clients", type=int, default=1, show_default=True, help="How many client namespaces.")
+@click.option("--prefix", default=lab_mod.DEFAULT_PREFIX, show_default=True, hidden=True)
+def lab_up(backends, clients, prefix):
+    """Create the lab (idempotent).
+
+    \b
+    Example:
+      xdplb lab up --backends 3
+    """
+    hosts = lab_mod.up(backends, clients, prefix)
+    for h in hosts:
+        click.echo(f"{h.namespace:22} {h.address:12} {h.role}")
+    click.echo(f"next: xdplb -n {prefix}-lb attach eth0 --backends "
+               + ",".join(h.address for h in hosts if h.role == "backend"))
+
+
+@lab.command("down")
+@click.option("--prefix", default=lab_mod.DEFAULT_PREFIX, show_default=True, hidden=True)
+def lab_down(prefix):
+    """Remove the lab: servers, namespaces, everything.
+
+    \b
+    Example:
+      xdplb lab down
+    """
+    removed = lab_mod.down(prefix)
+    click.echo(f"removed {len(removed)} namespaces" if removed else "no lab to remove")
+
+
+@lab.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--prefix", default=lab_mod.DEFAULT_PREFIX, show_default=True, hidden=True)
+def lab_status(as_json, prefix):
+    """Show the lab's namespaces, addresses and servers.
+
+    \b
+    Example:
+      xdplb lab status --json
+    """
+    data = lab_mod.status(prefix)
+    if as_json:
+        _echo_json(data)
+        return
+    if not data["up"]:
+        click.echo("the lab is down (start it with: xdplb lab up)")
+        return
+    for h in data["hosts"]:
+        server = f"server pid {h['pid']}" if h["pid"] else ("server not running" if h["role"] == "backend" else "")
+        click.echo(f"{h['namespace']:22} {h['address']:12} {h['role']:8} {server}")
+
+

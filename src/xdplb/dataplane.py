@@ -1,0 +1,287 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Reading and writing one interface's data plane maps.
+
+The maps are the single source of truth for what is configured: services, backends
+(with weights) and allow-lists are read back from them, so status works from any shell
+and a re-run of attach changes only what differs.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+
+from . import abi, maglev
+from .errors import UsageError, XdplbError
+from .libbpf import BPF_ANY, Libbpf, MapInfo, libbpf
+from .model import PROTOCOL_NAMES, PROTOCOLS, Backend, Service, Settings
+from .netlink import NextHop
+
+NS = 1_000_000_000
+
+
+def be32(addr: ipaddress.IPv4Address) -> int:
+    """An address as the raw integer its network-order bytes make on this host."""
+    return int.from_bytes(addr.packed, "little" if _LITTLE else "big")
+
+
+def from_be32(raw: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(raw.to_bytes(4, "little" if _LITTLE else "big"))
+
+
+_LITTLE = socket.htons(1) != 1
+
+
+def mac_bytes(mac: str):
+    return (ctypes.c_uint8 * 6)(*bytes.fromhex(mac.replace(":", "")))
+
+
+@dataclass
+class Traffic:
+    packets: int = 0
+    bytes: int = 0
+    new_flows: int = 0
+
+
+class DataPlane:
+    """The maps of one attached (or about to be attached) program, by name."""
+
+    def __init__(self, fds: dict[str, int], lib: Libbpf | None = None):
+        missing = set(abi.MAPS) - set(fds)
+        if missing:
+            raise XdplbError(f"the attached program lacks maps {sorted(missing)}: it was built "
+                             "from another version; detach it and attach again")
+        self.fds = fds
+        self.lib = lib or libbpf()
+        self.ncpus = self.lib.libbpf_num_possible_cpus()
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    # ---- settings ----------------------------------------------------------------
+    def write_settings(self, s: Settings) -> None:
+        cfg = abi.Config(
+            abi_version=abi.ABI_VERSION, flags=abi.ConfigFlags.TRACE if s.trace else 0,
+            hash_seed=s.hash_seed, snat_addr=be32(s.snat_addr), snat_port_min=s.snat_port_min,
+            snat_port_max=s.snat_port_max, nr_cpus=self.ncpus,
+            tcp_timeout_ns=s.tcp_timeout_s * NS, tcp_closing_timeout_ns=s.tcp_closing_timeout_s * NS,
+            udp_timeout_ns=s.udp_timeout_s * NS)
+        self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+
+    def read_settings(self) -> Settings:
+        cfg = abi.Config()
+        self.lib.lookup(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+        return Settings(
+            snat_addr=from_be32(cfg.snat_addr), snat_port_min=cfg.snat_port_min,
+            snat_port_max=cfg.snat_port_max, hash_seed=cfg.hash_seed,
+            tcp_timeout_s=cfg.tcp_timeout_ns // NS, tcp_closing_timeout_s=cfg.tcp_closing_timeout_ns // NS,
+            udp_timeout_s=cfg.udp_timeout_ns // NS, trace=bool(cfg.flags & abi.ConfigFlags.TRACE))
+
+    def set_trace(self, on: bool) -> None:
+        s = self.read_settings()
+        s.trace = on
+        self.write_settings(s)
+
+    # ---- reading the configured services -----------------------------------------
+    def _service_entries(self) -> dict[tuple, abi.Service]:
+        out = {}
+        for key in self.lib.keys(self.fds["xdplb_services"], abi.ServiceKey):
+            value = abi.Service()
+            if self.lib.lookup(self.fds["xdplb_services"], key, value):
+                out[(from_be32(key.vip), socket.ntohs(key.port), PROTOCOL_NAMES[key.proto])] = value
+        return out
+
+    def _backend_entries(self) -> dict[int, abi.Backend]:
+        out = {}
+        fd = self.fds["xdplb_backends"]
+        for i in range(abi.MAX_BACKENDS):
+            value = abi.Backend()
+            self.lib.lookup(fd, ctypes.c_uint32(i), value)
+            if value.flags & abi.BackendFlags.IN_USE:
+                out[i] = value
+        return out
+
+    def _client_rules(self) -> dict[int, list[ipaddress.IPv4Network]]:
+        out: dict[int, list] = {}
+        for key in self.lib.keys(self.fds["xdplb_clients"], abi.ClientKey):
+            svc_id = socket.ntohl(key.service_id)
+            net = ipaddress.IPv4Network(f"{from_be32(key.addr)}/{key.prefixlen - 32}")
+            out.setdefault(svc_id, []).append(net)
+        return out
+
+    def services(self) -> list[Service]:
+        backends = self._backend_entries()
+        rules = self._client_rules()
+        out = []
+        for (vip, port, proto), value in sorted(self._service_entries().items()):
+            members = sorted(Backend(from_be32(b.addr), socket.ntohs(b.port), b.weight)
+                             for b in backends.values() if b.service_id == value.id)
+            out.append(Service(vip, port, proto, members, sorted(rules.get(value.id, [])),
+                               value.ring_size))
+        return out
+
+    def service_ids(self) -> dict[str, int]:
+        return {f"{vip}:{port}/{proto}": v.id for (vip, port, proto), v in self._service_entries().items()}
+
+    def backend_ids(self) -> dict[tuple[int, str], int]:
+        """(service id, "addr:port") -> backend id."""
+        return {(b.service_id, f"{from_be32(b.addr)}:{socket.ntohs(b.port)}"): i
+                for i, b in self._backend_entries().items()}
+
+    # ---- writing -----------------------------------------------------------------
+    def apply(self, wanted: list[Service], next_hops: dict[str, NextHop], seed: int,
+              snat_range: tuple[int, int]) -> None:
+        """Makes the maps hold exactly `wanted`. Ids of services and backends that stay
+        are kept, so their flows, counters and SNAT cursors carry on. Order matters:
+        a service becomes visible only once its backends and ring are in place, and
+        disappears before they go."""
+        current = self._service_entries()
+        backends = self._backend_entries()
+        wanted_keys = {(s.vip, s.port, s.proto): s for s in wanted}
+        used_svc = {v.id for k, v in current.items() if k in wanted_keys}
+        if len(wanted) > abi.MAX_SERVICES:
+            raise UsageError(f"{len(wanted)} services: at most {abi.MAX_SERVICES} per interface")
+
+        for key, value in current.items():
+            if key not in wanted_keys:
+                self._remove_service(key, value, backends)
+
+        free_svc = (i for i in range(abi.MAX_SERVICES) if i not in used_svc)
+        taken_be = {i for i, b in backends.items()
+                    if any(v.id == b.service_id for k, v in current.items() if k in wanted_keys)}
+        free_be = (i for i in range(abi.MAX_BACKENDS) if i not in taken_be)
+        for key, svc in wanted_keys.items():
+            existing = current.get(key)
+            svc_id = existing.id if existing else next(free_svc)
+            if existing is None:
+                self._zero_stats("xdplb_svc_stats", svc_id)
+            ids = self._write_backends(svc_id, svc, backends, next_hops, free_be)
+            self._write_clients(svc_id, svc.clients)
+            self._write_ring(svc_id, svc, ids, seed)
+            flags = abi.ServiceFlags.ALLOWLIST if svc.clients else 0
+            self.lib.update(self.fds["xdplb_services"], self._service_key(*key),
+                            abi.Service(id=svc_id, ring_size=svc.ring_size, flags=flags))
+        self._write_ports(wanted, snat_range)
+
+    @staticmethod
+    def _service_key(vip, port, proto) -> abi.ServiceKey:
+        return abi.ServiceKey(vip=be32(vip), port=socket.htons(port), proto=PROTOCOLS[proto])
+
+    def _remove_service(self, key, value: abi.Service, backends: dict[int, abi.Backend]) -> None:
+        self.lib.delete(self.fds["xdplb_services"], self._service_key(*key))
+        self.lib.delete(self.fds["xdplb_rings"], ctypes.c_uint32(value.id))
+        self._write_clients(value.id, [])
+        for i, b in backends.items():
+            if b.service_id == value.id:
+                self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(i), abi.Backend())
+
+    def _write_backends(self, svc_id: int, svc: Service, backends: dict[int, abi.Backend],
+                        next_hops: dict[str, NextHop], free_ids) -> list[int]:
+        """Writes the service's backends; returns their ids in svc.backends order.
+        Backends that left stay out of the ring but keep forwarding their flows (the
+        flow table holds their address), so only their slot is marked unused."""
+        mine = {f"{from_be32(b.addr)}:{socket.ntohs(b.port)}": i
+                for i, b in backends.items() if b.service_id == svc_id}
+        ids = []
+        for b in svc.backends:
+            be_id = mine.pop(b.endpoint, None)
+            if be_id is None:
+                try:
+                    be_id = next(free_ids)
+                except StopIteration:
+                    raise UsageError(f"more than {abi.MAX_BACKENDS} backends on this interface") from None
+                self._zero_stats("xdplb_be_stats", be_id)
+            hop = next_hops[str(b.addr)]
+            value = abi.Backend(addr=be32(b.addr), port=socket.htons(b.port), weight=b.weight,
+                                service_id=svc_id, flags=abi.BackendFlags.IN_USE,
+                                ifindex=hop.ifindex, dmac=mac_bytes(hop.dmac), smac=mac_bytes(hop.smac))
+            self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), value)
+            ids.append(be_id)
+        for be_id in mine.values():
+            self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), abi.Backend())
+        return ids
+
+    def _write_ring(self, svc_id: int, svc: Service, ids: list[int], seed: int) -> None:
+        """Builds a new ring and swaps it in with one update of xdplb_rings."""
+        table = maglev.populate([(b.endpoint, b.weight) for b in svc.backends], svc.ring_size, seed)
+        values = (ctypes.c_uint32 * svc.ring_size)(
+            *[abi.NO_BACKEND if slot == maglev.EMPTY else ids[slot] for slot in table])
+        keys = (ctypes.c_uint32 * svc.ring_size)(*range(svc.ring_size))
+        fd = self.lib.create_ring(f"xdplb_ring{svc_id}"[:15], svc.ring_size)
+        try:
+            self.lib.update_batch(fd, keys, values, svc.ring_size)
+            self.lib.update(self.fds["xdplb_rings"], ctypes.c_uint32(svc_id), ctypes.c_uint32(fd))
+        finally:
+            os.close(fd)
+
+    def ring(self, svc_id: int) -> list[int]:
+        """The backend id of every slot of a service's ring (for status and tests)."""
+        inner_id = ctypes.c_uint32()
+        if not self.lib.lookup(self.fds["xdplb_rings"], ctypes.c_uint32(svc_id), inner_id):
+            return []
+        fd = self.lib.check(self.lib.bpf_map_get_fd_by_id(inner_id.value), "open ring")
+        try:
+            info = self.lib.obj_info(fd, MapInfo())
+            out = []
+            value = ctypes.c_uint32()
+            for i in range(info.max_entries):
+                self.lib.lookup(fd, ctypes.c_uint32(i), value)
+                out.append(value.value)
+            return out
+        finally:
+            os.close(fd)
+
+    def _write_clients(self, svc_id: int, networks: list[ipaddress.IPv4Network]) -> None:
+        fd = self.fds["xdplb_clients"]
+        wanted = {(n.network_address, n.prefixlen) for n in networks}
+        for key in list(self.lib.keys(fd, abi.ClientKey)):
+            if socket.ntohl(key.service_id) != svc_id:
+                continue
+            have = (from_be32(key.addr), key.prefixlen - 32)
+            if have in wanted:
+                wanted.discard(have)
+            else:
+                self.lib.delete(fd, key)
+        for addr, plen in wanted:
+            key = abi.ClientKey(prefixlen=32 + plen, service_id=socket.htonl(svc_id), addr=be32(addr))
+            self.lib.update(fd, key, ctypes.c_uint8(1))
+
+    def _write_ports(self, services: list[Service], snat_range: tuple[int, int]) -> None:
+        flags = [0] * abi.PORTS
+        for s in services:
+            flags[s.port] |= abi.PortFlags.TCP_SERVICE if s.proto == "tcp" else abi.PortFlags.UDP_SERVICE
+        for port in range(snat_range[0], snat_range[1] + 1):
+            flags[port] |= abi.PortFlags.SNAT
+        keys = (ctypes.c_uint32 * abi.PORTS)(*range(abi.PORTS))
+        values = (ctypes.c_uint8 * abi.PORTS)(*flags)
+        self.lib.update_batch(self.fds["xdplb_ports"], keys, values, abi.PORTS)
+
+    # ---- counters ----------------------------------------------------------------
+    def _percpu(self, name: str, index: int, ctype):
+        size = (ctypes.sizeof(ctype) + 7) // 8 * 8
+        buf = ctypes.create_string_buffer(size * self.ncpus)
+        self.lib.lookup(self.fds[name], ctypes.c_uint32(index), buf)
+        return [ctype.from_buffer_copy(buf.raw[i * size:i * size + ctypes.sizeof(ctype)])
+                for i in range(self.ncpus)]
+
+    def _zero_stats(self, name: str, index: int) -> None:
+        size = (ctypes.sizeof(abi.Traffic) + 7) // 8 * 8
+        self.lib.update(self.fds[name], ctypes.c_uint32(index),
+                        ctypes.create_string_buffer(size * self.ncpus), BPF_ANY)
+
+    def counters(self) -> dict[str, int]:
+        return {c.name.lower(): sum(v.value for v in self._percpu("xdplb_counters", c, ctypes.c_uint64))
+                for c in abi.Counter if c != abi.Counter.MAX}
+
+    def traffic(self, kind: str, index: int) -> Traffic:
+        per_cpu = self._percpu("xdplb_svc_stats" if kind == "service" else "xdplb_be_stats",
+                               index, abi.Traffic)
+        return Traffic(sum(t.packets for t in per_cpu), sum(t.bytes for t in per_cpu),
+                       sum(t.new_flows for t in per_cpu))
+
+    def flow_count(self) -> int:
+        return sum(1 for _ in self.lib.keys(self.fds["xdplb_flows"], abi.FlowKey))

@@ -1,0 +1,235 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The built-in lab: the conference demo's containers, as network namespaces.
+
+    <p>-client  <p>-client2 ...        <p>-lb          <p>-backend-a  <p>-backend-b ...
+        eth0        eth0                eth0              eth0            eth0
+          \\          |                   |                 |              /
+           +---------------- br0 in <p>-bridge -------------------------+
+
+Every host has one veth (eth0) on the bridge in 10.42.0.0/24. Each backend runs
+xdplb.labserver: HTTP on port 80 and UDP echo on port 5353, answering with its name and
+address. The bridge-side peer of the load balancer's veth carries a pass-through XDP
+program so that native XDP_TX on the load balancer delivers.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .errors import PrerequisiteError, UsageError, XdplbError
+from .namespaces import run_in_netns
+from .stubs import attach_pass_program
+
+DEFAULT_PREFIX = "xdplb"
+SUBNET = ipaddress.IPv4Network("10.42.0.0/24")
+LB_ADDR = SUBNET[2]
+CLIENT_BASE = 10
+BACKEND_BASE = 101
+HTTP_PORT = 80
+UDP_PORT = 5353
+STATE_DIR = Path("/run/xdplb/lab")
+MAX_BACKENDS = 26
+MAX_CLIENTS = 9
+
+
+@dataclass
+class Host:
+    namespace: str
+    role: str  # client, lb, backend
+    address: str
+    name: str
+    pid: int | None = None
+
+
+def hosts(prefix: str, backends: int, clients: int) -> list[Host]:
+    out = []
+    for i in range(clients):
+        suffix = "" if i == 0 else str(i + 1)
+        out.append(Host(f"{prefix}-client{suffix}", "client", str(SUBNET[CLIENT_BASE + i]), f"client{suffix}"))
+    out.append(Host(f"{prefix}-lb", "lb", str(LB_ADDR), "lb"))
+    for i in range(backends):
+        letter = string.ascii_lowercase[i]
+        out.append(Host(f"{prefix}-backend-{letter}", "backend", str(SUBNET[BACKEND_BASE + i]),
+                        f"backend-{letter}"))
+    return out
+
+
+def _check_prefix(prefix: str) -> None:
+    if not prefix.startswith("xdplb") or len(prefix) > 10 or not prefix.replace("-", "").isalnum():
+        raise UsageError(f"bad lab prefix {prefix!r}: it must start with 'xdplb' and have at most 10 characters")
+
+
+def _bridge_port(host: Host) -> str:
+    return ("v-" + host.name)[:15]
+
+
+def _pidfile(prefix: str, host: Host) -> Path:
+    return STATE_DIR / prefix / f"{host.namespace}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"xdplb.labserver" in f.read()
+    except OSError:
+        return False
+
+
+def _read_pid(prefix: str, host: Host) -> int | None:
+    try:
+        pid = int(_pidfile(prefix, host).read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _ethtool_offloads_off(namespace: str) -> None:
+    """Software checksums on the lab's veths: XDP on a real NIC sees complete checksums,
+    while veth would hand it partial ones from a local sender."""
+    try:
+        subprocess.run(["ip", "netns", "exec", namespace, "ethtool", "-K", "eth0", "tx", "off",
+                        "tso", "off", "gso", "off"], check=True, capture_output=True)
+    except FileNotFoundError:
+        raise PrerequisiteError("ethtool not found; install it with: apt-get install ethtool") from None
+    except subprocess.CalledProcessError as exc:
+        raise XdplbError(f"ethtool failed in {namespace}: {exc.stderr.decode().strip()}") from None
+
+
+def _ensure_namespace(name: str) -> None:
+    if name not in netns.listnetns():
+        netns.create(name)
+    with IPRoute(netns=name) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+def _ensure_host(bridge_ns: str, host: Host) -> None:
+    _ensure_namespace(host.namespace)
+    with IPRoute(netns=host.namespace) as ipr:
+        present = ipr.link_lookup(ifname="eth0")
+    if not present:
+        with IPRoute(netns=bridge_ns) as ipr:
+            ipr.link("add", ifname=_bridge_port(host), kind="veth",
+                     peer={"ifname": "eth0", "net_ns_fd": host.namespace})
+            port = ipr.link_lookup(ifname=_bridge_port(host))[0]
+            bridge = ipr.link_lookup(ifname="br0")[0]
+            ipr.link("set", index=port, master=bridge, state="up")
+        with IPRoute(netns=host.namespace) as ipr:
+            eth0 = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=eth0, address=host.address, prefixlen=SUBNET.prefixlen)
+            ipr.link("set", index=eth0, state="up")
+        _ethtool_offloads_off(host.namespace)
+
+
+def _start_server(prefix: str, host: Host) -> int:
+    pid = _read_pid(prefix, host)
+    if pid:
+        return pid
+    log_dir = STATE_DIR / prefix
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / f"{host.namespace}.log", "ab")
+    src = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{host.namespace}", sys.executable, "-m", "xdplb.labserver",
+         "--name", host.name, "--address", host.address, "--http-port", str(HTTP_PORT),
+         "--udp-port", str(UDP_PORT)],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    log.close()
+    _pidfile(prefix, host).write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait_listening(host: Host, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        def probe():
+            with socket.create_connection((host.address, HTTP_PORT), timeout=0.5):
+                return True
+        try:
+            if run_in_netns(host.namespace, probe):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise XdplbError(f"the lab server in {host.namespace} did not start; see "
+                     f"{STATE_DIR}/*/{host.namespace}.log")
+
+
+def up(backends: int = 2, clients: int = 1, prefix: str = DEFAULT_PREFIX) -> list[Host]:
+    """Creates what is missing of the lab (idempotent) and returns its hosts."""
+    _check_prefix(prefix)
+    if not 1 <= backends <= MAX_BACKENDS:
+        raise UsageError(f"--backends {backends}: give 1 to {MAX_BACKENDS}")
+    if not 1 <= clients <= MAX_CLIENTS:
+        raise UsageError(f"--clients {clients}: give 1 to {MAX_CLIENTS}")
+    if os.geteuid() != 0:
+        raise XdplbError("the lab needs root to create namespaces; run it with sudo")
+    bridge_ns = f"{prefix}-bridge"
+    lab = hosts(prefix, backends, clients)
+    try:
+        _ensure_namespace(bridge_ns)
+        with IPRoute(netns=bridge_ns) as ipr:
+            if not ipr.link_lookup(ifname="br0"):
+                ipr.link("add", ifname="br0", kind="bridge")
+            ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
+        for host in lab:
+            _ensure_host(bridge_ns, host)
+        lb = next(h for h in lab if h.role == "lb")
+        attach_pass_program(bridge_ns, _bridge_port(lb))
+        for host in lab:
+            if host.role == "backend":
+                host.pid = _start_server(prefix, host)
+        for host in lab:
+            if host.role == "backend":
+                _wait_listening(host)
+    except (NetlinkError, OSError) as exc:
+        raise XdplbError(f"lab setup failed: {exc}; clean up with: xdplb lab down") from exc
+    return lab
+
+
+def existing_hosts(prefix: str = DEFAULT_PREFIX) -> list[Host]:
+    names = set(netns.listnetns())
+    out = []
+    for host in hosts(prefix, MAX_BACKENDS, MAX_CLIENTS):
+        if host.namespace in names:
+            host.pid = _read_pid(prefix, host) if host.role == "backend" else None
+            out.append(host)
+    return out
+
+
+def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """Stops the lab's servers (by their recorded PIDs) and removes its namespaces."""
+    _check_prefix(prefix)
+    removed = []
+    for host in existing_hosts(prefix):
+        pid = _read_pid(prefix, host)
+        if pid:
+            os.killpg(pid, signal.SIGTERM)
+        _pidfile(prefix, host).unlink(missing_ok=True)
+    for name in sorted(netns.listnetns()):
+        if name == f"{prefix}-bridge" or any(name == h.namespace for h in hosts(prefix, MAX_BACKENDS, MAX_CLIENTS)):
+            netns.remove(name)
+            removed.append(name)
+    state = STATE_DIR / prefix
+    if state.exists():
+        for f in state.iterdir():
+            f.unlink()
+        state.rmdir()
+    return removed
+
+
+def status(prefix: str = DEFAULT_PREFIX) -> dict:
+    lab = existing_hosts(prefix)
+    return {"prefix": prefix, "up": bool(lab), "vip": str(LB_ADDR), "http_port": HTTP_PORT,
+            "udp_port": UDP_PORT, "hosts": [asdict(h) for h in lab]}
+

@@ -1,0 +1,227 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Loading, attaching and finding xdplb's program on an interface.
+
+The interface is the source of truth for what is attached: its XDP program id (from
+netlink) leads to the program and its maps, whether or not bpffs is mounted. Pins
+under /sys/fs/bpf/xdplb/<netns>/<ifname>/ are a cache for other tools and upgrades;
+stale ones are removed whenever they are noticed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import abi, build, namespaces, netlink
+from .dataplane import DataPlane
+from .errors import BpfError, UsageError, XdplbError
+from .libbpf import MapInfo, ProgInfo, libbpf
+from .model import Service, Settings
+
+PIN_ROOT = Path("/sys/fs/bpf/xdplb")
+VETH_NOTE = ("note: native XDP on a veth transmits (XDP_TX) only if the peer veth has an XDP "
+             "program too (a pass-through one is enough; `xdplb lab up` installs one); "
+             "otherwise use --mode generic")
+
+
+@dataclass
+class Attachment:
+    link: netlink.Link
+    prog_id: int
+    mode: str
+    dataplane: DataPlane
+
+
+@dataclass
+class ForeignProgram:
+    prog_id: int
+    name: str
+
+
+def pin_dir(ifname: str) -> Path:
+    return PIN_ROOT / namespaces.netns_name() / ifname
+
+
+def _prog_name(prog_fd: int) -> str:
+    return libbpf().obj_info(prog_fd, ProgInfo()).name.decode(errors="replace")
+
+
+def open_attached(link: netlink.Link) -> Attachment | ForeignProgram | None:
+    """What is attached to the interface: ours (with its maps), someone else's, or nothing."""
+    if not link.xdp_prog_id:
+        return None
+    lib = libbpf()
+    prog_fd = lib.bpf_prog_get_fd_by_id(link.xdp_prog_id)
+    if prog_fd < 0:
+        raise BpfError(f"cannot open XDP program {link.xdp_prog_id} on {link.name}: "
+                       f"{os.strerror(-prog_fd)}; run as root", errno=-prog_fd)
+    try:
+        name = _prog_name(prog_fd)
+        if name != abi.PROGRAM_NAME:
+            return ForeignProgram(link.xdp_prog_id, name)
+        fds = {}
+        for map_id in lib.prog_map_ids(prog_fd):
+            fd = lib.bpf_map_get_fd_by_id(map_id)
+            if fd < 0:
+                continue
+            map_name = lib.obj_info(fd, MapInfo()).name.decode()
+            if map_name in abi.MAPS:
+                fds[map_name] = fd
+            else:
+                os.close(fd)
+    finally:
+        os.close(prog_fd)
+    if "xdplb_config" not in fds:
+        for fd in fds.values():
+            os.close(fd)
+        return ForeignProgram(link.xdp_prog_id, name)
+    return Attachment(link, link.xdp_prog_id, link.xdp_mode, DataPlane(fds))
+
+
+def find(ifname: str) -> Attachment | None:
+    """xdplb's attachment on ifname, or None. Removes stale pins on the way."""
+    link = netlink.get_link(ifname)
+    found = open_attached(link)
+    remove_stale_pins(ifname, found.prog_id if isinstance(found, Attachment) else 0)
+    return found if isinstance(found, Attachment) else None
+
+
+def attached_interfaces() -> list[str]:
+    """Interfaces of this namespace that carry xdplb's program."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        names = [m.get_attr("IFLA_IFNAME") for m in ipr.get_links()]
+    out = []
+    for name in names:
+        try:
+            found = open_attached(netlink.get_link(name))
+        except XdplbError:
+            continue
+        if isinstance(found, Attachment):
+            found.dataplane.close()
+            out.append(name)
+    return out
+
+
+def remove_stale_pins(ifname: str, prog_id: int) -> None:
+    directory = pin_dir(ifname)
+    if not directory.exists():
+        return
+    pinned = libbpf().bpf_obj_get(str(directory / "prog").encode())
+    if pinned >= 0:
+        try:
+            if libbpf().obj_info(pinned, ProgInfo()).id == prog_id:
+                return
+        finally:
+            os.close(pinned)
+    remove_pins(ifname)
+
+
+def remove_pins(ifname: str) -> None:
+    directory = pin_dir(ifname)
+    if directory.exists():
+        shutil.rmtree(directory, ignore_errors=True)
+    # Drop the now empty namespace level so nothing of ours lingers.
+    for level in (directory.parent, PIN_ROOT):
+        try:
+            level.rmdir()
+        except OSError:
+            break
+
+
+def _pin(ifname: str, prog_fd: int, map_fds: dict[str, int]) -> str | None:
+    """Pins program and maps; returns a warning instead of failing without bpffs."""
+    try:
+        namespaces.ensure_bpffs()
+    except XdplbError as exc:
+        return f"warning: maps not pinned ({exc})"
+    directory = pin_dir(ifname)
+    remove_pins(ifname)
+    directory.mkdir(parents=True, mode=0o700)
+    lib = libbpf()
+    lib.check(lib.bpf_obj_pin(prog_fd, str(directory / "prog").encode()), "pin program")
+    for name, fd in map_fds.items():
+        lib.check(lib.bpf_obj_pin(fd, str(directory / name).encode()), f"pin {name}")
+    return None
+
+
+def check_snat_range(lo: int, hi: int) -> None:
+    """SNAT ports must not be ones the kernel hands to this host's own connections."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        eph_lo, eph_hi = int(text[0]), int(text[1])
+    except (OSError, ValueError, IndexError):
+        return
+    if lo <= eph_hi and eph_lo <= hi:
+        raise UsageError(f"SNAT ports {lo}-{hi} overlap this host's ephemeral ports {eph_lo}-{eph_hi} "
+                         "(net.ipv4.ip_local_port_range); pick another range with --snat-ports")
+
+
+def _attach_with_mode(link: netlink.Link, prog_fd: int, mode: str, replace: bool) -> tuple[str, list[str]]:
+    notes = []
+    modes = ["native", "generic"] if mode == "auto" else [mode]
+    last = None
+    for m in modes:
+        try:
+            netlink.attach_xdp(link.index, prog_fd, m, replace)
+        except NetlinkError as exc:
+            last = exc
+            if exc.code == 16:  # EBUSY: something appeared meanwhile, or a mode clash
+                break
+            continue
+        if mode == "auto":
+            notes.append(f"mode: {m} (auto: {'the driver supports native XDP' if m == 'native' else 'no native XDP in this driver'})")
+        if m == "native" and link.kind == "veth":
+            notes.append(VETH_NOTE)
+        return m, notes
+    raise XdplbError(f"cannot attach XDP to {link.name} in {mode} mode: {os.strerror(last.code)}; "
+                     f"try --mode generic" if mode != "generic" else
+                     f"cannot attach XDP to {link.name}: {os.strerror(last.code)}")
+
+
+def load_and_attach(link: netlink.Link, mode: str, replace: bool, flow_entries: int,
+                    settings: Settings, services: list[Service], next_hops: dict) -> tuple[Attachment, list[str]]:
+    """Loads a fresh program, fills its maps, attaches it and pins it. On any failure
+    nothing stays behind: not the program on the interface, not a pin."""
+    lib = libbpf()
+    obj = lib.load_object(str(build.require_object()), {"xdplb_flows": flow_entries})
+    attached = ""
+    fds: dict[str, int] = {}
+    try:
+        for name in abi.MAPS:
+            fds[name] = os.dup(lib.map_fd(obj, name))
+        dataplane = DataPlane(fds)
+        dataplane.write_settings(settings)
+        dataplane.apply(services, next_hops, settings.hash_seed,
+                        (settings.snat_port_min, settings.snat_port_max))
+        prog_fd = lib.prog_fd(obj, abi.PROGRAM_NAME)
+        chosen, notes = _attach_with_mode(link, prog_fd, mode, replace)
+        attached = chosen
+        warning = _pin(link.name, prog_fd, fds)
+        if warning:
+            notes.append(warning)
+        prog_id = lib.obj_info(prog_fd, ProgInfo()).id
+        return Attachment(link, prog_id, chosen, dataplane), notes
+    except BaseException:
+        if attached:
+            netlink.detach_xdp(link.index, attached)
+        remove_pins(link.name)
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    finally:
+        lib.bpf_object__close(obj)
+
+
+def detach(link: netlink.Link) -> None:
+    netlink.detach_xdp(link.index, link.xdp_mode)
+    remove_pins(link.name)
+
+
+def ensure_root() -> None:
+    if os.geteuid() != 0:
+        raise XdplbError("xdplb needs root (CAP_BPF and CAP_NET_ADMIN) for this; run it with sudo")
+

@@ -1,0 +1,121 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The service model: what the user wants balanced, before it becomes map entries."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+RING_SIZE_DEFAULT = 65537
+MAX_WEIGHT = 65535
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    addr: ipaddress.IPv4Address
+    port: int
+    weight: int = 1
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.addr}:{self.port}"
+
+
+@dataclass
+class Service:
+    vip: ipaddress.IPv4Address
+    port: int
+    proto: str = "tcp"
+    backends: list[Backend] = field(default_factory=list)
+    clients: list[ipaddress.IPv4Network] = field(default_factory=list)  # empty: everyone
+    ring_size: int = RING_SIZE_DEFAULT
+
+    @property
+    def name(self) -> str:
+        return f"{self.vip}:{self.port}/{self.proto}"
+
+
+@dataclass
+class Settings:
+    """Settings of one interface's data plane (xdplb_config)."""
+    snat_addr: ipaddress.IPv4Address
+    snat_port_min: int = 10000
+    snat_port_max: int = 32767
+    hash_seed: int = 0x5eed
+    tcp_timeout_s: int = 900
+    tcp_closing_timeout_s: int = 120
+    udp_timeout_s: int = 300
+    trace: bool = False
+
+
+def parse_port(text: str, what: str = "port") -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise UsageError(f"bad {what} {text!r}: give a number from 1 to 65535")
+    return port
+
+
+def parse_address(text: str, what: str = "address") -> ipaddress.IPv4Address:
+    """An IPv4 address, or a host name resolved to one."""
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(text, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise UsageError(f"bad {what} {text!r}: give an IPv4 address or a resolvable name") from None
+    return ipaddress.IPv4Address(infos[0][4][0])
+
+
+def parse_backend(text: str, default_port: int, weight: int = 1) -> Backend:
+    """ADDR or NAME, optionally :PORT."""
+    text = text.strip()
+    if not text:
+        raise UsageError("empty backend in the list: give ADDR[:PORT] separated by commas")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    return Backend(parse_address(host, "backend"), parse_port(port, "backend port"), weight)
+
+
+def parse_backends(text: str, default_port: int) -> list[Backend]:
+    backends = [parse_backend(part, default_port) for part in text.split(",")]
+    seen = set()
+    for b in backends:
+        if b.endpoint in seen:
+            raise UsageError(f"backend {b.endpoint} is listed twice; list each backend once")
+        seen.add(b.endpoint)
+    return backends
+
+
+def parse_proto(text: str) -> str:
+    proto = text.lower()
+    if proto not in PROTOCOLS:
+        raise UsageError(f"bad protocol {text!r}: use tcp or udp")
+    return proto
+
+
+def parse_networks(text: str) -> list[ipaddress.IPv4Network]:
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(ipaddress.IPv4Network(part.strip(), strict=False))
+        except ValueError:
+            raise UsageError(f"bad client network {part!r}: give CIDRs like 10.0.0.0/24") from None
+    return out
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    lo, hi = parse_port(low, "SNAT port"), parse_port(high if sep else low, "SNAT port")
+    if hi - lo < 255:
+        raise UsageError(f"SNAT port range {text!r} is too small: give at least 256 ports, like 10000-32767")
+    return lo, hi

@@ -1,0 +1,157 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Netlink through pyroute2: interfaces, XDP attach/detach/query, addresses, next hops.
+
+Everything works in the process's current network namespace; namespaces.py moves the
+process into the one the user asked for.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifinfmsg import (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE,
+                                            XDP_FLAGS_UPDATE_IF_NOEXIST)
+
+from .errors import UsageError, XdplbError
+
+MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+# IFLA_XDP_ATTACHED values
+_ATTACHED_MODE = {1: "native", 2: "generic", 3: "offload"}
+
+NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # reachable stale delay probe noarp permanent
+NEIGH_WAIT_S = 1.5
+
+
+@dataclass
+class Link:
+    index: int
+    name: str
+    kind: str  # "veth", "bridge", ... or "" for a physical device
+    mac: str
+    up: bool
+    xdp_prog_id: int  # 0 when nothing is attached
+    xdp_mode: str  # "native", "generic", "offload" or ""
+    peer_index: int  # veth peer's ifindex (in its own namespace), else 0
+
+
+def _attr(msg, name, default=None):
+    value = msg.get_attr(name)
+    return default if value is None else value
+
+
+def get_link(name: str) -> Link:
+    with IPRoute() as ipr:
+        try:
+            msgs = ipr.link("get", ifname=name)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                raise UsageError(f"no interface named {name!r} here; list them with: ip link") from exc
+            raise
+    msg = msgs[0]
+    kind = ""
+    info = msg.get_attr("IFLA_LINKINFO")
+    if info is not None:
+        kind = info.get_attr("IFLA_INFO_KIND") or ""
+    prog_id, mode = 0, ""
+    xdp = msg.get_attr("IFLA_XDP")
+    if xdp is not None:
+        attached = xdp.get_attr("IFLA_XDP_ATTACHED")
+        # pyroute2 maps the mode number to a name; accept both spellings.
+        mode = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}.get(
+            attached, _ATTACHED_MODE.get(attached, "")) if attached else ""
+        prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+    return Link(index=msg["index"], name=name, kind=kind,
+                mac=_attr(msg, "IFLA_ADDRESS", ""), up=bool(msg["flags"] & 1),
+                xdp_prog_id=prog_id, xdp_mode=mode if prog_id else "",
+                peer_index=_attr(msg, "IFLA_LINK", 0) if kind == "veth" else 0)
+
+
+def link_name(index: int) -> str:
+    with IPRoute() as ipr:
+        return ipr.link("get", index=index)[0].get_attr("IFLA_IFNAME")
+
+
+def ipv4_addresses(index: int) -> list[ipaddress.IPv4Interface]:
+    """The interface's IPv4 addresses, primary first."""
+    with IPRoute() as ipr:
+        msgs = ipr.get_addr(family=socket.AF_INET, index=index)
+    out = []
+    for m in sorted(msgs, key=lambda m: bool(m["flags"] & 0x01)):  # IFA_F_SECONDARY last
+        out.append(ipaddress.IPv4Interface(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"))
+    return out
+
+
+def attach_xdp(index: int, prog_fd: int, mode: str, replace: bool) -> None:
+    """Attaches; unless replace is set, fails with EBUSY if any program is there."""
+    flags = MODES[mode] | (0 if replace else XDP_FLAGS_UPDATE_IF_NOEXIST)
+    with IPRoute() as ipr:
+        ipr.link("set", index=index,
+                 xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", flags)]})
+
+
+def detach_xdp(index: int, mode: str) -> None:
+    flags = MODES.get(mode, 0)
+    with IPRoute() as ipr:
+        ipr.link("set", index=index,
+                 xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
+
+
+@dataclass
+class NextHop:
+    ifindex: int
+    dmac: str
+    smac: str
+
+
+def _route(dst: str):
+    with IPRoute() as ipr:
+        try:
+            return ipr.route("get", dst=dst)[0]
+        except NetlinkError as exc:
+            raise XdplbError(f"no route to backend {dst}; add one (ip route) or fix the address") from exc
+
+
+def _neighbour_mac(ifindex: int, addr: str) -> str | None:
+    with IPRoute() as ipr:
+        for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=ifindex):
+            if n.get_attr("NDA_DST") == addr and n["state"] & NUD_VALID:
+                mac = n.get_attr("NDA_LLADDR")
+                if mac:
+                    return mac
+    return None
+
+
+def _provoke_resolution(addr: str) -> None:
+    """Makes the kernel resolve addr's MAC: a datagram to the discard port needs it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(b"", (addr, 9))
+        except OSError:
+            pass
+
+
+def resolve_next_hop(addr: str) -> NextHop:
+    """Egress interface and MACs towards addr, from the kernel's route and neighbour
+    tables (resolving the neighbour if the kernel has not yet)."""
+    route = _route(addr)
+    oif = route.get_attr("RTA_OIF")
+    hop = route.get_attr("RTA_GATEWAY") or addr
+    if route["type"] == 2:  # RTN_LOCAL
+        raise UsageError(f"backend {addr} is an address of this host; give the backends' addresses")
+    deadline = time.monotonic() + NEIGH_WAIT_S
+    mac = _neighbour_mac(oif, hop)
+    while mac is None and time.monotonic() < deadline:
+        _provoke_resolution(hop)
+        time.sleep(0.05)
+        mac = _neighbour_mac(oif, hop)
+    if mac is None:
+        raise XdplbError(f"backend {addr}: no ARP answer from {hop} on {link_name(oif)}; "
+                         f"check that it is up and reachable (ping {hop})")
+    with IPRoute() as ipr:
+        smac = ipr.link("get", index=oif)[0].get_attr("IFLA_ADDRESS")
+    return NextHop(ifindex=oif, dmac=mac, smac=smac)
