@@ -222,6 +222,19 @@ def trace(ctx, iface, raw, duration):
             a.dataplane.close()
 
 
+@main.command()
+@click.option("--backends", type=click.IntRange(1, 26), default=2, show_default=True)
+def demo(backends):
+    """Run the whole demo on the built-in lab, then clean up.
+
+    \b
+    Example:
+      xdplb demo
+    """
+    from .demo import run_demo
+    run_demo(backends)
+
+
 @main.group()
 def lab():
     """The built-in lab: client, load balancer and backends in network namespaces."""

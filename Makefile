@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+# xdplb: `make demo` runs the lab demo, `make test` runs every test tier.
+# Run as root on Debian 12; missing packages are installed on the way.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+XDPLB := $(BIN)/xdplb
+BUILD := build
+OBJECT := $(BUILD)/xdplb.bpf.o
+BPF_SOURCES := $(wildcard bpf/*.c bpf/*.h)
+
+# Debian packages the build, the lab, the tests and the benchmarks use.
+APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make \
+	iproute2 ethtool curl wrk python3-venv
+BENCH_PACKAGES := nftables haproxy iperf3 nginx-light
+
+# libbpf: built from the libbpf/ submodule when it is checked out (the libbpf-bootstrap
+# pattern: objects and an install tree under build/libbpf), else the system's libbpf-dev.
+LIBBPF_SRC := libbpf/src
+LIBBPF_OUT := $(abspath $(BUILD)/libbpf)
+ifneq ($(wildcard $(LIBBPF_SRC)/Makefile),)
+LIBBPF_TARGET := $(LIBBPF_OUT)/libbpf.so.1
+LIBBPF_USED := submodule libbpf ($(LIBBPF_SRC))
+else
+LIBBPF_TARGET :=
+LIBBPF_USED := system libbpf-dev (libbpf/ submodule not checked out)
+endif
+
+.PHONY: all deps bench-deps venv build demo test test-unit bench bench-smoke clean
+
+all: build
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES) $(EXTRA_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+bench-deps:
+	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(BENCH_PACKAGES)"
+
+$(BIN)/activate: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(BIN)/activate
+
+$(LIBBPF_OUT)/libbpf.so.1: $(wildcard $(LIBBPF_SRC)/*.[ch] $(LIBBPF_SRC)/Makefile)
+	$(MAKE) -C $(LIBBPF_SRC) BUILD_STATIC_ONLY= OBJDIR=$(LIBBPF_OUT)/obj DESTDIR=$(LIBBPF_OUT) \
+		INCLUDEDIR=/include LIBDIR=/ UAPIDIR= install
+
+$(OBJECT): $(BPF_SOURCES) $(LIBBPF_TARGET) | venv
+	@echo "libbpf: $(LIBBPF_USED)"
+	$(XDPLB) build
+
+build: deps $(OBJECT)
+
+demo: build
+	$(XDPLB) demo
+
+test: build
+	CI=$${CI:-true} $(BIN)/pytest -v -p no:cacheprovider tests
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+bench: build bench-deps
+	$(BIN)/python -m bench
+
+bench-smoke: build bench-deps
+	$(BIN)/python -m bench --smoke
+
+clean:
+	rm -rf $(BUILD) $(VENV)
