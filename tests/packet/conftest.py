@@ -1,0 +1,86 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A loaded (not attached) data plane for BPF_PROG_TEST_RUN, with the configuration
+the packet tests use: one service VIP:80/tcp, backends reached through interface 1.
+
+Without a context, test runs see the loopback device (ifindex 1) as the ingress
+interface, so backends on ifindex 1 are sent with XDP_TX and others with XDP_REDIRECT."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from xdplb import abi
+from xdplb.dataplane import DataPlane
+from xdplb.libbpf import libbpf
+from xdplb.model import Backend, Service, Settings
+from xdplb.netlink import NextHop
+
+from . import packets as P
+
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+LOOPBACK = 1
+SNAT_PORTS = (20000, 20999)
+FLOW_ENTRIES = 8192
+
+
+@dataclass
+class Harness:
+    prog_fd: int
+    dp: DataPlane
+    settings: Settings
+    hops: dict
+    configured: list | None = None
+
+    def run(self, data: bytes) -> tuple[int, bytes]:
+        action, out, _ = libbpf().test_run(self.prog_fd, data)
+        return action, out
+
+    def configure(self, services: list[Service]) -> None:
+        if services == self.configured:  # hypothesis calls this once per example
+            return
+        self.dp.apply(services, self.hops, self.settings.hash_seed, SNAT_PORTS)
+        self.configured = services
+
+    def first_snat_port(self) -> int:
+        """Where this CPU's slice of the SNAT range starts (tests run pinned to CPU 0)."""
+        return SNAT_PORTS[0]
+
+
+def service(*backends: str, port: int = 80, proto: str = "tcp", vip: str = P.VIP, clients=(),
+            weights=None) -> Service:
+    weights = weights or [1] * len(backends)
+    return Service(ipaddress.IPv4Address(vip), port, proto,
+                   [Backend(ipaddress.IPv4Address(b), 80, w) for b, w in zip(backends, weights)],
+                   [ipaddress.IPv4Network(c) for c in clients])
+
+
+@pytest.fixture
+def harness(bpf_object):
+    # Per-CPU state (SNAT slices, counters) is predictable only on one CPU.
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})
+    lib = libbpf()
+    obj = lib.load_object(str(bpf_object), {"xdplb_flows": FLOW_ENTRIES})
+    fds = {name: os.dup(lib.map_fd(obj, name)) for name in abi.MAPS}
+    prog_fd = os.dup(lib.prog_fd(obj, abi.PROGRAM_NAME))
+    lib.bpf_object__close(obj)
+    dp = DataPlane(fds)
+    settings = Settings(snat_addr=ipaddress.IPv4Address(P.SNAT), snat_port_min=SNAT_PORTS[0],
+                        snat_port_max=SNAT_PORTS[1])
+    dp.write_settings(settings)
+    hops = {
+        P.BACKEND: NextHop(LOOPBACK, P.BACKEND_MAC, P.LB_MAC),
+        P.BACKEND2: NextHop(LOOPBACK, P.BACKEND2_MAC, P.LB_MAC),
+        "10.0.0.103": NextHop(LOOPBACK, "02:00:00:00:00:b3", P.LB_MAC),
+        "10.9.0.1": NextHop(7, P.ROUTER_MAC, "02:00:00:00:00:07"),
+    }
+    h = Harness(prog_fd, dp, settings, hops)
+    try:
+        yield h
+    finally:
+        dp.close()
+        os.close(prog_fd)
+        os.sched_setaffinity(0, saved)

@@ -1,0 +1,90 @@
+# SPDX-License-Identifier: Apache-2.0
+"""src/xdplb/abi.py against bpf/xdplb_abi.h: struct layouts from the compiled object's
+DWARF (pyelftools), constants from the header text."""
+from __future__ import annotations
+
+import ctypes
+import re
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from xdplb import abi, build
+
+
+def dwarf_structs(path) -> dict[str, dict]:
+    out = {}
+    with open(path, "rb") as f:
+        dwarf = ELFFile(f).get_dwarf_info()
+        for cu in dwarf.iter_CUs():
+            for die in cu.iter_DIEs():
+                if die.tag != "DW_TAG_structure_type" or "DW_AT_name" not in die.attributes:
+                    continue
+                name = die.attributes["DW_AT_name"].value.decode()
+                if name not in abi.STRUCTS or name in out:
+                    continue
+                members = {}
+                for m in die.iter_children():
+                    if m.tag == "DW_TAG_member":
+                        members[m.attributes["DW_AT_name"].value.decode()] = \
+                            m.attributes["DW_AT_data_member_location"].value
+                out[name] = {"size": die.attributes["DW_AT_byte_size"].value, "members": members}
+    return out
+
+
+@pytest.fixture(scope="module")
+def structs(bpf_object):
+    return dwarf_structs(bpf_object)
+
+
+@pytest.mark.parametrize("name", sorted(abi.STRUCTS))
+def test_struct_layout_matches_dwarf(structs, name):
+    cls = abi.STRUCTS[name]
+    assert name in structs, f"struct {name} is not in the object's DWARF"
+    c = structs[name]
+    assert ctypes.sizeof(cls) == c["size"]
+    py = {f[0]: getattr(cls, f[0]).offset for f in cls._fields_}
+    assert py == c["members"]
+
+
+def header_constants() -> dict[str, int]:
+    text = (build.BPF_DIR / "xdplb_abi.h").read_text()
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    values = {}
+
+    def evaluate(expr: str) -> int:
+        expr = re.sub(r"\b(0x[0-9a-fA-F]+|\d+)u(ll)?\b", r"\1", expr.strip())
+        for name, value in values.items():
+            expr = re.sub(rf"\b{name}\b", str(value), expr)
+        assert re.fullmatch(r"[0-9a-fxA-FX()<>*+ -]+", expr), expr
+        return eval(expr)  # digits and operators only, checked above
+
+    for m in re.finditer(r"#define (XDPLB_\w+) ([^\n\"]+)\n", text):
+        values[m.group(1)] = evaluate(m.group(2))
+    for body in re.findall(r"enum \w+ \{(.*?)\};", text, flags=re.S):
+        nxt = 0
+        for item in [i.strip() for i in body.split(",") if i.strip()]:
+            name, _, expr = item.partition("=")
+            nxt = evaluate(expr) if expr else nxt
+            values[name.strip()] = nxt
+            nxt += 1
+    return values
+
+
+def test_constants_match_header():
+    h = header_constants()
+    for name in ("ABI_VERSION", "MAX_SERVICES", "MAX_BACKENDS", "MAX_CLIENT_RULES",
+                 "FLOW_ENTRIES_DEFAULT", "PORTS", "NO_BACKEND", "SNAT_PORT_TRIES", "TOUCH_INTERVAL_NS"):
+        assert getattr(abi, name) == h[f"XDPLB_{name}"], name
+    enums = {"XDPLB_PORT_": abi.PortFlags, "XDPLB_CFG_": abi.ConfigFlags, "XDPLB_SVC_": abi.ServiceFlags,
+             "XDPLB_BACKEND_": abi.BackendFlags, "XDPLB_FLOW_": abi.FlowFlags, "XDPLB_CNT_": abi.Counter,
+             "XDPLB_EV_": abi.TraceEvent}
+    for prefix, enum in enums.items():
+        from_header = {k[len(prefix):]: v for k, v in h.items() if k.startswith(prefix)
+                       and not k.startswith(("XDPLB_FLOW_ENTRIES",))}
+        assert from_header == {m.name: m.value for m in enum}, prefix
+
+
+def test_trace_tag_matches_header():
+    text = (build.BPF_DIR / "xdplb_abi.h").read_text()
+    assert f'#define XDPLB_TRACE_TAG "{abi.TRACE_TAG}"' in text

@@ -1,0 +1,276 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The data plane, packet by packet, through BPF_PROG_TEST_RUN.
+
+Fixture tables in the style of Katran's tester: a description, the packets sent before
+(to set up flows), the input, the expected action and the exact expected output bytes.
+Expected packets are built by scapy, which computes every checksum from scratch."""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+import pytest
+
+from xdplb import abi, hashing
+
+from . import packets as P
+from .conftest import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, service
+
+FIRST = 20000  # first SNAT port of CPU 0's slice
+
+
+def to_backend(sport, dport, flags="S", backend=P.BACKEND, mac=P.BACKEND_MAC, **kw):
+    return P.tcp(P.SNAT, sport, backend, dport, flags=flags, smac=P.LB_MAC, dmac=mac, ttl=63, **kw)
+
+
+def from_backend(dport, flags="SA", backend=P.BACKEND, mac=P.BACKEND_MAC, **kw):
+    return P.tcp(backend, 80, P.SNAT, dport, flags=flags, smac=mac, dmac=P.LB_MAC, **kw)
+
+
+def to_client(dport, flags="SA", client=P.CLIENT, mac=P.CLIENT_MAC, **kw):
+    return P.tcp(P.VIP, 80, client, dport, flags=flags, smac=P.LB_MAC, dmac=mac, ttl=63, **kw)
+
+
+def syn(sport=40000, client=P.CLIENT, mac=P.CLIENT_MAC, **kw):
+    return P.tcp(client, sport, P.VIP, 80, flags="S", smac=mac, **kw)
+
+
+@dataclass
+class Case:
+    description: str
+    input: bytes
+    action: int
+    output: bytes | None  # None: the input, unchanged
+    before: list[bytes] = field(default_factory=list)
+    services: list = field(default_factory=lambda: [service(P.BACKEND)])
+
+
+CASES = [
+    Case("new TCP flow: SYN to the VIP goes to the backend from the first SNAT port",
+         syn(), XDP_TX, to_backend(FIRST, 80)),
+    Case("established flow: the ACK follows the SYN's rewrite",
+         P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="A", seq=1001, payload=b"GET / HTTP/1.1\r\n\r\n"),
+         XDP_TX, to_backend(FIRST, 80, flags="A", seq=1001, payload=b"GET / HTTP/1.1\r\n\r\n"),
+         before=[syn()]),
+    Case("reply: the backend's SYN-ACK goes back to the client, from the VIP",
+         from_backend(FIRST), XDP_TX, to_client(40000), before=[syn()]),
+    Case("reply with data keeps the payload and fixes the checksum",
+         from_backend(FIRST, flags="PA", payload=b"HTTP/1.1 200 OK\r\n\r\nhello"),
+         XDP_TX, to_client(40000, flags="PA", payload=b"HTTP/1.1 200 OK\r\n\r\nhello"), before=[syn()]),
+    Case("second client with the same source port gets the next SNAT port",
+         syn(client=P.CLIENT2, mac=P.CLIENT2_MAC), XDP_TX, to_backend(FIRST + 1, 80), before=[syn()]),
+    Case("reply to the second client goes to the second client",
+         from_backend(FIRST + 1), XDP_TX, to_client(40000, client=P.CLIENT2, mac=P.CLIENT2_MAC),
+         before=[syn(), syn(client=P.CLIENT2, mac=P.CLIENT2_MAC)]),
+    Case("reply to the first client still goes to the first client",
+         from_backend(FIRST), XDP_TX, to_client(40000),
+         before=[syn(), syn(client=P.CLIENT2, mac=P.CLIENT2_MAC)]),
+    Case("IPv4 options are kept and the header checksum stays right",
+         syn(options=[P.IPOption_RR(routers=["0.0.0.0"])]), XDP_TX,
+         to_backend(FIRST, 80, options=[P.IPOption_RR(routers=["0.0.0.0"])])),
+    Case("UDP datagram with a checksum",
+         P.udp(P.CLIENT, 5000, P.VIP, 80), XDP_TX,
+         P.udp(P.SNAT, FIRST, P.BACKEND, 80, smac=P.LB_MAC, dmac=P.BACKEND_MAC, ttl=63),
+         services=[service(P.BACKEND, proto="udp")]),
+    Case("UDP datagram without a checksum keeps checksum 0",
+         P.udp(P.CLIENT, 5000, P.VIP, 80, zero_checksum=True), XDP_TX,
+         P.udp(P.SNAT, FIRST, P.BACKEND, 80, smac=P.LB_MAC, dmac=P.BACKEND_MAC, ttl=63, zero_checksum=True),
+         services=[service(P.BACKEND, proto="udp")]),
+    Case("UDP reply goes back to the client",
+         P.udp(P.BACKEND, 80, P.SNAT, FIRST, smac=P.BACKEND_MAC, payload=b"pong"), XDP_TX,
+         P.udp(P.VIP, 80, P.CLIENT, 5000, smac=P.LB_MAC, dmac=P.CLIENT_MAC, ttl=63, payload=b"pong"),
+         before=[P.udp(P.CLIENT, 5000, P.VIP, 80)], services=[service(P.BACKEND, proto="udp")]),
+    Case("backend behind another interface: XDP_REDIRECT with that interface's MACs",
+         syn(), XDP_REDIRECT,
+         P.tcp(P.SNAT, FIRST, "10.9.0.1", 80, smac="02:00:00:00:00:07", dmac=P.ROUTER_MAC, ttl=63),
+         services=[service("10.9.0.1")]),
+    Case("allow-list: an allowed client is balanced",
+         syn(), XDP_TX, to_backend(FIRST, 80), services=[service(P.BACKEND, clients=["10.0.1.0/28"])]),
+    Case("allow-list: any other client passes to the kernel untouched",
+         syn(), XDP_PASS, None, services=[service(P.BACKEND, clients=["10.0.1.16/28"])]),
+    Case("a second service on another port has its own backend",
+         P.tcp(P.CLIENT, 40000, P.VIP, 8080, flags="S"), XDP_TX,
+         P.tcp(P.SNAT, FIRST, P.BACKEND2, 80, flags="S", smac=P.LB_MAC, dmac=P.BACKEND2_MAC, ttl=63),
+         services=[service(P.BACKEND), service(P.BACKEND2, port=8080)]),
+    Case("a service on another VIP has its own backend",
+         P.tcp(P.CLIENT, 40000, "10.0.0.3", 80, flags="S"), XDP_TX,
+         P.tcp(P.SNAT, FIRST, P.BACKEND2, 80, flags="S", smac=P.LB_MAC, dmac=P.BACKEND2_MAC, ttl=63),
+         services=[service(P.BACKEND), service(P.BACKEND2, vip="10.0.0.3")]),
+    Case("a SYN on a closed flow (client reusing its port) is balanced afresh, new SNAT port",
+         syn(), XDP_TX, to_backend(FIRST + 1, 80),
+         before=[syn(), P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="FA")]),
+    # Everything below passes to the kernel byte for byte.
+    Case("TCP to another port of the VIP", P.tcp(P.CLIENT, 40000, P.VIP, 22), XDP_PASS, None),
+    Case("TCP to port 80 of another address", P.tcp(P.CLIENT, 40000, "10.0.0.9", 80), XDP_PASS, None),
+    Case("UDP to port 80 when only TCP is balanced", P.udp(P.CLIENT, 5000, P.VIP, 80), XDP_PASS, None),
+    Case("ICMP echo to the VIP is the kernel's to answer",
+         P.build(P.Ether(src=P.CLIENT_MAC, dst=P.LB_MAC) / P.IP(src=P.CLIENT, dst=P.VIP) / P.ICMP()),
+         XDP_PASS, None),
+    Case("ARP", P.build(P.Ether(src=P.CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / P.ARP(psrc=P.CLIENT, pdst=P.VIP)),
+         XDP_PASS, None),
+    Case("IPv6", P.build(P.Ether(src=P.CLIENT_MAC, dst=P.LB_MAC) / P.IPv6() / P.TCP(dport=80)), XDP_PASS, None),
+    Case("a TCP segment of an unknown flow (not a SYN)", P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="A"),
+         XDP_PASS, None),
+    Case("a reply-looking packet of no flow", from_backend(FIRST), XDP_PASS, None),
+    Case("TTL 1: the kernel decides", syn(ttl=1), XDP_PASS, None),
+    Case("a later fragment has no ports to match: the kernel reassembles or drops it",
+         P.build(P.Ether(src=P.CLIENT_MAC, dst=P.LB_MAC) / P.IP(src=P.CLIENT, dst=P.VIP, proto=6, frag=100)
+                 / (b"x" * 40)), XDP_PASS, None),
+    Case("a first fragment for the service is dropped (it could not be balanced whole)",
+         P.build(P.Ether(src=P.CLIENT_MAC, dst=P.LB_MAC) / P.IP(src=P.CLIENT, dst=P.VIP, flags="MF")
+                 / P.TCP(sport=40000, dport=80, flags="S")), XDP_DROP, None),
+    Case("no backend with weight: passes (the kernel resets), counted",
+         syn(), XDP_PASS, None, services=[service(P.BACKEND, weights=[0])]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.description for c in CASES])
+def test_fixture(harness, case):
+    harness.configure(case.services)
+    for pkt in case.before:
+        action, _ = harness.run(pkt)
+        assert action in (XDP_TX, XDP_REDIRECT, XDP_PASS)
+    action, out = harness.run(case.input)
+    assert action == case.action
+    expected = case.input if case.output is None else case.output
+    if out != expected:
+        # scapy's diff names the field that differs
+        P.Ether(out).show()
+        P.Ether(expected).show()
+    assert out == expected
+
+
+def test_counters_say_why(harness):
+    harness.configure([service(P.BACKEND)])
+    harness.run(syn())
+    harness.run(P.tcp(P.CLIENT, 40001, P.VIP, 80, flags="A"))
+    harness.run(syn(ttl=1, sport=40002))
+    harness.run(P.build(P.Ether(src=P.CLIENT_MAC, dst=P.LB_MAC) / P.IP(src=P.CLIENT, dst=P.VIP, flags="MF")
+                        / P.TCP(sport=40003, dport=80, flags="S")))
+    harness.run(P.tcp(P.CLIENT, 40000, P.VIP, 80)[:40])  # truncated inside the TCP header
+    counters = harness.dp.counters()
+    assert counters["new_flow"] == 1
+    assert counters["tx"] == 1
+    assert counters["no_flow"] == 1
+    assert counters["ttl_expired"] == 1
+    assert counters["fragment"] == 1
+    assert counters["drop"] == 1
+    assert counters["malformed"] == 1
+    assert counters["pass"] == 3
+    svc_id = harness.dp.service_ids()[f"{P.VIP}:80/tcp"]
+    traffic = harness.dp.traffic("service", svc_id)
+    assert (traffic.packets, traffic.new_flows) == (1, 1)
+    assert traffic.bytes == len(syn())
+
+
+def test_backend_follows_maglev_ring_and_flow_hash(harness):
+    """The backend of a new flow is the ring slot picked by the flow hash that
+    xdplb.hashing mirrors, for many flows over three backends."""
+    backends = [P.BACKEND, P.BACKEND2, "10.0.0.103"]
+    harness.configure([service(*backends)])
+    svc_id = harness.dp.service_ids()[f"{P.VIP}:80/tcp"]
+    ring = harness.dp.ring(svc_id)
+    by_id = {i: addr.split(":")[0] for (_, addr), i in harness.dp.backend_ids().items()}
+    seen = set()
+    for sport in range(41000, 41060):
+        action, out = harness.run(syn(sport=sport))
+        assert action == XDP_TX
+        h = hashing.flow_hash(P.CLIENT, sport, P.VIP, 80, socket.IPPROTO_TCP, harness.settings.hash_seed)
+        expected = by_id[ring[h % len(ring)]]
+        assert P.Ether(out)[P.IP].dst == expected
+        seen.add(expected)
+    assert seen == set(backends)
+
+
+def test_existing_flow_stays_when_backends_change(harness):
+    harness.configure([service(P.BACKEND)])
+    harness.run(syn())
+    harness.configure([service(P.BACKEND2)])
+    ack = P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="A", seq=1001)
+    action, out = harness.run(ack)
+    assert action == XDP_TX
+    assert out == to_backend(FIRST, 80, flags="A", seq=1001)
+    action, out = harness.run(syn(sport=40001))
+    assert P.Ether(out)[P.IP].dst == P.BACKEND2
+
+
+def test_weight_zero_takes_no_new_flows(harness):
+    harness.configure([service(P.BACKEND, P.BACKEND2, weights=[1, 0])])
+    for sport in range(42000, 42040):
+        action, out = harness.run(syn(sport=sport))
+        assert action == XDP_TX
+        assert P.Ether(out)[P.IP].dst == P.BACKEND
+
+
+def test_snat_ports_cycle_instead_of_reusing(harness):
+    """Closed flows do not give their SNAT port back at once: the next flows take the
+    following ports, which keeps backends' TIME_WAIT entries from being hit."""
+    harness.configure([service(P.BACKEND)])
+    ports = []
+    for sport in range(43000, 43010):
+        _, out = harness.run(syn(sport=sport))
+        ports.append(P.Ether(out)[P.TCP].sport)
+        harness.run(P.tcp(P.CLIENT, sport, P.VIP, 80, flags="RA"))
+    assert ports == list(range(FIRST, FIRST + 10))
+
+
+def test_icmp_fragmentation_needed_reaches_the_client(harness):
+    """A router on the backend side says our packet to the backend was too big; the
+    client gets the error about its own packet, from the VIP."""
+    harness.configure([service(P.BACKEND)])
+    harness.run(syn())
+    sent = P.Ether(to_backend(FIRST, 80, flags="A", seq=1001, payload=b"x" * 20))[P.IP]
+    error = P.build(P.Ether(src=P.BACKEND_MAC, dst=P.LB_MAC)
+                    / P.IP(src="10.0.0.254", dst=P.SNAT, ttl=64, id=7)
+                    / P.ICMP(type=3, code=4, nexthopmtu=1400) / bytes(sent)[:28])
+    original = P.Ether(P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="A", seq=1001, payload=b"x" * 20))[P.IP]
+    # The quoted packet carries the TTL it had when the router saw it.
+    quoted = P.IP(bytes(original))
+    quoted.ttl = 63
+    del quoted.chksum
+    expected = P.build(P.Ether(src=P.LB_MAC, dst=P.CLIENT_MAC)
+                       / P.IP(src=P.VIP, dst=P.CLIENT, ttl=64, id=7)
+                       / P.ICMP(type=3, code=4, nexthopmtu=1400) / bytes(P.IP(bytes(quoted)))[:28])
+    action, out = harness.run(error)
+    assert action == XDP_TX
+    assert out == expected
+    assert harness.dp.counters()["icmp_translated"] == 1
+
+
+def test_icmp_error_with_full_quote_fixes_the_quoted_tcp_checksum(harness):
+    harness.configure([service(P.BACKEND)])
+    harness.run(syn())
+    sent = bytes(P.Ether(to_backend(FIRST, 80, flags="A", seq=1001))[P.IP])
+    error = P.build(P.Ether(src=P.BACKEND_MAC, dst=P.LB_MAC) / P.IP(src="10.0.0.254", dst=P.SNAT, id=9)
+                    / P.ICMP(type=11, code=0) / sent)
+    action, out = harness.run(error)
+    assert action == XDP_TX
+    quoted = P.Ether(out)[P.ICMP].payload
+    inner = P.IP(bytes(quoted))
+    assert (inner.src, inner.dst, inner[P.TCP].sport, inner[P.TCP].dport) == (P.CLIENT, P.VIP, 40000, 80)
+    recomputed = P.IP(bytes(inner))
+    del recomputed.chksum
+    del recomputed[P.TCP].chksum
+    recomputed = P.IP(bytes(recomputed))
+    assert inner.chksum == recomputed.chksum
+    assert inner[P.TCP].chksum == recomputed[P.TCP].chksum
+    outer = P.Ether(out)
+    check = P.Ether(bytes(out))
+    del check[P.IP].chksum
+    del check[P.ICMP].chksum
+    check = P.Ether(bytes(check))
+    assert outer[P.IP].chksum == check[P.IP].chksum
+    assert outer[P.ICMP].chksum == check[P.ICMP].chksum
+
+
+def test_icmp_error_about_no_flow_passes(harness):
+    harness.configure([service(P.BACKEND)])
+    sent = bytes(P.Ether(to_backend(FIRST, 80))[P.IP])
+    error = P.build(P.Ether(src=P.BACKEND_MAC, dst=P.LB_MAC) / P.IP(src="10.0.0.254", dst=P.SNAT)
+                    / P.ICMP(type=3, code=4) / sent[:28])
+    action, out = harness.run(error)
+    assert (action, out) == (XDP_PASS, error)
+
+
+def test_counters_index_is_the_abi(harness):
+    assert len(harness.dp.counters()) == abi.Counter.MAX
