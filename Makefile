@@ -12,7 +12,7 @@ BPF_SOURCES := $(wildcard bpf/*.c bpf/*.h)
 
 # Debian packages the build, the lab, the tests and the benchmarks use.
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make \
-	iproute2 ethtool curl wrk python3-venv
+	iproute2 iputils-ping ethtool curl wrk python3-venv
 BENCH_PACKAGES := nftables haproxy iperf3 nginx-light
 
 # libbpf: built from the libbpf/ submodule when it is checked out (the libbpf-bootstrap

@@ -77,8 +77,9 @@ def build():
 
 @main.command()
 @click.argument("iface")
-@click.option("--backends", "-b", required=True, metavar="ADDR[:PORT],...",
-              help="Backends, as addresses or host names; PORT defaults to --port.")
+@click.option("--backends", "-b", required=True, metavar="ADDR[:PORT][=WEIGHT],...",
+              help="Backends, as addresses or host names; PORT defaults to --port, WEIGHT to 1 "
+                   "(0: no new flows).")
 @click.option("--vip", metavar="ADDR", help="Service address [default: the interface's primary IPv4].")
 @click.option("--port", default="80", show_default=True, help="Service port.")
 @click.option("--proto", default="tcp", show_default=True, type=click.Choice(["tcp", "udp"]))

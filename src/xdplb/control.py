@@ -36,8 +36,9 @@ def _next_hops(services: list[Service]) -> dict:
 
 
 def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
-    """Attaches xdplb (or updates the running one in place). Returns the attachment,
-    notes for the user, and whether a new program was loaded."""
+    """Attaches xdplb (or updates the running one in place). Returns the attachment
+    (the caller closes its dataplane), notes for the user, and whether a new program
+    was loaded."""
     loader.ensure_root()
     if not req.backends:
         raise UsageError("no backends given: pass --backends ADDR[:PORT],...")
@@ -55,8 +56,9 @@ def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
     if isinstance(found, loader.Attachment):
         try:
             return _update(found, req, service), [], False
-        finally:
+        except BaseException:
             found.dataplane.close()
+            raise
     if isinstance(found, loader.ForeignProgram) and not req.force:
         raise XdplbError(f"{req.ifname} already has XDP program {found.prog_id} ({found.name or 'unnamed'}), "
                          "which is not xdplb's; detach it first or pass --force to replace it")

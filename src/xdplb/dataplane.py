@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
+import secrets
 import socket
 from dataclasses import dataclass
 
@@ -195,6 +196,7 @@ class DataPlane:
                 except StopIteration:
                     raise UsageError(f"more than {abi.MAX_BACKENDS} backends on this interface") from None
                 self._zero_stats("xdplb_be_stats", be_id)
+                self._scatter_port_cursor(be_id)
             hop = next_hops[str(b.addr)]
             value = abi.Backend(addr=be32(b.addr), port=socket.htons(b.port), weight=b.weight,
                                 service_id=svc_id, flags=abi.BackendFlags.IN_USE,
@@ -267,6 +269,14 @@ class DataPlane:
         self.lib.lookup(self.fds[name], ctypes.c_uint32(index), buf)
         return [ctype.from_buffer_copy(buf.raw[i * size:i * size + ctypes.sizeof(ctype)])
                 for i in range(self.ncpus)]
+
+    def _scatter_port_cursor(self, backend_id: int) -> None:
+        """Starts each CPU's SNAT port search for a new backend at a random place. After
+        a restart of the load balancer the backends still hold TIME_WAIT entries for the
+        ports used before; starting at the same place every time would hit them all."""
+        values = (ctypes.c_uint64 * self.ncpus)(
+            *[secrets.randbits(32) for _ in range(self.ncpus)])
+        self.lib.update(self.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), values)
 
     def _zero_stats(self, name: str, index: int) -> None:
         size = (ctypes.sizeof(abi.Traffic) + 7) // 8 * 8

@@ -14,6 +14,9 @@ def make_handler(name: str, address: str):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body leave in separate writes; with Nagle on, each keep-alive
+        # response would wait for the client's delayed ACK.
+        disable_nagle_algorithm = True
 
         def do_GET(self):
             self.send_response(200)

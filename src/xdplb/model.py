@@ -75,11 +75,24 @@ def parse_address(text: str, what: str = "address") -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(infos[0][4][0])
 
 
+def parse_weight(text: str) -> int:
+    try:
+        weight = int(text)
+    except ValueError:
+        weight = -1
+    if not 0 <= weight <= MAX_WEIGHT:
+        raise UsageError(f"bad weight {text!r}: give a number from 0 (no new flows) to {MAX_WEIGHT}")
+    return weight
+
+
 def parse_backend(text: str, default_port: int, weight: int = 1) -> Backend:
-    """ADDR or NAME, optionally :PORT."""
+    """ADDR or NAME, optionally :PORT, optionally =WEIGHT."""
     text = text.strip()
     if not text:
-        raise UsageError("empty backend in the list: give ADDR[:PORT] separated by commas")
+        raise UsageError("empty backend in the list: give ADDR[:PORT][=WEIGHT] separated by commas")
+    text, sep, w = text.partition("=")
+    if sep:
+        weight = parse_weight(w)
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, str(default_port)

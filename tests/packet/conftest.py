@@ -6,6 +6,7 @@ Without a context, test runs see the loopback device (ifindex 1) as the ingress
 interface, so backends on ifindex 1 are sent with XDP_TX and others with XDP_REDIRECT."""
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ class Harness:
             return
         self.dp.apply(services, self.hops, self.settings.hash_seed, SNAT_PORTS)
         self.configured = services
+        # apply() starts SNAT port searches at random places; the fixtures expect the
+        # first port of the range, so start every search there.
+        zero = (ctypes.c_uint64 * self.dp.ncpus)()
+        for backend_id in self.dp.backend_ids().values():
+            libbpf().update(self.dp.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), zero)
 
     def first_snat_port(self) -> int:
         """Where this CPU's slice of the SNAT range starts (tests run pinned to CPU 0)."""

@@ -6,6 +6,7 @@ Fixture tables in the style of Katran's tester: a description, the packets sent 
 Expected packets are built by scapy, which computes every checksum from scratch."""
 from __future__ import annotations
 
+import ctypes
 import socket
 from dataclasses import dataclass, field
 
@@ -274,3 +275,12 @@ def test_icmp_error_about_no_flow_passes(harness):
 
 def test_counters_index_is_the_abi(harness):
     assert len(harness.dp.counters()) == abi.Counter.MAX
+
+
+def test_new_backends_start_their_snat_search_at_random_places(harness):
+    harness.dp.apply([service(P.BACKEND, P.BACKEND2, "10.0.0.103")], harness.hops,
+                     harness.settings.hash_seed, (20000, 20999))
+    cursors = set()
+    for backend_id in harness.dp.backend_ids().values():
+        cursors.update(c.value for c in harness.dp._percpu("xdplb_port_cur", backend_id, ctypes.c_uint32))
+    assert len(cursors) > 1
