@@ -1,0 +1,70 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`python -m bench [--smoke] [--json]`: runs the benchmarks and writes docs/benchmarks.md."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from . import perpacket
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "docs" / "benchmarks.md"
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine() -> dict:
+    clang = subprocess.run(["clang", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    from xdplb.libbpf import libbpf
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(), "clang": clang,
+            "libbpf": libbpf().version, "python": platform.python_version()}
+
+
+def perpacket_table(res: perpacket.Results) -> list[str]:
+    lines = [f"repeat = {res.repeat:,} per run, median of {res.runs} runs, pinned to CPU {res.cpu}; "
+             "every figure includes the reset harness.", "",
+             "| case | median ns | min-max ns | ratio to floor | checked |", "| --- | ---: | ---: | ---: | --- |"]
+    for f in res.figures + res.fill:
+        lines.append(f"| {f.name} | {f.median:.0f} | {min(f.runs_ns):.0f}-{max(f.runs_ns):.0f} | "
+                     f"{f.ratio:.2f}x | {f.checked} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("the benchmarks need root (BPF_PROG_TEST_RUN, namespaces); run them with sudo")
+
+    repeat, runs, fills = (1000, 2, [1000]) if args.smoke else (100_000, 5, [1_000, 100_000, 1_000_000])
+    info = machine()
+    pp = perpacket.run(repeat, runs, fills)
+    data = {"machine": info, "per_packet": [f.as_dict() for f in pp.figures],
+            "flow_table_fill": [f.as_dict() for f in pp.fill], "smoke": args.smoke}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / ("smoke.json" if args.smoke else "latest.json")).write_text(json.dumps(data, indent=2))
+    lines = ["# xdplb benchmarks", "",
+             f"Measured {info['date']} on {info['cpus']} x {info['cpu']}, kernel {info['kernel']}, "
+             f"{info['clang']}, libbpf {info['libbpf']}, Python {info['python']}.",
+             "Command: `make bench` (as root). Raw figures: `bench/results/latest.json`.", "",
+             "## Per-packet cost (BPF_PROG_TEST_RUN)", "", *perpacket_table(pp), ""]
+    if not args.smoke:
+        REPORT.parent.mkdir(parents=True, exist_ok=True)
+        REPORT.write_text("\n".join(lines))
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

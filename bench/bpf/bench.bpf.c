@@ -1,0 +1,110 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * Benchmark helpers, never loaded by xdplb itself.
+ *
+ * BPF_PROG_TEST_RUN with repeat feeds every iteration the previous iteration's output,
+ * so a forwarding program would stop forwarding after the first one. bench_reset puts
+ * the original frame back (optionally with a fresh client address, for new flows) and
+ * tail-calls the program under test; its own cost is measured with bench_pass as the
+ * target and reported.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define BENCH_MAX_FRAME 256
+#define IPV4_SADDR_OFFSET (ETH_HLEN + 12)
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct bench_frame {
+	__u32 len;
+	__u32 new_client_each_time; /* rewrite the IPv4 source so every run is a new flow */
+	__u32 first_client;         /* host byte order */
+	__u32 pad;
+	__u8 data[BENCH_MAX_FRAME];
+};
+
+/* The frame every iteration starts from. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bench_frame);
+} bench_frame SEC(".maps");
+
+/* Slot 0: the program under test. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} bench_target SEC(".maps");
+
+/* Iterations so far (per CPU; the benchmark pins itself to one CPU). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} bench_count SEC(".maps");
+
+SEC("xdp")
+int bench_reset(struct xdp_md *ctx)
+{
+	__u32 zero = 0, len;
+	struct bench_frame *f = bpf_map_lookup_elem(&bench_frame, &zero);
+	__u64 *n = bpf_map_lookup_elem(&bench_count, &zero);
+
+	if (!f || !n)
+		return XDP_ABORTED;
+	len = f->len;
+	if (len < ETH_HLEN || len > BENCH_MAX_FRAME)
+		return XDP_ABORTED;
+	if (bpf_xdp_store_bytes(ctx, 0, f->data, len))
+		return XDP_ABORTED;
+	*n += 1;
+	if (f->new_client_each_time) {
+		__be32 client = bpf_htonl(f->first_client + (__u32)*n);
+
+		if (bpf_xdp_store_bytes(ctx, IPV4_SADDR_OFFSET, &client, sizeof(client)))
+			return XDP_ABORTED;
+	}
+	bpf_tail_call(ctx, &bench_target, 0);
+	return XDP_ABORTED;
+}
+
+SEC("xdp")
+int bench_pass(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+
+/* The floor: the least a program that transmits a frame can do. */
+SEC("xdp")
+int bench_macswap(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u8 tmp[ETH_ALEN];
+
+	if ((void *)(eth + 1) > end)
+		return XDP_ABORTED;
+	__builtin_memcpy(tmp, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, tmp, ETH_ALEN);
+	return XDP_TX;
+}
+
+/* The far side of live-frame runs: counts what arrives, then drops it. */
+SEC("xdp")
+int bench_sink(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&bench_count, &zero);
+
+	if (n)
+		*n += 1;
+	return XDP_DROP;
+}

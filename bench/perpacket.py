@@ -1,0 +1,225 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Per-packet cost of the data plane through BPF_PROG_TEST_RUN.
+
+Every iteration sees the original frame: bench_reset (bench/bpf/bench.bpf.c) restores it
+and tail-calls the program under test. All figures include that harness; its cost alone
+(harness + XDP_PASS) is reported, and every figure is also given as a ratio to the
+floor, a MAC-swapping XDP_TX program measured the same way in the same run.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from xdplb import abi, build
+from xdplb.dataplane import DataPlane
+from xdplb.libbpf import libbpf
+from xdplb.model import Backend, Service, Settings
+from xdplb.netlink import NextHop
+
+XDP_TX = 3
+BENCH_SOURCE = Path(__file__).resolve().parent / "bpf" / "bench.bpf.c"
+BENCH_OBJECT = build.BUILD_DIR / "bench.bpf.o"
+MAX_FRAME = 256
+
+LB_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:0c"
+VIP = "10.0.0.2"
+CLIENT = "10.1.0.1"
+BACKENDS = ["10.0.0.101", "10.0.0.102"]
+SNAT_PORTS = (20000, 59999)
+LOOPBACK = 1  # test runs without a context see the loopback device as ingress
+
+
+class BenchFrame(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint32), ("new_client_each_time", ctypes.c_uint32),
+                ("first_client", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("data", ctypes.c_uint8 * MAX_FRAME)]
+
+
+def frame(pkt) -> bytes:
+    return bytes(pkt.__class__(bytes(pkt)))
+
+
+def tcp(src, sport, dst, dport, flags, smac=CLIENT_MAC) -> bytes:
+    return frame(Ether(src=smac, dst=LB_MAC) / IP(src=src, dst=dst, ttl=64)
+                 / TCP(sport=sport, dport=dport, flags=flags) / (b"x" * 10))
+
+
+@dataclass
+class Figure:
+    name: str
+    runs_ns: list[float]
+    ratio: float = 0.0
+    checked: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs_ns)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "median_ns": round(self.median, 1), "min_ns": min(self.runs_ns),
+                "max_ns": max(self.runs_ns), "ratio_to_floor": round(self.ratio, 2),
+                "checked": self.checked}
+
+
+@dataclass
+class Results:
+    repeat: int
+    runs: int
+    cpu: int
+    figures: list[Figure] = field(default_factory=list)
+    fill: list[Figure] = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, flows: int):
+        self.capacity = flows
+        lib = self.lib = libbpf()
+        build.compile_object(BENCH_OBJECT, source=BENCH_SOURCE, check=False)
+        obj = lib.load_object(str(build.require_object()), {"xdplb_flows": 2 * flows})
+        self.xdplb = os.dup(lib.prog_fd(obj, abi.PROGRAM_NAME))
+        fds = {name: os.dup(lib.map_fd(obj, name)) for name in abi.MAPS}
+        lib.bpf_object__close(obj)
+        self.dp = DataPlane(fds)
+        self.dp.write_settings(Settings(snat_addr=ipaddress.IPv4Address(VIP), snat_port_min=SNAT_PORTS[0],
+                                        snat_port_max=SNAT_PORTS[1]))
+        hops = {b: NextHop(LOOPBACK, f"02:00:00:00:00:b{i}", LB_MAC) for i, b in enumerate(BACKENDS)}
+        services = [Service(ipaddress.IPv4Address(VIP), 80, proto,
+                            [Backend(ipaddress.IPv4Address(b), 80) for b in BACKENDS]) for proto in ("tcp", "udp")]
+        self.dp.apply(services, hops, 1, SNAT_PORTS)
+        obj = lib.load_object(str(BENCH_OBJECT), {})
+        self.progs = {name: os.dup(lib.prog_fd(obj, name))
+                      for name in ("bench_reset", "bench_pass", "bench_macswap", "bench_sink")}
+        self.frame_fd = os.dup(lib.map_fd(obj, "bench_frame"))
+        self.target_fd = os.dup(lib.map_fd(obj, "bench_target"))
+        self.count_fd = os.dup(lib.map_fd(obj, "bench_count"))
+        lib.bpf_object__close(obj)
+
+    def run_once(self, data: bytes) -> tuple[int, bytes]:
+        action, out, _ = self.lib.test_run(self.xdplb, data)
+        return action, out
+
+    def measure(self, target_fd: int, data: bytes, repeat: int, runs: int,
+                new_clients: bool = False) -> tuple[list[float], int, bytes]:
+        """Runs the harness around target; returns ns per iteration for each run and the
+        last run's action and output."""
+        value = BenchFrame(len=len(data), new_client_each_time=int(new_clients),
+                           first_client=int(ipaddress.IPv4Address("10.128.0.0")))
+        ctypes.memmove(value.data, data, len(data))
+        self.lib.update(self.frame_fd, ctypes.c_uint32(0), value)
+        self.lib.update(self.target_fd, ctypes.c_uint32(0), ctypes.c_uint32(target_fd))
+        out_ns = []
+        action, out = 0, b""
+        for _ in range(runs):
+            action, out, ns = self.lib.test_run(self.progs["bench_reset"], data, repeat=repeat)
+            out_ns.append(float(ns))
+        return out_ns, action, out
+
+    def close(self) -> None:
+        self.dp.close()
+        for fd in [self.xdplb, self.frame_fd, self.target_fd, self.count_fd, *self.progs.values()]:
+            os.close(fd)
+
+
+def _checked_same(bench: Bench, data: bytes, action: int, out: bytes, expect_action: int) -> str:
+    """The last iteration's output must be what one plain run of xdplb gives."""
+    single_action, single_out = bench.run_once(data)
+    if (action, out) != (single_action, single_out) or action != expect_action:
+        raise RuntimeError(f"harness output differs from a single run (action {action} vs {single_action})")
+    return "last iteration == single run"
+
+
+def run(repeat: int, runs: int, fill_sizes: list[int], cpu: int = 0) -> Results:
+    os.sched_setaffinity(0, {cpu})
+    flows = max(fill_sizes + [repeat * runs]) + 100_000
+    bench = Bench(flows)
+    try:
+        res = Results(repeat, runs, cpu)
+        syn = tcp(CLIENT, 40000, VIP, 80, "S")
+        harness, _, _ = bench.measure(bench.progs["bench_pass"], syn, repeat, runs)
+        res.figures.append(Figure("harness + XDP_PASS (harness cost)", harness, checked="-"))
+        floor, action, out = bench.measure(bench.progs["bench_macswap"], syn, repeat, runs)
+        assert action == XDP_TX and out[:6] == syn[6:12]
+        res.figures.append(Figure("harness + MAC-swap XDP_TX (floor)", floor, checked="macs swapped"))
+
+        other = tcp(CLIENT, 40000, VIP, 22, "S")
+        ns, action, out = bench.measure(bench.xdplb, other, repeat, runs)
+        res.figures.append(Figure("non-service packet (TCP to VIP:22)", ns,
+                                  checked=_checked_same(bench, other, action, out, 2)))
+
+        bench.run_once(syn)  # establishes the flow
+        ack = tcp(CLIENT, 40000, VIP, 80, "A")
+        ns, action, out = bench.measure(bench.xdplb, ack, repeat, runs)
+        res.figures.append(Figure("established flow (TCP ACK)", ns,
+                                  checked=_checked_same(bench, ack, action, out, XDP_TX)))
+
+        _, first = bench.run_once(tcp(CLIENT, 40001, VIP, 80, "S"))
+        sent = Ether(first)
+        reply = tcp(sent[IP].dst, 80, VIP, sent[TCP].sport, "A", smac="02:00:00:00:00:b0")
+        ns, action, out = bench.measure(bench.xdplb, reply, repeat, runs)
+        res.figures.append(Figure("reply from a backend (TCP ACK)", ns,
+                                  checked=_checked_same(bench, reply, action, out, XDP_TX)))
+
+        dgram = frame(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=80)
+                      / (b"x" * 32))
+        bench.run_once(dgram)
+        ns, action, out = bench.measure(bench.xdplb, dgram, repeat, runs)
+        res.figures.append(Figure("UDP datagram (established flow)", ns,
+                                  checked=_checked_same(bench, dgram, action, out, XDP_TX)))
+
+        before = bench.dp.flow_count() if repeat * runs < 200_000 else None
+        ns, action, out = bench.measure(bench.xdplb, syn, repeat, runs, new_clients=True)
+        if action != XDP_TX or Ether(out)[IP].dst not in BACKENDS:
+            raise RuntimeError("new-flow runs did not forward to a backend")
+        check = "each iteration a new client; forwarded to a backend"
+        if before is not None:
+            grown = bench.dp.flow_count() - before
+            check += f"; {grown // 2} flows created"
+        res.figures.append(Figure("new flow (TCP SYN, new client each time)", ns, checked=check))
+
+        for f in res.figures:
+            f.ratio = f.median / statistics.median(floor)
+    finally:
+        bench.close()
+
+    # The same new-flow path in a table small enough to stay in cache: what the insert
+    # path costs in instructions, apart from the memory latency of a large table.
+    bench = Bench(repeat * runs + 10_000 if repeat * runs < 60_000 else 65_536)
+    try:
+        small_repeat = min(repeat, 65_536 // (runs + 1))
+        syn = tcp(CLIENT, 40000, VIP, 80, "S")
+        floor, _, _ = bench.measure(bench.progs["bench_macswap"], syn, small_repeat, runs)
+        ns, action, out = bench.measure(bench.xdplb, syn, small_repeat, runs, new_clients=True)
+        if action != XDP_TX:
+            raise RuntimeError("new-flow runs did not forward")
+        fig = Figure(f"new flow, table of {bench.capacity:,} flows (stays in cache)", ns,
+                     checked=f"repeat {small_repeat:,}; no eviction")
+        fig.ratio = fig.median / statistics.median(floor)
+        res.figures.append(fig)
+    finally:
+        bench.close()
+
+    # Established-flow cost as the table fills: a fresh data plane per size, filled by
+    # running new-flow SYNs through the program itself.
+    for size in fill_sizes:
+        bench = Bench(size + 10_000)
+        try:
+            bench.measure(bench.xdplb, tcp(CLIENT, 40000, VIP, 80, "S"), size, 1, new_clients=True)
+            bench.run_once(tcp(CLIENT, 40000, VIP, 80, "S"))
+            ack = tcp(CLIENT, 40000, VIP, 80, "A")
+            floor, _, _ = bench.measure(bench.progs["bench_macswap"], ack, repeat, runs)
+            ns, action, out = bench.measure(bench.xdplb, ack, repeat, runs)
+            fig = Figure(f"established flow, {size:,} flows in the table", ns,
+                         checked=_checked_same(bench, ack, action, out, XDP_TX))
+            fig.ratio = fig.median / statistics.median(floor)
+            res.fill.append(fig)
+        finally:
+            bench.close()
+    return res
