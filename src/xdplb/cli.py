@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 
 import click
 
@@ -39,7 +40,7 @@ class Group(click.Group):
         except UsageError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            raise click.UsageError(str(exc), ctx) from None
+            raise click.UsageError(str(exc)) from None  # the message already names the fix
         except XdplbError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -238,6 +239,295 @@ def trace(ctx, iface, raw, duration):
         for a in attachments:
             a.dataplane.set_trace(False)
             a.dataplane.close()
+
+
+def _print_changes(lines: list[str], nothing: str = "no changes") -> None:
+    for line in lines or [nothing]:
+        click.echo(line)
+
+
+SERVICE_ARG = click.argument("service", metavar="VIP:PORT[/PROTO]")
+
+
+@main.group()
+def service():
+    """Add, remove and list services (VIP:PORT/PROTO) on an interface."""
+
+
+@service.command("add")
+@click.argument("iface")
+@SERVICE_ARG
+@click.option("--clients", metavar="CIDR,...", help="Only these clients may use it [default: all].")
+@click.option("--ring-size", type=int, default=model.RING_SIZE_DEFAULT, show_default=True,
+              help="Maglev table size (a prime).")
+@click.pass_context
+def service_add(ctx, iface, service, clients, ring_size):
+    """Add a service with no backends yet (add them with: xdplb backend add).
+
+    \b
+    Example:
+      xdplb service add eth0 10.0.0.2:443/tcp
+    """
+    _enter(ctx)
+    _print_changes(control.service_add(iface, service, model.parse_networks(clients) if clients else [],
+                                       ring_size))
+
+
+@service.command("del")
+@click.argument("iface")
+@SERVICE_ARG
+@click.pass_context
+def service_del(ctx, iface, service):
+    """Remove a service; its established flows keep going until they end.
+
+    \b
+    Example:
+      xdplb service del eth0 10.0.0.2:443/tcp
+    """
+    _enter(ctx)
+    _print_changes(control.service_del(iface, service))
+
+
+@service.command("list")
+@click.argument("iface")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def service_list(ctx, iface, as_json):
+    """List the services of an interface.
+
+    \b
+    Example:
+      xdplb service list eth0 --json
+    """
+    _enter(ctx)
+    (entry,) = control.status(iface)
+    services = entry.get("services", [])
+    if as_json:
+        _echo_json([{k: s[k] for k in ("vip", "port", "proto", "clients", "ring_size")} |
+                    {"backends": len(s["backends"])} for s in services])
+        return
+    for s in services:
+        click.echo(f"{s['vip']}:{s['port']}/{s['proto']}  backends {len(s['backends'])}  "
+                   f"clients {', '.join(s['clients'])}  ring {s['ring_size']}")
+    if not services:
+        click.echo(f"no services on {iface}")
+
+
+@main.group()
+def backend():
+    """Add, remove, reweight, drain and list the backends of a service."""
+
+
+BACKEND_ARG = click.argument("backend_addr", metavar="ADDR[:PORT]")
+
+
+@backend.command("add")
+@click.argument("iface")
+@SERVICE_ARG
+@BACKEND_ARG
+@click.option("--weight", type=click.IntRange(0, model.MAX_WEIGHT), default=1, show_default=True)
+@click.pass_context
+def backend_add(ctx, iface, service, backend_addr, weight):
+    """Add a backend to a service, in place (no reload, no flow dropped).
+
+    \b
+    Example:
+      xdplb backend add eth0 10.0.0.2:80 10.0.0.13 --weight 2
+    """
+    _enter(ctx)
+    _print_changes(control.backend_add(iface, service, backend_addr, weight))
+
+
+@backend.command("set")
+@click.argument("iface")
+@SERVICE_ARG
+@BACKEND_ARG
+@click.option("--weight", type=click.IntRange(0, model.MAX_WEIGHT), required=True,
+              help="New weight; 0 drains: no new flows, existing flows go on.")
+@click.pass_context
+def backend_set(ctx, iface, service, backend_addr, weight):
+    """Change a backend's weight (0: drain).
+
+    \b
+    Example:
+      xdplb backend set eth0 10.0.0.2:80 10.0.0.11 --weight 0
+    """
+    _enter(ctx)
+    _print_changes(control.backend_set(iface, service, backend_addr, weight))
+
+
+@backend.command("del")
+@click.argument("iface")
+@SERVICE_ARG
+@BACKEND_ARG
+@click.option("--drain", is_flag=True, help="First stop new flows and wait for the backend's flows to end.")
+@click.option("--timeout", type=float, default=300, show_default=True, metavar="SECONDS",
+              help="With --drain: remove it anyway after this long.")
+@click.pass_context
+def backend_del(ctx, iface, service, backend_addr, drain, timeout):
+    """Remove a backend; with --drain, only once its flows have ended.
+
+    \b
+    Example:
+      xdplb backend del eth0 10.0.0.2:80 10.0.0.11 --drain --timeout 60
+    """
+    _enter(ctx)
+    if not drain:
+        _print_changes(control.backend_del(iface, service, backend_addr))
+        return
+    lines, left = control.drain(iface, service, backend_addr, timeout,
+                                progress=lambda n: click.echo(f"draining: {n} flows left", err=True))
+    _print_changes(lines)
+    if left:
+        click.echo(f"warning: removed after {timeout:g}s with {left} flows still active", err=True)
+
+
+@backend.command("list")
+@click.argument("iface")
+@SERVICE_ARG
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def backend_list(ctx, iface, service, as_json):
+    """List the backends of a service with their weights and active flows.
+
+    \b
+    Example:
+      xdplb backend list eth0 10.0.0.2:80
+    """
+    _enter(ctx)
+    vip, port, proto = control.parse_service(service)
+    (entry,) = control.stats(iface)
+    match = [s for s in entry["services"] if (s["vip"], s["port"], s["proto"]) == (str(vip), port, proto)]
+    if not match:
+        raise UsageError(f"no service {vip}:{port}/{proto} on {iface}; list them with: xdplb service list {iface}")
+    rows = [{k: b[k] for k in ("address", "port", "weight", "active_flows", "new_flows")} for b in match[0]["backends"]]
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['address']}:{r['port']}  weight {r['weight']}  active flows {r['active_flows']}  "
+                   f"flows so far {r['new_flows']}")
+    if not rows:
+        click.echo(f"no backends in {vip}:{port}/{proto}")
+
+
+@main.command()
+@click.argument("config_file", metavar="CONFIG.toml", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Only show what would change.")
+@click.pass_context
+def apply(ctx, config_file, dry_run):
+    """Make the running state match a config file, changing only what differs.
+
+    The whole file is checked first; if anything is wrong, nothing is applied.
+
+    \b
+    Example:
+      xdplb export > lb.toml; vi lb.toml; xdplb apply lb.toml --dry-run; xdplb apply lb.toml
+    """
+    _enter(ctx)
+    lines = control.apply_config(config_file, dry_run)
+    _print_changes([("would: " if dry_run else "") + l for l in lines], "no changes: the running state matches")
+
+
+@main.command()
+@click.argument("iface", required=False)
+@click.pass_context
+def export(ctx, iface):
+    """Print the running state as a config file (for xdplb apply).
+
+    \b
+    Example:
+      xdplb -n xdplb-lb export > lb.toml
+    """
+    _enter(ctx)
+    click.echo(control.export(iface), nl=False)
+
+
+def _rates(now: list[dict], before: list[dict] | None) -> None:
+    """Adds packets/s and bytes/s to each service and backend from two samples."""
+    prev = {}
+    if before:
+        for e in before:
+            for s in e["services"]:
+                prev[(e["interface"], s["id"], None)] = (s, e["sampled_at"])
+                for b in s["backends"]:
+                    prev[(e["interface"], s["id"], b["id"])] = (b, e["sampled_at"])
+    for e in now:
+        for s in e["services"]:
+            for item, key in [(s, (e["interface"], s["id"], None))] + \
+                    [(b, (e["interface"], s["id"], b["id"])) for b in s["backends"]]:
+                old = prev.get(key)
+                dt = e["sampled_at"] - old[1] if old else 0
+                item["packets_per_s"] = round((item["packets"] - old[0]["packets"]) / dt, 1) if old and dt > 0 else None
+                item["bytes_per_s"] = round((item["bytes"] - old[0]["bytes"]) / dt, 1) if old and dt > 0 else None
+
+
+def _rate(v) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _stats_table(entries: list[dict]) -> list[str]:
+    lines = []
+    for e in entries:
+        lines.append(f"{e['interface']}: program {e['program_id']}, {e['mode']} mode")
+        lines.append(f"  {'service / backend':32} {'weight':>6} {'active':>7} {'flows':>8} "
+                     f"{'packets':>12} {'bytes':>14} {'pkt/s':>9} {'byte/s':>11}")
+        for s in e["services"]:
+            lines.append(f"  {s['vip'] + ':' + str(s['port']) + '/' + s['proto']:32} {'':>6} {s['active_flows']:>7} "
+                         f"{s['new_flows']:>8} {s['packets']:>12} {s['bytes']:>14} "
+                         f"{_rate(s['packets_per_s']):>9} {_rate(s['bytes_per_s']):>11}")
+            for b in s["backends"]:
+                lines.append(f"    {b['address'] + ':' + str(b['port']):30} {b['weight']:>6} {b['active_flows']:>7} "
+                             f"{b['new_flows']:>8} {b['packets']:>12} {b['bytes']:>14} "
+                             f"{_rate(b['packets_per_s']):>9} {_rate(b['bytes_per_s']):>11}")
+        nonzero = ", ".join(f"{k} {v}" for k, v in e["counters"].items() if v) or "none yet"
+        lines.append(f"  counters: {nonzero}")
+    return lines
+
+
+@main.command()
+@click.argument("iface", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=False, flag_value=1.0, type=float, default=None, metavar="[SECONDS]",
+              help="Refresh in place every SECONDS (default 1) until Ctrl-C.")
+@click.option("--interval", type=float, default=1.0, show_default=True, metavar="SECONDS",
+              help="Without --watch: sampling time for the rates (0: no rates).")
+@click.pass_context
+def stats(ctx, iface, as_json, watch, interval):
+    """Traffic per service and backend: packets, bytes, flows, active flows, rates.
+
+    \b
+    Example:
+      xdplb stats eth0
+      xdplb -n xdplb-lb stats --watch 2
+    """
+    _enter(ctx)
+    if watch is None:
+        before = None
+        if interval > 0:
+            before = control.stats(iface)
+            time.sleep(interval)
+        entries = control.stats(iface)
+        _rates(entries, before)
+        if as_json:
+            _echo_json(entries)
+        else:
+            click.echo("\n".join(_stats_table(entries)))
+        return
+    before = None
+    try:
+        while True:
+            entries = control.stats(iface)
+            _rates(entries, before)
+            before = entries
+            if as_json:
+                click.echo(json.dumps(entries, sort_keys=True))
+            else:
+                click.echo("\x1b[H\x1b[2J" + "\n".join(_stats_table(entries)))
+                click.echo(f"(every {watch:g}s; Ctrl-C to stop)")
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        pass
 
 
 @main.command()

@@ -2,15 +2,18 @@
 """What the commands do, as a library: attach, detach, status. cli.py only parses and prints."""
 from __future__ import annotations
 
+import copy
 import ipaddress
+import time
 from dataclasses import asdict, dataclass, field
 
-from . import loader, netlink
+from . import config, loader, maglev, model, netlink
 from .dataplane import DataPlane
-from .errors import UsageError, XdplbError
-from .model import Service, Settings
+from .errors import NotAttachedError, UsageError, XdplbError
+from .model import Backend, Service, Settings
 
-FLOWS_DEFAULT = 1_048_576
+FLOWS_DEFAULT = config.FLOWS_DEFAULT
+DRAIN_POLL_S = 0.5
 
 
 @dataclass
@@ -29,10 +32,15 @@ class AttachRequest:
     seed: int | None = None
 
 
-def _next_hops(services: list[Service]) -> dict:
-    """Resolves every backend's next hop before anything is written."""
-    return {str(b.addr): netlink.resolve_next_hop(str(b.addr))
-            for s in services for b in s.backends}
+def _next_hops(services: list[Service], known: dict | None = None) -> dict:
+    """Resolves the next hop of every backend not already known, before anything is
+    written (an unreachable backend stops the change before it starts)."""
+    hops = dict(known or {})
+    for s in services:
+        for b in s.backends:
+            if str(b.addr) not in hops:
+                hops[str(b.addr)] = netlink.resolve_next_hop(str(b.addr))
+    return hops
 
 
 def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
@@ -86,12 +94,14 @@ def _update(found: loader.Attachment, req: AttachRequest, service: Service) -> l
     if req.snat_ports:
         settings.snat_port_min, settings.snat_port_max = req.snat_ports
         loader.check_snat_range(*req.snat_ports)
+    old_seed = settings.hash_seed
     if req.seed is not None:
         settings.hash_seed = req.seed
     services = [s for s in dp.services() if s.name != service.name] + [service]
-    hops = _next_hops(services)
+    hops = _next_hops(services, dp.next_hops())
     dp.write_settings(settings)
-    dp.apply(services, hops, settings.hash_seed, (settings.snat_port_min, settings.snat_port_max))
+    dp.apply(services, hops, settings.hash_seed, (settings.snat_port_min, settings.snat_port_max),
+             rebuild_rings=settings.hash_seed != old_seed)
     return found
 
 
@@ -156,3 +166,252 @@ def status(ifname: str | None) -> list[dict]:
         finally:
             attachment.dataplane.close()
     return out
+
+
+# ---- runtime changes: services and backends ------------------------------------------
+
+def _attached(ifname: str) -> loader.Attachment:
+    loader.ensure_root()
+    found = loader.find(ifname)
+    if found is None:
+        raise NotAttachedError(f"xdplb is not attached to {ifname}; attach it first: "
+                               f"xdplb attach {ifname} --backends ADDR,...")
+    return found
+
+
+def change_services(ifname: str, change) -> list[str]:
+    """Applies change(services) -> services to the running data plane, in place.
+    Returns the lines describing what changed (empty: nothing to do)."""
+    found = _attached(ifname)
+    dp = found.dataplane
+    try:
+        running = dp.services()
+        wanted = change([copy.deepcopy(s) for s in running])
+        lines = config.diff_services(ifname, running, wanted)
+        if lines:
+            settings = dp.read_settings()
+            hops = _next_hops(wanted, dp.next_hops())
+            dp.apply(wanted, hops, settings.hash_seed, (settings.snat_port_min, settings.snat_port_max))
+        return lines
+    finally:
+        dp.close()
+
+
+def parse_service(text: str) -> tuple[ipaddress.IPv4Address, int, str]:
+    """VIP:PORT[/tcp|udp]."""
+    spec, _, proto = text.partition("/")
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        raise UsageError(f"bad service {text!r}: give VIP:PORT[/tcp|udp], like 10.0.0.2:80/tcp")
+    return model.parse_address(host, "VIP"), model.parse_port(port), model.parse_proto(proto or "tcp")
+
+
+def _find_service(services: list[Service], spec: str) -> Service:
+    vip, port, proto = parse_service(spec)
+    for s in services:
+        if (s.vip, s.port, s.proto) == (vip, port, proto):
+            return s
+    names = ", ".join(s.name for s in services) or "none"
+    raise UsageError(f"no service {vip}:{port}/{proto} here (services: {names}); add it with: xdplb service add")
+
+
+def service_add(ifname: str, spec: str, clients: list, ring_size: int) -> list[str]:
+    vip, port, proto = parse_service(spec)
+    if not maglev.is_prime(ring_size):
+        raise UsageError(f"--ring-size {ring_size} is not prime; use a prime like 65537")
+
+    def change(services):
+        if any((s.vip, s.port, s.proto) == (vip, port, proto) for s in services):
+            raise UsageError(f"service {vip}:{port}/{proto} already exists; change its backends with: xdplb backend")
+        return services + [Service(vip, port, proto, [], clients, ring_size)]
+    return change_services(ifname, change)
+
+
+def service_del(ifname: str, spec: str) -> list[str]:
+    def change(services):
+        gone = _find_service(services, spec)
+        return [s for s in services if s.name != gone.name]
+    return change_services(ifname, change)
+
+
+def backend_add(ifname: str, spec: str, backend_text: str, weight: int) -> list[str]:
+    def change(services):
+        svc = _find_service(services, spec)
+        b = model.parse_backend(backend_text, svc.port, weight)
+        if any(x.endpoint == b.endpoint for x in svc.backends):
+            raise UsageError(f"backend {b.endpoint} is already in {svc.name}; change it with: xdplb backend set")
+        svc.backends.append(b)
+        return services
+    return change_services(ifname, change)
+
+
+def _member(svc: Service, backend_text: str) -> Backend:
+    b = model.parse_backend(backend_text, svc.port)
+    for x in svc.backends:
+        if x.endpoint == b.endpoint:
+            return x
+    raise UsageError(f"no backend {b.endpoint} in {svc.name} (backends: "
+                     f"{', '.join(x.endpoint for x in svc.backends) or 'none'})")
+
+
+def backend_set(ifname: str, spec: str, backend_text: str, weight: int) -> list[str]:
+    def change(services):
+        svc = _find_service(services, spec)
+        old = _member(svc, backend_text)
+        svc.backends = [Backend(x.addr, x.port, weight) if x == old else x for x in svc.backends]
+        return services
+    return change_services(ifname, change)
+
+
+def backend_del(ifname: str, spec: str, backend_text: str) -> list[str]:
+    def change(services):
+        svc = _find_service(services, spec)
+        old = _member(svc, backend_text)
+        svc.backends = [x for x in svc.backends if x != old]
+        return services
+    return change_services(ifname, change)
+
+
+def active_flows(ifname: str, spec: str, backend_text: str) -> int:
+    found = _attached(ifname)
+    try:
+        dp = found.dataplane
+        svc = _find_service(dp.services(), spec)
+        b = _member(svc, backend_text)
+        be_id = dp.backend_ids()[(dp.service_ids()[svc.name], b.endpoint)]
+        return dp.active_flows().get(be_id, 0)
+    finally:
+        found.dataplane.close()
+
+
+def drain(ifname: str, spec: str, backend_text: str, timeout: float, progress=lambda n: None) -> tuple[list[str], int]:
+    """Weight 0, then waits until the backend's flows are gone (or timeout), then removes
+    it. Returns the change lines and how many flows were still active at removal."""
+    lines = backend_set(ifname, spec, backend_text, 0)
+    deadline = time.monotonic() + timeout
+    left = active_flows(ifname, spec, backend_text)
+    while left and time.monotonic() < deadline:
+        progress(left)
+        time.sleep(DRAIN_POLL_S)
+        left = active_flows(ifname, spec, backend_text)
+    return lines + backend_del(ifname, spec, backend_text), left
+
+
+def stats(ifname: str | None) -> list[dict]:
+    """status() plus the number of active flows per service and backend."""
+    loader.ensure_root()
+    names = [ifname] if ifname else loader.attached_interfaces()
+    out = []
+    for name in names:
+        found = _attached(name)
+        try:
+            entry = describe(name, found)
+            active = found.dataplane.active_flows()
+            for s in entry["services"]:
+                for b in s["backends"]:
+                    b["active_flows"] = active.get(b["id"], 0)
+                s["active_flows"] = sum(b["active_flows"] for b in s["backends"])
+            entry["sampled_at"] = time.monotonic()
+            out.append(entry)
+        finally:
+            found.dataplane.close()
+    return out
+
+
+# ---- declarative configuration --------------------------------------------------------
+
+def export(ifname: str | None) -> str:
+    loader.ensure_root()
+    names = [ifname] if ifname else loader.attached_interfaces()
+    interfaces = []
+    for name in names:
+        found = _attached(name)
+        try:
+            dp = found.dataplane
+            s = dp.read_settings()
+            interfaces.append(config.InterfaceConfig(
+                name=name, mode=found.mode, flows=dp.flow_capacity(), snat=s.snat_addr,
+                snat_ports=(s.snat_port_min, s.snat_port_max), seed=s.hash_seed,
+                timeouts={"tcp": s.tcp_timeout_s, "tcp_closing": s.tcp_closing_timeout_s, "udp": s.udp_timeout_s},
+                services=dp.services()))
+        finally:
+            found.dataplane.close()
+    return config.dump(interfaces)
+
+
+def apply_config(path: str, dry_run: bool) -> list[str]:
+    """Reconciles the running state with a config file: validates everything first,
+    then changes only what differs. Returns the lines describing the changes."""
+    loader.ensure_root()
+    desired = config.load(path)
+    plans = []
+    problems = []
+    for iface in desired:
+        where = f"interfaces.{iface.name}"
+        try:
+            link = netlink.get_link(iface.name)
+        except UsageError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        found = loader.open_attached(link)
+        if isinstance(found, loader.ForeignProgram):
+            problems.append(f"{where}: {iface.name} carries XDP program {found.prog_id}, which is not xdplb's; "
+                            "detach it first")
+            continue
+        if isinstance(found, loader.Attachment):
+            if iface.mode != "auto" and iface.mode != found.mode:
+                problems.append(f"{where}.mode: attached in {found.mode} mode; changing the mode needs "
+                                f"xdplb detach {iface.name} (which drops established flows)")
+            if iface.flows != found.dataplane.flow_capacity():
+                problems.append(f"{where}.flows: the running flow table holds {found.dataplane.flow_capacity()} "
+                                f"flows; resizing needs xdplb detach {iface.name} (which drops established flows)")
+        elif not link.up:
+            problems.append(f"{where}: {iface.name} is down; bring it up with: ip link set {iface.name} up")
+        plans.append((iface, link, found))
+    if problems:
+        for _, _, found in plans:
+            if isinstance(found, loader.Attachment):
+                found.dataplane.close()
+        raise config.ConfigError(path, problems)
+
+    lines = []
+    try:
+        # Resolve every next hop before changing anything anywhere.
+        hops = {}
+        for iface, link, found in plans:
+            known = found.dataplane.next_hops() if isinstance(found, loader.Attachment) else {}
+            hops[iface.name] = _next_hops(iface.services, known)
+        for iface, link, found in plans:
+            addresses = netlink.ipv4_addresses(link.index)
+            default_snat = addresses[0].ip if addresses else None
+            if isinstance(found, loader.Attachment):
+                dp = found.dataplane
+                old = dp.read_settings()
+                new = iface.settings(iface.snat or old.snat_addr)
+                new.trace = old.trace
+                change = config.diff_settings(iface.name, old, new) + \
+                    config.diff_services(iface.name, dp.services(), iface.services)
+                lines += change
+                if change and not dry_run:
+                    loader.check_snat_range(new.snat_port_min, new.snat_port_max)
+                    dp.write_settings(new)
+                    dp.apply(iface.services, hops[iface.name], new.hash_seed,
+                             (new.snat_port_min, new.snat_port_max), rebuild_rings=new.hash_seed != old.hash_seed)
+            else:
+                if default_snat is None and iface.snat is None:
+                    raise UsageError(f"interfaces.{iface.name}: no IPv4 address to use as SNAT source; "
+                                     "set snat = \"ADDR\"")
+                new = iface.settings(iface.snat or default_snat)
+                lines.append(f"{iface.name}: attach ({iface.mode} mode, {len(iface.services)} services)")
+                lines += config.diff_services(iface.name, [], iface.services)
+                if not dry_run:
+                    loader.check_snat_range(new.snat_port_min, new.snat_port_max)
+                    attachment, notes = loader.load_and_attach(link, iface.mode, False, 2 * iface.flows, new,
+                                                               iface.services, hops[iface.name])
+                    attachment.dataplane.close()
+                    lines += notes
+    finally:
+        for _, _, found in plans:
+            if isinstance(found, loader.Attachment):
+                found.dataplane.close()
+    return lines

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 
 from . import abi, maglev
@@ -37,6 +38,10 @@ _LITTLE = socket.htons(1) != 1
 
 def mac_bytes(mac: str):
     return (ctypes.c_uint8 * 6)(*bytes.fromhex(mac.replace(":", "")))
+
+
+def _ring_inputs(svc: Service) -> tuple:
+    return svc.ring_size, sorted((b.endpoint, b.weight) for b in svc.backends)
 
 
 @dataclass
@@ -135,17 +140,19 @@ class DataPlane:
 
     # ---- writing -----------------------------------------------------------------
     def apply(self, wanted: list[Service], next_hops: dict[str, NextHop], seed: int,
-              snat_range: tuple[int, int]) -> None:
-        """Makes the maps hold exactly `wanted`. Ids of services and backends that stay
-        are kept, so their flows, counters and SNAT cursors carry on. Order matters:
-        a service becomes visible only once its backends and ring are in place, and
-        disappears before they go."""
-        current = self._service_entries()
-        backends = self._backend_entries()
-        wanted_keys = {(s.vip, s.port, s.proto): s for s in wanted}
-        used_svc = {v.id for k, v in current.items() if k in wanted_keys}
+              snat_range: tuple[int, int], rebuild_rings: bool = False) -> None:
+        """Makes the maps hold exactly `wanted`, writing only what differs. Ids of
+        services and backends that stay are kept, so their flows, counters and SNAT
+        cursors carry on. Order matters: a service becomes visible only once its
+        backends and ring are in place; a backend is retired only after a ring without
+        it has been swapped in."""
         if len(wanted) > abi.MAX_SERVICES:
             raise UsageError(f"{len(wanted)} services: at most {abi.MAX_SERVICES} per interface")
+        current = self._service_entries()
+        backends = self._backend_entries()
+        running = {s.name: s for s in self.services()}
+        wanted_keys = {(s.vip, s.port, s.proto): s for s in wanted}
+        used_svc = {v.id for k, v in current.items() if k in wanted_keys}
 
         for key, value in current.items():
             if key not in wanted_keys:
@@ -160,13 +167,24 @@ class DataPlane:
             svc_id = existing.id if existing else next(free_svc)
             if existing is None:
                 self._zero_stats("xdplb_svc_stats", svc_id)
-            ids = self._write_backends(svc_id, svc, backends, next_hops, free_be)
+            ids, retired = self._write_backends(svc_id, svc, backends, next_hops, free_be)
             self._write_clients(svc_id, svc.clients)
-            self._write_ring(svc_id, svc, ids, seed)
+            before = running.get(svc.name)
+            if rebuild_rings or before is None or _ring_inputs(before) != _ring_inputs(svc):
+                self._write_ring(svc_id, svc, ids, seed)
+            for be_id in retired:
+                self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), abi.Backend())
             flags = abi.ServiceFlags.ALLOWLIST if svc.clients else 0
-            self.lib.update(self.fds["xdplb_services"], self._service_key(*key),
-                            abi.Service(id=svc_id, ring_size=svc.ring_size, flags=flags))
+            value = abi.Service(id=svc_id, ring_size=svc.ring_size, flags=flags)
+            if existing is None or bytes(existing) != bytes(value):
+                self.lib.update(self.fds["xdplb_services"], self._service_key(*key), value)
         self._write_ports(wanted, snat_range)
+
+    def next_hops(self) -> dict[str, NextHop]:
+        """The next hops the running backends were written with."""
+        return {str(from_be32(b.addr)): NextHop(b.ifindex, ":".join(f"{x:02x}" for x in b.dmac),
+                                                ":".join(f"{x:02x}" for x in b.smac))
+                for b in self._backend_entries().values()}
 
     @staticmethod
     def _service_key(vip, port, proto) -> abi.ServiceKey:
@@ -181,10 +199,11 @@ class DataPlane:
                 self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(i), abi.Backend())
 
     def _write_backends(self, svc_id: int, svc: Service, backends: dict[int, abi.Backend],
-                        next_hops: dict[str, NextHop], free_ids) -> list[int]:
-        """Writes the service's backends; returns their ids in svc.backends order.
-        Backends that left stay out of the ring but keep forwarding their flows (the
-        flow table holds their address), so only their slot is marked unused."""
+                        next_hops: dict[str, NextHop], free_ids) -> tuple[list[int], list[int]]:
+        """Writes the service's new and changed backends; returns their ids in
+        svc.backends order, and the ids of backends that left. Those keep forwarding
+        their flows (the flow table holds their address); the caller retires their
+        slot once the ring no longer names them."""
         mine = {f"{from_be32(b.addr)}:{socket.ntohs(b.port)}": i
                 for i, b in backends.items() if b.service_id == svc_id}
         ids = []
@@ -201,17 +220,20 @@ class DataPlane:
             value = abi.Backend(addr=be32(b.addr), port=socket.htons(b.port), weight=b.weight,
                                 service_id=svc_id, flags=abi.BackendFlags.IN_USE,
                                 ifindex=hop.ifindex, dmac=mac_bytes(hop.dmac), smac=mac_bytes(hop.smac))
-            self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), value)
+            if be_id not in backends or bytes(backends[be_id]) != bytes(value):
+                self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), value)
             ids.append(be_id)
-        for be_id in mine.values():
-            self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), abi.Backend())
-        return ids
+        return ids, list(mine.values())
 
     def _write_ring(self, svc_id: int, svc: Service, ids: list[int], seed: int) -> None:
-        """Builds a new ring and swaps it in with one update of xdplb_rings."""
-        table = maglev.populate([(b.endpoint, b.weight) for b in svc.backends], svc.ring_size, seed)
+        """Builds a new ring and swaps it in with one update of xdplb_rings. Backends
+        take their turns in address order, so the ring does not depend on how the
+        user listed them."""
+        order = sorted(range(len(svc.backends)), key=lambda i: (svc.backends[i].addr, svc.backends[i].port))
+        table = maglev.populate([(svc.backends[i].endpoint, svc.backends[i].weight) for i in order],
+                                svc.ring_size, seed)
         values = (ctypes.c_uint32 * svc.ring_size)(
-            *[abi.NO_BACKEND if slot == maglev.EMPTY else ids[slot] for slot in table])
+            *[abi.NO_BACKEND if slot == maglev.EMPTY else ids[order[slot]] for slot in table])
         keys = (ctypes.c_uint32 * svc.ring_size)(*range(svc.ring_size))
         fd = self.lib.create_ring(f"xdplb_ring{svc_id}"[:15], svc.ring_size)
         try:
@@ -294,4 +316,22 @@ class DataPlane:
                        sum(t.new_flows for t in per_cpu))
 
     def flow_count(self) -> int:
-        return sum(1 for _ in self.lib.keys(self.fds["xdplb_flows"], abi.FlowKey))
+        return sum(1 for _ in self.lib.entries(self.fds["xdplb_flows"], abi.FlowKey, abi.Flow))
+
+    def flow_capacity(self) -> int:
+        return self.lib.obj_info(self.fds["xdplb_flows"], MapInfo()).max_entries // 2
+
+    def active_flows(self) -> dict[int, int]:
+        """Per backend id: client-side flows neither closing nor idle past their timeout
+        (the data plane's own notion of a live flow)."""
+        s = self.read_settings()
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        out: dict[int, int] = {}
+        for key, flow in self.lib.entries(self.fds["xdplb_flows"], abi.FlowKey, abi.Flow):
+            if flow.flags & (abi.FlowFlags.REPLY | abi.FlowFlags.CLOSING):
+                continue
+            timeout = (s.tcp_timeout_s if key.proto == socket.IPPROTO_TCP else s.udp_timeout_s) * NS
+            if timeout and now - flow.last_seen_ns > timeout + abi.TOUCH_INTERVAL_NS:
+                continue
+            out[flow.backend_id] = out.get(flow.backend_id, 0) + 1
+        return out

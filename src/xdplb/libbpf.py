@@ -95,6 +95,8 @@ _SIGNATURES = {
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
     "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
+    "bpf_map_lookup_batch": (c_int, [c_int, c_void_p, c_void_p, c_void_p, c_void_p,
+                                     ctypes.POINTER(c_uint32), c_void_p]),
     "bpf_map_update_batch": (c_int, [c_int, c_void_p, c_void_p, ctypes.POINTER(c_uint32), c_void_p]),
     "bpf_map_create": (c_int, [c_int, c_char_p, c_uint32, c_uint32, c_uint32, ctypes.POINTER(MapCreateOpts)]),
     "bpf_obj_pin": (c_int, [c_int, c_char_p]),
@@ -216,6 +218,24 @@ class Libbpf:
                 return
             yield key
             prev, key = key, key_type()
+
+    def entries(self, fd: int, key_type, value_type, chunk: int = 4096):
+        """Iterates (key, value) pairs of a hash map in batches (few system calls)."""
+        keys = (key_type * chunk)()
+        values = (value_type * chunk)()
+        token = ctypes.create_string_buffer(64)
+        first = True
+        while True:
+            count = c_uint32(chunk)
+            rc = self.lib.bpf_map_lookup_batch(fd, None if first else token, token, keys, values,
+                                               ctypes.byref(count), None)
+            if rc < 0 and rc != -errno.ENOENT:
+                self.check(rc, "map batch lookup")
+            for i in range(count.value):
+                yield keys[i], values[i]
+            if rc == -errno.ENOENT:
+                return
+            first = False
 
     def obj_info(self, fd: int, info):
         size = c_uint32(ctypes.sizeof(info))

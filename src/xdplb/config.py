@@ -1,0 +1,289 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The declarative configuration file (TOML): reading and validating it, writing the
+running state back out as one, and describing the difference between the two.
+
+    [interfaces.eth0]
+    mode = "auto"                 # auto | native | generic
+    flows = 1048576               # flow table capacity (fixed while attached)
+    snat = "10.0.0.2"             # default: the interface's primary IPv4 address
+    snat_ports = "10000-32767"
+    seed = 24301
+    timeouts = { tcp = 900, tcp_closing = 120, udp = 300 }
+
+    [[interfaces.eth0.services]]
+    vip = "10.0.0.2"
+    port = 80
+    proto = "tcp"
+    clients = ["10.0.0.0/8"]      # default: every client
+    backends = [
+      { address = "10.0.0.11", port = 80, weight = 1 },
+      { address = "10.0.0.12" },
+    ]
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import maglev, model
+from .errors import UsageError, XdplbError
+from .model import Backend, Service, Settings
+
+MODES = ("auto", "native", "generic")
+INTERFACE_KEYS = {"mode", "flows", "snat", "snat_ports", "seed", "timeouts", "services"}
+SERVICE_KEYS = {"vip", "port", "proto", "clients", "backends", "ring_size"}
+BACKEND_KEYS = {"address", "port", "weight"}
+TIMEOUT_KEYS = {"tcp", "tcp_closing", "udp"}
+FLOWS_DEFAULT = 1_048_576
+
+
+class ConfigError(XdplbError):
+    def __init__(self, path: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}, nothing applied:\n  "
+                         + "\n  ".join(problems))
+
+
+@dataclass
+class InterfaceConfig:
+    name: str
+    mode: str = "auto"
+    flows: int = FLOWS_DEFAULT
+    snat: ipaddress.IPv4Address | None = None
+    snat_ports: tuple[int, int] = (10000, 32767)
+    seed: int = Settings.hash_seed
+    timeouts: dict = field(default_factory=lambda: {"tcp": 900, "tcp_closing": 120, "udp": 300})
+    services: list[Service] = field(default_factory=list)
+
+    def settings(self, default_snat: ipaddress.IPv4Address) -> Settings:
+        return Settings(snat_addr=self.snat or default_snat, snat_port_min=self.snat_ports[0],
+                        snat_port_max=self.snat_ports[1], hash_seed=self.seed,
+                        tcp_timeout_s=self.timeouts["tcp"], tcp_closing_timeout_s=self.timeouts["tcp_closing"],
+                        udp_timeout_s=self.timeouts["udp"])
+
+
+class _Checker:
+    """Collects every problem with its location instead of stopping at the first."""
+
+    def __init__(self):
+        self.problems: list[str] = []
+
+    def fail(self, where: str, message: str) -> None:
+        self.problems.append(f"{where}: {message}")
+
+    def keys(self, where: str, table, allowed: set[str]) -> bool:
+        if not isinstance(table, dict):
+            self.fail(where, "must be a table")
+            return False
+        for key in table:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+                self.fail(f"{where}.{key}", "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else
+                                                             f"; allowed: {', '.join(sorted(allowed))}"))
+        return True
+
+    def parse(self, where: str, fn, *args):
+        try:
+            return fn(*args)
+        except UsageError as exc:
+            self.fail(where, str(exc))
+            return None
+
+    def integer(self, where: str, value, low: int, high: int):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            self.fail(where, f"must be a whole number from {low} to {high}, not {value!r}")
+            return None
+        return value
+
+
+def parse(text: str, path: str = "config") -> list[InterfaceConfig]:
+    """Parses and validates a whole file; raises ConfigError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    c = _Checker()
+    c.keys("(top level)", data, {"interfaces"})
+    interfaces = data.get("interfaces", {})
+    if not isinstance(interfaces, dict) or not interfaces:
+        c.fail("interfaces", "give at least one [interfaces.NAME] table")
+        raise ConfigError(path, c.problems)
+    out = []
+    for name, table in interfaces.items():
+        where = f"interfaces.{name}"
+        if not c.keys(where, table, INTERFACE_KEYS):
+            continue
+        iface = InterfaceConfig(name)
+        mode = table.get("mode", "auto")
+        if mode not in MODES:
+            c.fail(f"{where}.mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
+        iface.mode = mode
+        iface.flows = c.integer(f"{where}.flows", table.get("flows", FLOWS_DEFAULT), 1024, 1 << 24) or FLOWS_DEFAULT
+        if "snat" in table:
+            iface.snat = c.parse(f"{where}.snat", model.parse_address, str(table["snat"]), "SNAT address")
+        if "snat_ports" in table:
+            iface.snat_ports = c.parse(f"{where}.snat_ports", model.parse_port_range,
+                                       str(table["snat_ports"])) or iface.snat_ports
+        iface.seed = c.integer(f"{where}.seed", table.get("seed", iface.seed), 0, 0xFFFFFFFF) or 0
+        timeouts = table.get("timeouts", {})
+        if c.keys(f"{where}.timeouts", timeouts, TIMEOUT_KEYS):
+            for key, value in timeouts.items():
+                if key in TIMEOUT_KEYS:
+                    iface.timeouts[key] = c.integer(f"{where}.timeouts.{key}", value, 0, 7 * 86400) or 0
+        services = table.get("services", [])
+        if not isinstance(services, list):
+            c.fail(f"{where}.services", "must be an array of tables ([[interfaces.NAME.services]])")
+            services = []
+        seen = set()
+        for i, entry in enumerate(services):
+            svc = _service(c, f"{where}.services[{i}]", entry)
+            if svc is None:
+                continue
+            if svc.name in seen:
+                c.fail(f"{where}.services[{i}]", f"service {svc.name} is listed twice")
+            seen.add(svc.name)
+            iface.services.append(svc)
+        out.append(iface)
+    if c.problems:
+        raise ConfigError(path, c.problems)
+    return out
+
+
+def _service(c: _Checker, where: str, entry) -> Service | None:
+    if not c.keys(where, entry, SERVICE_KEYS):
+        return None
+    for required in ("vip", "port", "backends"):
+        if required not in entry:
+            c.fail(where, f"missing key {required!r}")
+    vip = c.parse(f"{where}.vip", model.parse_address, str(entry.get("vip", "")), "VIP")
+    port = c.integer(f"{where}.port", entry.get("port", 0), 1, 65535)
+    proto = c.parse(f"{where}.proto", model.parse_proto, str(entry.get("proto", "tcp")))
+    clients = []
+    for j, net in enumerate(entry.get("clients", [])):
+        parsed = c.parse(f"{where}.clients[{j}]", model.parse_networks, str(net))
+        clients.extend(parsed or [])
+    ring_size = c.integer(f"{where}.ring_size", entry.get("ring_size", model.RING_SIZE_DEFAULT), 3, 1 << 20)
+    if ring_size and not maglev.is_prime(ring_size):
+        c.fail(f"{where}.ring_size", f"{ring_size} is not prime (Maglev needs a prime table size, like 65537)")
+    backends, endpoints = [], set()
+    raw = entry.get("backends", [])
+    if not isinstance(raw, list):
+        c.fail(f"{where}.backends", "must be an array of { address = ..., port = ..., weight = ... }")
+        raw = []
+    for j, b in enumerate(raw):
+        bw = f"{where}.backends[{j}]"
+        if not c.keys(bw, b, BACKEND_KEYS):
+            continue
+        if "address" not in b:
+            c.fail(bw, "missing key 'address'")
+            continue
+        addr = c.parse(f"{bw}.address", model.parse_address, str(b["address"]), "backend")
+        bport = c.integer(f"{bw}.port", b.get("port", port or 1), 1, 65535)
+        weight = c.integer(f"{bw}.weight", b.get("weight", 1), 0, model.MAX_WEIGHT)
+        if addr is None or bport is None or weight is None:
+            continue
+        backend = Backend(addr, bport, weight)
+        if backend.endpoint in endpoints:
+            c.fail(bw, f"backend {backend.endpoint} is listed twice")
+        endpoints.add(backend.endpoint)
+        backends.append(backend)
+    if vip is None or port is None or proto is None or ring_size is None:
+        return None
+    return Service(vip, port, proto, backends, clients, ring_size)
+
+
+def load(path: str) -> list[InterfaceConfig]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise XdplbError(f"cannot read {path}: {exc.strerror}; give the path of a TOML file") from None
+    return parse(text, path)
+
+
+# ---- writing -------------------------------------------------------------------------
+
+def _toml_value(value) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return str(value)
+
+
+def dump(interfaces: list[InterfaceConfig]) -> str:
+    lines = ["# xdplb configuration (xdplb export); apply it with: xdplb apply FILE", ""]
+    for iface in interfaces:
+        lines.append(f"[interfaces.{iface.name}]")
+        lines.append(f"mode = {_toml_value(iface.mode)}")
+        lines.append(f"flows = {iface.flows}")
+        if iface.snat:
+            lines.append(f"snat = {_toml_value(str(iface.snat))}")
+        lines.append(f"snat_ports = {_toml_value(f'{iface.snat_ports[0]}-{iface.snat_ports[1]}')}")
+        lines.append(f"seed = {iface.seed}")
+        lines.append(f"timeouts = {_toml_value(iface.timeouts)}")
+        for svc in iface.services:
+            lines += ["", f"[[interfaces.{iface.name}.services]]",
+                      f"vip = {_toml_value(str(svc.vip))}", f"port = {svc.port}",
+                      f"proto = {_toml_value(svc.proto)}"]
+            if svc.clients:
+                lines.append(f"clients = {_toml_value([str(n) for n in svc.clients])}")
+            if svc.ring_size != model.RING_SIZE_DEFAULT:
+                lines.append(f"ring_size = {svc.ring_size}")
+            lines.append("backends = [")
+            for b in svc.backends:
+                lines.append(f"  {_toml_value({'address': str(b.addr), 'port': b.port, 'weight': b.weight})},")
+            lines.append("]")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---- comparing -----------------------------------------------------------------------
+
+def diff_services(ifname: str, running: list[Service], wanted: list[Service]) -> list[str]:
+    """Human lines for what changes from running to wanted."""
+    out = []
+    have = {s.name: s for s in running}
+    want = {s.name: s for s in wanted}
+    for name in sorted(have.keys() - want.keys()):
+        out.append(f"{ifname}: - service {name}")
+    for name in sorted(want.keys() - have.keys()):
+        s = want[name]
+        out.append(f"{ifname}: + service {name} -> "
+                   + (", ".join(f"{b.endpoint} weight {b.weight}" for b in s.backends) or "no backends"))
+    for name in sorted(want.keys() & have.keys()):
+        old, new = have[name], want[name]
+        ob = {b.endpoint: b for b in old.backends}
+        nb = {b.endpoint: b for b in new.backends}
+        for ep in sorted(ob.keys() - nb.keys()):
+            out.append(f"{ifname}: service {name}: - backend {ep}")
+        for ep in sorted(nb.keys() - ob.keys()):
+            out.append(f"{ifname}: service {name}: + backend {ep} weight {nb[ep].weight}")
+        for ep in sorted(nb.keys() & ob.keys()):
+            if ob[ep].weight != nb[ep].weight:
+                out.append(f"{ifname}: service {name}: ~ backend {ep} weight {ob[ep].weight} -> {nb[ep].weight}")
+        if sorted(old.clients) != sorted(new.clients):
+            fmt = lambda nets: ", ".join(map(str, nets)) or "any"  # noqa: E731
+            out.append(f"{ifname}: service {name}: ~ clients {fmt(old.clients)} -> {fmt(new.clients)}")
+        if old.ring_size != new.ring_size:
+            out.append(f"{ifname}: service {name}: ~ ring_size {old.ring_size} -> {new.ring_size}")
+    return out
+
+
+def diff_settings(ifname: str, old: Settings, new: Settings) -> list[str]:
+    out = []
+    pairs = [("snat", str(old.snat_addr), str(new.snat_addr)),
+             ("snat_ports", f"{old.snat_port_min}-{old.snat_port_max}", f"{new.snat_port_min}-{new.snat_port_max}"),
+             ("seed", old.hash_seed, new.hash_seed), ("timeouts.tcp", old.tcp_timeout_s, new.tcp_timeout_s),
+             ("timeouts.tcp_closing", old.tcp_closing_timeout_s, new.tcp_closing_timeout_s),
+             ("timeouts.udp", old.udp_timeout_s, new.udp_timeout_s)]
+    for key, a, b in pairs:
+        if a != b:
+            out.append(f"{ifname}: ~ {key} {a} -> {b}")
+    return out
