@@ -523,7 +523,9 @@ def stats(ctx, iface, as_json, watch, interval):
             if as_json:
                 click.echo(json.dumps(entries, sort_keys=True))
             else:
-                click.echo("\x1b[H\x1b[2J" + "\n".join(_stats_table(entries)))
+                if sys.stdout.isatty():
+                    click.echo("\x1b[H\x1b[2J", nl=False)  # redraw in place, like top
+                click.echo("\n".join(_stats_table(entries)))
                 click.echo(f"(every {watch:g}s; Ctrl-C to stop)")
             time.sleep(watch)
     except KeyboardInterrupt:

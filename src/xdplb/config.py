@@ -101,16 +101,24 @@ class _Checker:
 
 def parse(text: str, path: str = "config") -> list[InterfaceConfig]:
     """Parses and validates a whole file; raises ConfigError listing every problem."""
+    interfaces, problems = check(text)
+    if problems:
+        raise ConfigError(path, problems)
+    return interfaces
+
+
+def check(text: str) -> tuple[list[InterfaceConfig], list[str]]:
+    """What the file describes (as far as it could be read) and every problem in it."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+        return [], [f"not valid TOML: {exc}"]
     c = _Checker()
     c.keys("(top level)", data, {"interfaces"})
     interfaces = data.get("interfaces", {})
     if not isinstance(interfaces, dict) or not interfaces:
         c.fail("interfaces", "give at least one [interfaces.NAME] table")
-        raise ConfigError(path, c.problems)
+        return [], c.problems
     out = []
     for name, table in interfaces.items():
         where = f"interfaces.{name}"
@@ -147,9 +155,7 @@ def parse(text: str, path: str = "config") -> list[InterfaceConfig]:
             seen.add(svc.name)
             iface.services.append(svc)
         out.append(iface)
-    if c.problems:
-        raise ConfigError(path, c.problems)
-    return out
+    return out, c.problems
 
 
 def _service(c: _Checker, where: str, entry) -> Service | None:
@@ -158,8 +164,8 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
     for required in ("vip", "port", "backends"):
         if required not in entry:
             c.fail(where, f"missing key {required!r}")
-    vip = c.parse(f"{where}.vip", model.parse_address, str(entry.get("vip", "")), "VIP")
-    port = c.integer(f"{where}.port", entry.get("port", 0), 1, 65535)
+    vip = c.parse(f"{where}.vip", model.parse_address, str(entry["vip"]), "VIP") if "vip" in entry else None
+    port = c.integer(f"{where}.port", entry["port"], 1, 65535) if "port" in entry else None
     proto = c.parse(f"{where}.proto", model.parse_proto, str(entry.get("proto", "tcp")))
     clients = []
     for j, net in enumerate(entry.get("clients", [])):
@@ -195,12 +201,11 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
     return Service(vip, port, proto, backends, clients, ring_size)
 
 
-def load(path: str) -> list[InterfaceConfig]:
+def read(path: str) -> str:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except OSError as exc:
         raise XdplbError(f"cannot read {path}: {exc.strerror}; give the path of a TOML file") from None
-    return parse(text, path)
 
 
 # ---- writing -------------------------------------------------------------------------

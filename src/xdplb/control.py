@@ -343,9 +343,8 @@ def apply_config(path: str, dry_run: bool) -> list[str]:
     """Reconciles the running state with a config file: validates everything first,
     then changes only what differs. Returns the lines describing the changes."""
     loader.ensure_root()
-    desired = config.load(path)
+    desired, problems = config.check(config.read(path))
     plans = []
-    problems = []
     for iface in desired:
         where = f"interfaces.{iface.name}"
         try:

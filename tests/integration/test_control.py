@@ -1,0 +1,204 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Runtime control on a running data plane: the CLI's output and errors (CliRunner,
+in the load balancer's namespace), and changes under load."""
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from click.testing import CliRunner
+
+from xdplb import cli
+
+from .conftest import BACKENDS, CLIENT2_NS, CLIENT_NS, LB_NS, NAMES, VIP, NsThread, get, in_ns, xdplb
+
+A, B, C = BACKENDS
+
+
+def run(*args):
+    """The CLI in-process (CliRunner), in a thread inside the load balancer's namespace."""
+    return in_ns(LB_NS, lambda: CliRunner().invoke(cli.main, list(args)))
+
+
+def lines(result) -> list[str]:
+    return result.output.strip().splitlines()
+
+
+def test_service_and_backend_commands(attached):
+    r = run("service", "add", "eth0", f"{VIP}:8080")
+    assert (r.exit_code, lines(r)) == (0, [f"eth0: + service {VIP}:8080/tcp -> no backends"])
+    r = run("service", "add", "eth0", f"{VIP}:8080/tcp")
+    assert r.exit_code == 2 and f"service {VIP}:8080/tcp already exists" in r.output
+
+    r = run("backend", "add", "eth0", f"{VIP}:8080", f"{C}:80", "--weight", "2")
+    assert lines(r) == [f"eth0: service {VIP}:8080/tcp: + backend {C}:80 weight 2"]
+    assert in_ns(CLIENT_NS, lambda: get(port=8080)) == NAMES[C]
+    r = run("backend", "list", "eth0", f"{VIP}:8080", "--json")
+    assert json.loads(r.output) == [{"address": C, "port": 80, "weight": 2, "active_flows": 0, "new_flows": 1}]
+
+    r = run("backend", "set", "eth0", f"{VIP}:8080", f"{C}:80", "--weight", "0")
+    assert lines(r) == [f"eth0: service {VIP}:8080/tcp: ~ backend {C}:80 weight 2 -> 0"]
+    r = run("backend", "del", "eth0", f"{VIP}:8080", "10.42.0.9")
+    assert r.exit_code == 2
+    assert lines(r) == [f"Error: no backend 10.42.0.9:8080 in {VIP}:8080/tcp (backends: {C}:80)"]
+    r = run("service", "list", "eth0")
+    assert lines(r) == [f"{VIP}:80/tcp  backends 2  clients any  ring 65537",
+                        f"{VIP}:8080/tcp  backends 1  clients any  ring 65537"]
+    r = run("service", "del", "eth0", f"{VIP}:8080")
+    assert lines(r) == [f"eth0: - service {VIP}:8080/tcp"]
+    r = run("service", "del", "eth0", f"{VIP}:9999")
+    assert r.exit_code == 2 and f"no service {VIP}:9999/tcp here (services: {VIP}:80/tcp)" in r.output
+    r = run("service", "add", "eth0", VIP)
+    assert r.exit_code == 2 and "bad service" in r.output
+
+
+def test_unreachable_backend_changes_nothing(attached):
+    before = run("backend", "list", "eth0", f"{VIP}:80", "--json").output
+    r = run("backend", "add", "eth0", f"{VIP}:80", "10.42.0.9")
+    assert r.exit_code == 1
+    assert lines(r) == ["Error: backend 10.42.0.9: no ARP answer from 10.42.0.9 on eth0; "
+                        "check that it is up and reachable (ping 10.42.0.9)"]
+    assert run("backend", "list", "eth0", f"{VIP}:80", "--json").output == before
+
+
+def test_commands_on_an_interface_without_xdplb(testlab):
+    for args in (["backend", "list", "eth0", f"{VIP}:80"], ["stats", "eth0"], ["export", "eth0"],
+                 ["service", "add", "eth0", f"{VIP}:81"]):
+        r = run(*args)
+        assert r.exit_code == 1, args
+        assert lines(r) == ["Error: xdplb is not attached to eth0; attach it first: "
+                            "xdplb attach eth0 --backends ADDR,..."]
+
+
+def test_export_apply_round_trip_dry_run_and_idempotence(attached, tmp_path):
+    exported = run("export", "eth0").output
+    path = tmp_path / "lb.toml"
+    path.write_text(exported)
+    assert lines(run("apply", str(path))) == ["no changes: the running state matches"]
+    path.write_text(exported.replace(f'{{ address = "{B}", port = 80, weight = 1 }}',
+                                     f'{{ address = "{B}", port = 80, weight = 4 }}'))
+    r = run("apply", str(path), "--dry-run")
+    assert lines(r) == [f"would: eth0: service {VIP}:80/tcp: ~ backend {B}:80 weight 1 -> 4"]
+    assert run("export", "eth0").output == exported
+    r = run("apply", str(path))
+    assert lines(r) == [f"eth0: service {VIP}:80/tcp: ~ backend {B}:80 weight 1 -> 4"]
+    assert lines(run("apply", str(path))) == ["no changes: the running state matches"]
+    assert run("export", "eth0").output == path.read_text()
+
+
+def test_a_bad_config_applies_nothing(attached, tmp_path):
+    exported = run("export", "eth0").output
+    path = tmp_path / "bad.toml"
+    path.write_text(exported.replace('weight = 1 }', 'weight = 1, wieght = 2 }', 1).replace("flows = 65536", "flows = 4096"))
+    r = run("apply", str(path))
+    assert r.exit_code == 1
+    assert "2 problems, nothing applied" in r.output
+    assert "interfaces.eth0.services[0].backends[0].wieght: unknown key (did you mean 'weight'?)" in r.output
+    assert "interfaces.eth0.flows: the running flow table holds 65536 flows" in r.output
+    assert run("export", "eth0").output == exported
+
+
+def test_stats_json_and_watch(attached):
+    in_ns(CLIENT_NS, lambda: [get() for _ in range(20)])
+    (entry,) = json.loads(run("stats", "eth0", "--json", "--interval", "0.2").output)
+    svc = entry["services"][0]
+    assert svc["new_flows"] == 20 and sum(b["new_flows"] for b in svc["backends"]) == 20
+    assert {"active_flows", "packets_per_s", "bytes_per_s"} <= set(svc)
+    watch = subprocess.Popen([sys.executable, "-m", "xdplb", "-n", LB_NS, "stats", "eth0", "--watch", "0.5"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=10)
+    assert watch.returncode == 0, err
+    assert out.count("(every 0.5s; Ctrl-C to stop)") >= 2 and f"{VIP}:80/tcp" in out
+
+
+class Connections:
+    """Clients that keep opening keep-alive connections (30 requests each), recording
+    when each started and which backends answered it."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.done: list[tuple[float, set[str]]] = []
+        self.errors: list[str] = []
+
+    def client(self):
+        while not self.stop.is_set():
+            started = time.monotonic()
+            seen = set()
+            conn = http.client.HTTPConnection(VIP, 80, timeout=10)
+            try:
+                for _ in range(30):
+                    conn.request("GET", "/")
+                    resp = conn.getresponse()
+                    resp.read()
+                    seen.add(resp.getheader("X-Backend"))
+                    time.sleep(0.01)
+            except Exception as exc:  # a failed request is what the test counts
+                with self.lock:
+                    self.errors.append(repr(exc))
+            finally:
+                conn.close()
+            with self.lock:
+                self.done.append((started, seen))
+
+    def run_in(self, netns: str, n: int):
+        def body():
+            workers = [threading.Thread(target=self.client) for _ in range(n)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(120)
+        t = NsThread(netns, body)
+        t.start()
+        return t
+
+
+def test_changes_under_fifty_keepalive_clients(attached, tmp_path):
+    load = Connections()
+    threads = [load.run_in(CLIENT_NS, 25), load.run_in(CLIENT2_NS, 25)]
+    time.sleep(1.5)
+    xdplb("-n", LB_NS, "backend", "add", "eth0", f"{VIP}:80", C)
+    time.sleep(1.0)
+    xdplb("-n", LB_NS, "backend", "set", "eth0", f"{VIP}:80", A, "--weight", "0")
+    a_drained = time.monotonic()
+    time.sleep(1.0)
+    drain = subprocess.Popen([sys.executable, "-m", "xdplb", "-n", LB_NS, "backend", "del", "eth0", f"{VIP}:80",
+                              B, "--drain", "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    first = drain.stderr.readline()  # "draining: N flows left" comes once weight 0 is in place
+    b_drained = time.monotonic()
+    drain_out, drain_err = drain.communicate(timeout=60)
+    b_removed = time.monotonic()
+    config = tmp_path / "lb.toml"
+    config.write_text(xdplb("-n", LB_NS, "export", "eth0").stdout
+                      .replace(f'{{ address = "{A}", port = 80, weight = 0 }},\n', "")
+                      .replace(f'{{ address = "{C}", port = 80, weight = 1 }}',
+                               f'{{ address = "{C}", port = 80, weight = 1 }},\n  {{ address = "{B}", port = 80, weight = 2 }}'))
+    applied = xdplb("-n", LB_NS, "apply", str(config)).stdout
+    time.sleep(1.5)
+    load.stop.set()
+    for t in threads:
+        t.join(60)
+        assert t.error is None
+
+    assert f"- backend {A}:80" in applied and f"+ backend {B}:80 weight 2" in applied
+    assert drain.returncode == 0 and first.startswith("draining:"), first + drain_err
+    assert f"- backend {B}:80" in drain_out
+    assert "warning" not in drain_err, drain_err
+    assert b_removed - b_drained < 30
+    assert load.errors == []
+    assert all(len(seen) == 1 for _, seen in load.done)
+    margin = 0.2  # a SYN already on the wire when the ring changed
+    assert not [1 for start, seen in load.done if start > a_drained + margin and NAMES[A] in seen]
+    assert not [1 for start, seen in load.done if b_drained + margin < start < b_removed and NAMES[B] in seen]
+    assert any(NAMES[C] in seen for _, seen in load.done)
+    # Every connection the clients made is one new flow in the service's counters.
+    (entry,) = json.loads(xdplb("-n", LB_NS, "stats", "eth0", "--json", "--interval", "0").stdout)
+    assert entry["services"][0]["new_flows"] == len(load.done)
