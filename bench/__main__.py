@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import perpacket
+from . import controlplane, perpacket
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "benchmarks.md"
@@ -48,15 +48,21 @@ def main() -> None:
     repeat, runs, fills = (1000, 2, [1000]) if args.smoke else (100_000, 5, [1_000, 100_000, 1_000_000])
     info = machine()
     pp = perpacket.run(repeat, runs, fills)
+    rings = controlplane.ring_swaps([10, 100] if args.smoke else [10, 100, 1000], 2 if args.smoke else 5)
+    cli = controlplane.end_to_end(1 if args.smoke else 3)
     data = {"machine": info, "per_packet": [f.as_dict() for f in pp.figures],
-            "flow_table_fill": [f.as_dict() for f in pp.fill], "smoke": args.smoke}
+            "flow_table_fill": [f.as_dict() for f in pp.fill],
+            "control_plane": [t.as_dict() for t in rings + cli], "smoke": args.smoke}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / ("smoke.json" if args.smoke else "latest.json")).write_text(json.dumps(data, indent=2))
     lines = ["# xdplb benchmarks", "",
              f"Measured {info['date']} on {info['cpus']} x {info['cpu']}, kernel {info['kernel']}, "
              f"{info['clang']}, libbpf {info['libbpf']}, Python {info['python']}.",
              "Command: `make bench` (as root). Raw figures: `bench/results/latest.json`.", "",
-             "## Per-packet cost (BPF_PROG_TEST_RUN)", "", *perpacket_table(pp), ""]
+             "## Per-packet cost (BPF_PROG_TEST_RUN)", "", *perpacket_table(pp), "",
+             "## Control plane", "", "| operation | median ms | min-max ms |", "| --- | ---: | ---: |",
+             *[f"| {t.name} | {t.median * 1000:.1f} | {min(t.runs_s) * 1000:.1f}-{max(t.runs_s) * 1000:.1f} |"
+               for t in rings + cli], ""]
     if not args.smoke:
         REPORT.parent.mkdir(parents=True, exist_ok=True)
         REPORT.write_text("\n".join(lines))

@@ -8,6 +8,7 @@ and a re-run of attach changes only what differs.
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 import os
 import secrets
@@ -38,6 +39,15 @@ _LITTLE = socket.htons(1) != 1
 
 def mac_bytes(mac: str):
     return (ctypes.c_uint8 * 6)(*bytes.fromhex(mac.replace(":", "")))
+
+
+_IN_USE = int(abi.BackendFlags.IN_USE)
+
+
+@functools.lru_cache(maxsize=8)
+def _indexes(n: int):
+    """0..n-1 as a C array: the keys of a batch update of a whole array map."""
+    return (ctypes.c_uint32 * n)(*range(n))
 
 
 def _ring_inputs(svc: Service) -> tuple:
@@ -102,14 +112,8 @@ class DataPlane:
         return out
 
     def _backend_entries(self) -> dict[int, abi.Backend]:
-        out = {}
-        fd = self.fds["xdplb_backends"]
-        for i in range(abi.MAX_BACKENDS):
-            value = abi.Backend()
-            self.lib.lookup(fd, ctypes.c_uint32(i), value)
-            if value.flags & abi.BackendFlags.IN_USE:
-                out[i] = value
-        return out
+        values = self.lib.array_values(self.fds["xdplb_backends"], abi.Backend, abi.MAX_BACKENDS)
+        return {i: v for i, v in enumerate(values) if v.flags & _IN_USE}
 
     def _client_rules(self) -> dict[int, list[ipaddress.IPv4Network]]:
         out: dict[int, list] = {}
@@ -234,7 +238,7 @@ class DataPlane:
                                 svc.ring_size, seed)
         values = (ctypes.c_uint32 * svc.ring_size)(
             *[abi.NO_BACKEND if slot == maglev.EMPTY else ids[order[slot]] for slot in table])
-        keys = (ctypes.c_uint32 * svc.ring_size)(*range(svc.ring_size))
+        keys = _indexes(svc.ring_size)
         fd = self.lib.create_ring(f"xdplb_ring{svc_id}"[:15], svc.ring_size)
         try:
             self.lib.update_batch(fd, keys, values, svc.ring_size)
@@ -275,14 +279,16 @@ class DataPlane:
             self.lib.update(fd, key, ctypes.c_uint8(1))
 
     def _write_ports(self, services: list[Service], snat_range: tuple[int, int]) -> None:
-        flags = [0] * abi.PORTS
+        lo, hi = snat_range
+        flags = bytearray(abi.PORTS)
+        flags[lo:hi + 1] = bytes([int(abi.PortFlags.SNAT)]) * (hi + 1 - lo)
         for s in services:
-            flags[s.port] |= abi.PortFlags.TCP_SERVICE if s.proto == "tcp" else abi.PortFlags.UDP_SERVICE
-        for port in range(snat_range[0], snat_range[1] + 1):
-            flags[port] |= abi.PortFlags.SNAT
-        keys = (ctypes.c_uint32 * abi.PORTS)(*range(abi.PORTS))
-        values = (ctypes.c_uint8 * abi.PORTS)(*flags)
-        self.lib.update_batch(self.fds["xdplb_ports"], keys, values, abi.PORTS)
+            flags[s.port] |= int(abi.PortFlags.TCP_SERVICE if s.proto == "tcp" else abi.PortFlags.UDP_SERVICE)
+        current = self.lib.array_values(self.fds["xdplb_ports"], ctypes.c_uint8, abi.PORTS)
+        if bytes(current) == bytes(flags):
+            return
+        values = (ctypes.c_uint8 * abi.PORTS).from_buffer_copy(flags)
+        self.lib.update_batch(self.fds["xdplb_ports"], _indexes(abi.PORTS), values, abi.PORTS)
 
     # ---- counters ----------------------------------------------------------------
     def _percpu(self, name: str, index: int, ctype):

@@ -237,6 +237,17 @@ class Libbpf:
                 return
             first = False
 
+    def array_values(self, fd: int, value_type, count: int):
+        """All values of an array map in one batch (index order)."""
+        keys = (c_uint32 * count)()
+        values = (value_type * count)()
+        token = c_uint32()
+        n = c_uint32(count)
+        rc = self.lib.bpf_map_lookup_batch(fd, None, ctypes.byref(token), keys, values, ctypes.byref(n), None)
+        if rc < 0 and rc != -errno.ENOENT:
+            self.check(rc, "array batch lookup")
+        return values[:n.value]
+
     def obj_info(self, fd: int, info):
         size = c_uint32(ctypes.sizeof(info))
         self.check(self.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),

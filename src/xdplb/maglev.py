@@ -32,25 +32,32 @@ def populate(backends: list[tuple[str, int]], size: int, seed: int) -> list[int]
     table = [EMPTY] * size
     if not active:
         return table
-    perms = {i: backend_permutation(backends[i][0], seed, size) for i, _ in active}
-    position = {i: 0 for i, _ in active}
-    top = max(w for _, w in active)
-    credit = {i: 0.0 for i, _ in active}
+    offsets, skips, weights, owners = [], [], [], []
+    for i, w in active:
+        offset, skip = backend_permutation(backends[i][0], seed, size)
+        offsets.append(offset)
+        skips.append(skip)
+        weights.append(w / max(w for _, w in active))
+        owners.append(i)
+    # The hot loop of the control plane: plain lists and locals only.
+    position = [0] * len(owners)
+    credit = [0.0] * len(owners)
+    uniform = all(w == 1.0 for w in weights)
     filled = 0
     while True:
-        for i, weight in active:
-            credit[i] += weight / top
-            if credit[i] < 1.0:
-                continue
-            credit[i] -= 1.0
-            offset, skip = perms[i]
-            j = position[i]
+        for k in range(len(owners)):
+            if not uniform:
+                credit[k] += weights[k]
+                if credit[k] < 1.0:
+                    continue
+                credit[k] -= 1.0
+            offset, skip, j = offsets[k], skips[k], position[k]
             slot = (offset + j * skip) % size
             while table[slot] != EMPTY:
                 j += 1
                 slot = (offset + j * skip) % size
-            table[slot] = i
-            position[i] = j + 1
+            table[slot] = owners[k]
+            position[k] = j + 1
             filled += 1
             if filled == size:
                 return table

@@ -1,0 +1,97 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Control-plane timings: recomputing and swapping a service's Maglev ring for 10, 100
+and 1000 backends (library calls on a loaded program), and, end to end through the CLI
+in the lab, attaching and changing one backend of a service with 100 backends."""
+from __future__ import annotations
+
+import ipaddress
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from xdplb import lab
+from xdplb.model import Backend, Service
+
+from xdplb.netlink import NextHop
+
+from .perpacket import LB_MAC, LOOPBACK, SNAT_PORTS, VIP, Bench
+
+PREFIX = "xdplb-b"
+LB_NS = f"{PREFIX}-lb"
+
+
+@dataclass
+class Timing:
+    name: str
+    runs_s: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs_s)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "median_ms": round(self.median * 1000, 1),
+                "min_ms": round(min(self.runs_s) * 1000, 1), "max_ms": round(max(self.runs_s) * 1000, 1)}
+
+
+def fake_backends(n: int, base: str = "10.200.0.0") -> list[str]:
+    start = int(ipaddress.IPv4Address(base)) + 1
+    return [str(ipaddress.IPv4Address(start + i)) for i in range(n)]
+
+
+def ring_swaps(sizes: list[int], runs: int) -> list[Timing]:
+    """DataPlane.apply after one backend changes weight: Maglev recomputed in Python,
+    a new inner map filled and swapped in."""
+    bench = Bench(10_000)
+    out = []
+    try:
+        for n in sizes:
+            addrs = fake_backends(n)
+            hops = {a: NextHop(LOOPBACK, "02:00:00:00:00:b0", LB_MAC) for a in addrs}
+            backends = [Backend(ipaddress.IPv4Address(a), 80, 1) for a in addrs]
+            bench.dp.apply([Service(ipaddress.IPv4Address(VIP), 80, "tcp", backends)], hops, 1, SNAT_PORTS)
+            times = []
+            for r in range(runs):
+                backends[0] = Backend(backends[0].addr, 80, 2 + r)
+                svc = Service(ipaddress.IPv4Address(VIP), 80, "tcp", list(backends))
+                start = time.perf_counter()
+                bench.dp.apply([svc], hops, 1, SNAT_PORTS)
+                times.append(time.perf_counter() - start)
+            out.append(Timing(f"recompute + swap ring, {n} backends", times))
+    finally:
+        bench.close()
+    return out
+
+
+def _cli(*args) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, *args], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def end_to_end(runs: int, backends: int = 100) -> list[Timing]:
+    """The CLI as a user runs it, in a lab whose load balancer knows 100 backends
+    (permanent neighbour entries: their next hops resolve without ARP)."""
+    lab.down(PREFIX)
+    lab.up(backends=1, clients=1, prefix=PREFIX)
+    try:
+        addrs = fake_backends(backends, "10.42.0.150")  # inside the lab's /24, after its hosts
+        with IPRoute(netns=LB_NS) as ipr:
+            eth0 = ipr.link_lookup(ifname="eth0")[0]
+            for i, a in enumerate(addrs):
+                ipr.neigh("replace", dst=a, lladdr=f"02:00:00:00:01:{i:02x}", ifindex=eth0,
+                          state=0x80)  # NUD_PERMANENT
+        attach, change = [], []
+        for r in range(runs):
+            attach.append(_cli("attach", "eth0", "--backends", ",".join(addrs), "--flows", "65536"))
+            change.append(_cli("backend", "set", "eth0", f"{lab.LB_ADDR}:80", addrs[0], "--weight", str(2 + r)))
+            _cli("detach", "eth0")
+        return [Timing(f"xdplb attach with {backends} backends (CLI, end to end)", attach),
+                Timing(f"xdplb backend set on a service with {backends} backends (CLI, end to end)", change)]
+    finally:
+        subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "detach", "eth0"], capture_output=True)
+        lab.down(PREFIX)
