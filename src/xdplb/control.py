@@ -36,10 +36,8 @@ def _next_hops(services: list[Service], known: dict | None = None) -> dict:
     """Resolves the next hop of every backend not already known, before anything is
     written (an unreachable backend stops the change before it starts)."""
     hops = dict(known or {})
-    for s in services:
-        for b in s.backends:
-            if str(b.addr) not in hops:
-                hops[str(b.addr)] = netlink.resolve_next_hop(str(b.addr))
+    hops.update(netlink.resolve_next_hops([str(b.addr) for s in services for b in s.backends
+                                           if str(b.addr) not in hops]))
     return hops
 
 

@@ -71,11 +71,6 @@ def get_link(name: str) -> Link:
                 peer_index=_attr(msg, "IFLA_LINK", 0) if kind == "veth" else 0)
 
 
-def link_name(index: int) -> str:
-    with IPRoute() as ipr:
-        return ipr.link("get", index=index)[0].get_attr("IFLA_IFNAME")
-
-
 def ipv4_addresses(index: int) -> list[ipaddress.IPv4Interface]:
     """The interface's IPv4 addresses, primary first."""
     with IPRoute() as ipr:
@@ -108,22 +103,14 @@ class NextHop:
     smac: str
 
 
-def _route(dst: str):
-    with IPRoute() as ipr:
-        try:
-            return ipr.route("get", dst=dst)[0]
-        except NetlinkError as exc:
-            raise XdplbError(f"no route to backend {dst}; add one (ip route) or fix the address") from exc
-
-
-def _neighbour_mac(ifindex: int, addr: str) -> str | None:
-    with IPRoute() as ipr:
-        for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=ifindex):
-            if n.get_attr("NDA_DST") == addr and n["state"] & NUD_VALID:
-                mac = n.get_attr("NDA_LLADDR")
-                if mac:
-                    return mac
-    return None
+def _neighbours(ipr) -> dict[tuple[int, str], str]:
+    """(ifindex, address) -> MAC for every usable IPv4 neighbour entry."""
+    out = {}
+    for n in ipr.get_neighbours(family=socket.AF_INET):
+        mac = n.get_attr("NDA_LLADDR")
+        if mac and n["state"] & NUD_VALID:
+            out[(n["ifindex"], n.get_attr("NDA_DST"))] = mac
+    return out
 
 
 def _provoke_resolution(addr: str) -> None:
@@ -135,23 +122,36 @@ def _provoke_resolution(addr: str) -> None:
             pass
 
 
-def resolve_next_hop(addr: str) -> NextHop:
-    """Egress interface and MACs towards addr, from the kernel's route and neighbour
-    tables (resolving the neighbour if the kernel has not yet)."""
-    route = _route(addr)
-    oif = route.get_attr("RTA_OIF")
-    hop = route.get_attr("RTA_GATEWAY") or addr
-    if route["type"] == 2:  # RTN_LOCAL
-        raise UsageError(f"backend {addr} is an address of this host; give the backends' addresses")
-    deadline = time.monotonic() + NEIGH_WAIT_S
-    mac = _neighbour_mac(oif, hop)
-    while mac is None and time.monotonic() < deadline:
-        _provoke_resolution(hop)
-        time.sleep(0.05)
-        mac = _neighbour_mac(oif, hop)
-    if mac is None:
-        raise XdplbError(f"backend {addr}: no ARP answer from {hop} on {link_name(oif)}; "
-                         f"check that it is up and reachable (ping {hop})")
+def resolve_next_hops(addrs: list[str]) -> dict[str, NextHop]:
+    """Egress interface and MACs towards each address, from the kernel's route and
+    neighbour tables, resolving neighbours the kernel does not know yet (all at once)."""
     with IPRoute() as ipr:
-        smac = ipr.link("get", index=oif)[0].get_attr("IFLA_ADDRESS")
-    return NextHop(ifindex=oif, dmac=mac, smac=smac)
+        routes = {}
+        for addr in dict.fromkeys(addrs):
+            try:
+                route = ipr.route("get", dst=addr)[0]
+            except NetlinkError:
+                raise XdplbError(f"no route to backend {addr}; add one (ip route) or fix the address") from None
+            if route["type"] == 2:  # RTN_LOCAL
+                raise UsageError(f"backend {addr} is an address of this host; give the backends' addresses")
+            routes[addr] = (route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY") or addr)
+        macs = {}
+        for oif in {oif for oif, _ in routes.values()}:
+            macs[oif] = ipr.link("get", index=oif)[0].get_attr("IFLA_ADDRESS")
+        known = _neighbours(ipr)
+        missing = {hop for oif, hop in routes.values() if (oif, hop) not in known}
+        deadline = time.monotonic() + NEIGH_WAIT_S
+        while missing and time.monotonic() < deadline:
+            for hop in missing:
+                _provoke_resolution(hop)
+            time.sleep(0.05)
+            known = _neighbours(ipr)
+            missing = {hop for oif, hop in routes.values() if (oif, hop) not in known}
+        out = {}
+        for addr, (oif, hop) in routes.items():
+            if (oif, hop) not in known:
+                name = ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME")
+                raise XdplbError(f"backend {addr}: no ARP answer from {hop} on {name}; "
+                                 f"check that it is up and reachable (ping {hop})")
+            out[addr] = NextHop(ifindex=oif, dmac=known[(oif, hop)], smac=macs[oif])
+        return out
