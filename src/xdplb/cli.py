@@ -65,6 +65,19 @@ def main(ctx, netns, debug):
     ctx.obj.update(netns=netns, debug=debug)
 
 
+def complete_iface(ctx, param, incomplete):
+    """Shell completion of interface names (of the -n namespace when given)."""
+    from click.shell_completion import CompletionItem
+    try:
+        netns = ctx.find_root().params.get("netns")
+        from pyroute2 import IPRoute
+        with (IPRoute(netns=netns) if netns else IPRoute()) as ipr:
+            names = [m.get_attr("IFLA_IFNAME") for m in ipr.get_links()]
+    except Exception:  # completion must never fail loudly
+        return []
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+
 def _enter(ctx) -> None:
     """Moves into the requested network namespace, keeping the host's bpffs in view."""
     netns = ctx.obj.get("netns")
@@ -94,7 +107,7 @@ def build():
 
 
 @main.command()
-@click.argument("iface")
+@click.argument("iface", shell_complete=complete_iface)
 @click.option("--backends", "-b", required=True, metavar="ADDR[:PORT][=WEIGHT],...",
               help="Backends, as addresses or host names; PORT defaults to --port, WEIGHT to 1 "
                    "(0: no new flows).")
@@ -142,7 +155,7 @@ def attach(ctx, iface, backends, vip, port, proto, mode, clients, snat, snat_por
 
 
 @main.command()
-@click.argument("iface")
+@click.argument("iface", shell_complete=complete_iface)
 @click.option("--force", is_flag=True, help="Also remove an XDP program that is not xdplb's.")
 @click.pass_context
 def detach(ctx, iface, force):
@@ -174,7 +187,7 @@ def _print_status(entry: dict) -> None:
 
 
 @main.command()
-@click.argument("iface", required=False)
+@click.argument("iface", required=False, shell_complete=complete_iface)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def status(ctx, iface, as_json):
@@ -197,7 +210,7 @@ def status(ctx, iface, as_json):
 
 
 @main.command()
-@click.argument("iface", required=False)
+@click.argument("iface", required=False, shell_complete=complete_iface)
 @click.option("--raw", is_flag=True, help="Print trace_pipe lines undecoded.")
 @click.option("--duration", type=float, metavar="SECONDS", help="Stop after this long.")
 @click.pass_context
@@ -251,11 +264,17 @@ SERVICE_ARG = click.argument("service", metavar="VIP:PORT[/PROTO]")
 
 @main.group()
 def service():
-    """Add, remove and list services (VIP:PORT/PROTO) on an interface."""
+    """Add, remove and list services (VIP:PORT/PROTO) on an interface.
+
+    \b
+    Example:
+      xdplb service add eth0 10.0.0.2:443/tcp
+      xdplb service list eth0
+    """
 
 
 @service.command("add")
-@click.argument("iface")
+@click.argument("iface", shell_complete=complete_iface)
 @SERVICE_ARG
 @click.option("--clients", metavar="CIDR,...", help="Only these clients may use it [default: all].")
 @click.option("--ring-size", type=int, default=model.RING_SIZE_DEFAULT, show_default=True,
@@ -274,7 +293,7 @@ def service_add(ctx, iface, service, clients, ring_size):
 
 
 @service.command("del")
-@click.argument("iface")
+@click.argument("iface", shell_complete=complete_iface)
 @SERVICE_ARG
 @click.pass_context
 def service_del(ctx, iface, service):
@@ -289,7 +308,7 @@ def service_del(ctx, iface, service):
 
 
 @service.command("list")
-@click.argument("iface")
+@click.argument("iface", shell_complete=complete_iface)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def service_list(ctx, iface, as_json):
@@ -315,14 +334,20 @@ def service_list(ctx, iface, as_json):
 
 @main.group()
 def backend():
-    """Add, remove, reweight, drain and list the backends of a service."""
+    """Add, remove, reweight, drain and list the backends of a service.
+
+    \b
+    Example:
+      xdplb backend add eth0 10.0.0.2:443 10.0.0.11
+      xdplb backend del eth0 10.0.0.2:443 10.0.0.11 --drain
+    """
 
 
 BACKEND_ARG = click.argument("backend_addr", metavar="ADDR[:PORT]")
 
 
 @backend.command("add")
-@click.argument("iface")
+@click.argument("iface", shell_complete=complete_iface)
 @SERVICE_ARG
 @BACKEND_ARG
 @click.option("--weight", type=click.IntRange(0, model.MAX_WEIGHT), default=1, show_default=True)
@@ -339,7 +364,7 @@ def backend_add(ctx, iface, service, backend_addr, weight):
 
 
 @backend.command("set")
-@click.argument("iface")
+@click.argument("iface", shell_complete=complete_iface)
 @SERVICE_ARG
 @BACKEND_ARG
 @click.option("--weight", type=click.IntRange(0, model.MAX_WEIGHT), required=True,
@@ -357,7 +382,7 @@ def backend_set(ctx, iface, service, backend_addr, weight):
 
 
 @backend.command("del")
-@click.argument("iface")
+@click.argument("iface", shell_complete=complete_iface)
 @SERVICE_ARG
 @BACKEND_ARG
 @click.option("--drain", is_flag=True, help="First stop new flows and wait for the backend's flows to end.")
@@ -383,7 +408,7 @@ def backend_del(ctx, iface, service, backend_addr, drain, timeout):
 
 
 @backend.command("list")
-@click.argument("iface")
+@click.argument("iface", shell_complete=complete_iface)
 @SERVICE_ARG
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
@@ -430,7 +455,7 @@ def apply(ctx, config_file, dry_run):
 
 
 @main.command()
-@click.argument("iface", required=False)
+@click.argument("iface", required=False, shell_complete=complete_iface)
 @click.pass_context
 def export(ctx, iface):
     """Print the running state as a config file (for xdplb apply).
@@ -486,7 +511,7 @@ def _stats_table(entries: list[dict]) -> list[str]:
 
 
 @main.command()
-@click.argument("iface", required=False)
+@click.argument("iface", required=False, shell_complete=complete_iface)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", is_flag=False, flag_value=1.0, type=float, default=None, metavar="[SECONDS]",
               help="Refresh in place every SECONDS (default 1) until Ctrl-C.")
@@ -547,7 +572,12 @@ def demo(backends):
 
 @main.group()
 def lab():
-    """The built-in lab: client, load balancer and backends in network namespaces."""
+    """The built-in lab: client, load balancer and backends in network namespaces.
+
+    \b
+    Example:
+      xdplb lab up --backends 3 && xdplb -n xdplb-lb attach eth0 --backends 10.42.0.101,10.42.0.102
+    """
 
 
 @lab.command("up")

@@ -7,8 +7,25 @@ from click.testing import CliRunner
 
 from xdplb import cli
 
-COMMANDS = [["build"], ["attach"], ["detach"], ["status"], ["trace"], ["demo"], ["lab", "up"],
-            ["lab", "down"], ["lab", "status"]]
+COMMANDS = [["build"], ["attach"], ["detach"], ["status"], ["trace"], ["demo"], ["lab"], ["lab", "up"],
+            ["lab", "down"], ["lab", "status"], ["service"], ["service", "add"], ["service", "del"],
+            ["service", "list"], ["backend"], ["backend", "add"], ["backend", "set"], ["backend", "del"],
+            ["backend", "list"], ["stats"], ["apply"], ["export"]]
+
+
+def test_every_command_is_in_the_list():
+    def walk(group, prefix):
+        for name, cmd in group.commands.items():
+            yield prefix + [name]
+            if hasattr(cmd, "commands"):
+                yield from walk(cmd, prefix + [name])
+    assert sorted(walk(cli.main, [])) == sorted(COMMANDS)
+
+
+def test_shell_completion_script_is_offered(monkeypatch):
+    monkeypatch.setenv("_XDPLB_COMPLETE", "bash_source")
+    result = CliRunner().invoke(cli.main, [], prog_name="xdplb")
+    assert "_XDPLB_COMPLETE=bash_complete" in result.output
 
 
 def run(*args, **kw):
