@@ -558,6 +558,47 @@ def stats(ctx, iface, as_json, watch, interval):
 
 
 @main.command()
+@click.argument("config_file", metavar="CONFIG.toml", type=click.Path(dir_okay=False))
+@click.option("--metrics", default="127.0.0.1:9433", show_default=True, metavar="HOST:PORT",
+              help="Where to serve Prometheus metrics.")
+@click.option("--detach-on-exit", is_flag=True, help="Detach on SIGTERM instead of leaving the data plane forwarding.")
+@click.pass_context
+def serve(ctx, config_file, metrics, detach_on_exit):
+    """Run in the foreground: apply the config, health-check backends, serve metrics.
+
+    SIGHUP reloads the file (a bad one is refused and the running state kept); SIGTERM
+    exits and leaves the data plane forwarding. Logs are one logfmt line per event.
+
+    \b
+    Example:
+      xdplb -n xdplb-lb serve lb.toml --metrics 127.0.0.1:9433
+    """
+    _enter(ctx)
+    from .serve import Server
+    host, sep, port = metrics.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"bad --metrics {metrics!r}: give HOST:PORT, like 127.0.0.1:9433")
+    Server(config_file, metrics, detach_on_exit).run()
+
+
+@main.command()
+@click.argument("iface", shell_complete=complete_iface)
+@click.pass_context
+def upgrade(ctx, iface):
+    """Replace the running program with the one built last, keeping every flow.
+
+    The new program takes over the running maps (flow table, services, counters) and is
+    swapped in atomically; if its maps do not fit, nothing changes.
+
+    \b
+    Example:
+      xdplb build && xdplb upgrade eth0
+    """
+    _enter(ctx)
+    click.echo(control.upgrade(iface))
+
+
+@main.command()
 @click.option("--backends", type=click.IntRange(1, 26), default=2, show_default=True)
 def demo(backends):
     """Run the whole demo on the built-in lab, then clean up.

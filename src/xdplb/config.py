@@ -19,6 +19,8 @@ running state back out as one, and describing the difference between the two.
       { address = "10.0.0.11", port = 80, weight = 1 },
       { address = "10.0.0.12" },
     ]
+    # Used by `xdplb serve` only: type tcp | http | udp | command.
+    health = { type = "http", path = "/", expect_status = 200, interval = 2.0, timeout = 1.0, rise = 2, fall = 3 }
 """
 from __future__ import annotations
 
@@ -30,11 +32,12 @@ from pathlib import Path
 
 from . import maglev, model
 from .errors import UsageError, XdplbError
+from .health import CheckSpec, parse_check
 from .model import Backend, Service, Settings
 
 MODES = ("auto", "native", "generic")
 INTERFACE_KEYS = {"mode", "flows", "snat", "snat_ports", "seed", "timeouts", "services"}
-SERVICE_KEYS = {"vip", "port", "proto", "clients", "backends", "ring_size"}
+SERVICE_KEYS = {"vip", "port", "proto", "clients", "backends", "ring_size", "health"}
 BACKEND_KEYS = {"address", "port", "weight"}
 TIMEOUT_KEYS = {"tcp", "tcp_closing", "udp"}
 FLOWS_DEFAULT = 1_048_576
@@ -57,6 +60,7 @@ class InterfaceConfig:
     seed: int = Settings.hash_seed
     timeouts: dict = field(default_factory=lambda: {"tcp": 900, "tcp_closing": 120, "udp": 300})
     services: list[Service] = field(default_factory=list)
+    health: dict[str, CheckSpec] = field(default_factory=dict)  # service name -> check (serve)
 
     def settings(self, default_snat: ipaddress.IPv4Address) -> Settings:
         return Settings(snat_addr=self.snat or default_snat, snat_port_min=self.snat_ports[0],
@@ -150,6 +154,10 @@ def check(text: str) -> tuple[list[InterfaceConfig], list[str]]:
             svc = _service(c, f"{where}.services[{i}]", entry)
             if svc is None:
                 continue
+            if isinstance(entry, dict) and "health" in entry:
+                check = parse_check(f"{where}.services[{i}].health", entry["health"], c.fail)
+                if check is not None:
+                    iface.health[svc.name] = check
             if svc.name in seen:
                 c.fail(f"{where}.services[{i}]", f"service {svc.name} is listed twice")
             seen.add(svc.name)

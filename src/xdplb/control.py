@@ -342,6 +342,14 @@ def apply_config(path: str, dry_run: bool) -> list[str]:
     then changes only what differs. Returns the lines describing the changes."""
     loader.ensure_root()
     desired, problems = config.check(config.read(path))
+    return reconcile(desired, dry_run, path, problems)
+
+
+def reconcile(desired: list[config.InterfaceConfig], dry_run: bool, path: str = "config",
+              problems: list[str] | None = None) -> list[str]:
+    """Makes the running state match `desired`: checks every interface first (adding to
+    `problems`), then changes only what differs."""
+    problems = list(problems or [])
     plans = []
     for iface in desired:
         where = f"interfaces.{iface.name}"
@@ -412,3 +420,13 @@ def apply_config(path: str, dry_run: bool) -> list[str]:
             if isinstance(found, loader.Attachment):
                 found.dataplane.close()
     return lines
+
+
+def upgrade(ifname: str) -> str:
+    found = _attached(ifname)
+    try:
+        old, new, warning = loader.upgrade(found)
+    finally:
+        found.dataplane.close()
+    return f"upgraded xdplb on {ifname}: program {old} -> {new}, flows and configuration kept" + \
+        (f"\n{warning}" if warning else "")

@@ -97,6 +97,11 @@ class DataPlane:
             tcp_timeout_s=cfg.tcp_timeout_ns // NS, tcp_closing_timeout_s=cfg.tcp_closing_timeout_ns // NS,
             udp_timeout_s=cfg.udp_timeout_ns // NS, trace=bool(cfg.flags & abi.ConfigFlags.TRACE))
 
+    def read_abi_version(self) -> int:
+        cfg = abi.Config()
+        self.lib.lookup(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+        return cfg.abi_version
+
     def set_trace(self, on: bool) -> None:
         s = self.read_settings()
         s.trace = on
@@ -323,6 +328,16 @@ class DataPlane:
 
     def flow_count(self) -> int:
         return sum(1 for _ in self.lib.entries(self.fds["xdplb_flows"], abi.FlowKey, abi.Flow))
+
+    def reset_flows(self, backend_id: int) -> int:
+        """Forgets every flow (both directions) of a backend. Their next packets find no
+        flow: a client's TCP segment is then answered with a reset by the kernel, so
+        clients of a dead backend learn at once instead of timing out."""
+        fd = self.fds["xdplb_flows"]
+        doomed = [key for key, flow in self.lib.entries(fd, abi.FlowKey, abi.Flow) if flow.backend_id == backend_id]
+        for key in doomed:
+            self.lib.delete(fd, key)
+        return len(doomed) // 2
 
     def flow_capacity(self) -> int:
         return self.lib.obj_info(self.fds["xdplb_flows"], MapInfo()).max_entries // 2

@@ -90,6 +90,9 @@ _SIGNATURES = {
     "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint32]),
     "bpf_map__fd": (c_int, [c_void_p]),
     "bpf_map__reuse_fd": (c_int, [c_void_p, c_int]),
+    "bpf_map__type": (c_int, [c_void_p]),
+    "bpf_map__key_size": (c_uint32, [c_void_p]),
+    "bpf_map__value_size": (c_uint32, [c_void_p]),
     "bpf_program__fd": (c_int, [c_void_p]),
     "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
@@ -158,25 +161,34 @@ class Libbpf:
             raise BpfError(f"{what}: {os.strerror(err)}", errno=err)
         return rc
 
-    def load_object(self, path: str, max_entries: dict[str, int]) -> int:
-        """Opens and loads an object; returns the bpf_object pointer."""
+    def open_object(self, path: str) -> int:
+        """Opens an object without loading it; returns the bpf_object pointer."""
         self.log.clear()
         obj = self.lib.bpf_object__open_file(path.encode(), None)
         if not obj:
             err = ctypes.get_errno()
             raise BpfError(f"cannot open {path}: {os.strerror(err)}; rebuild it with: xdplb build",
                            errno=err)
-        for name, size in max_entries.items():
-            m = self.lib.bpf_object__find_map_by_name(obj, name.encode())
-            if not m or self.lib.bpf_map__set_max_entries(m, size) < 0:
-                self.lib.bpf_object__close(obj)
-                raise BpfError(f"cannot size map {name} to {size} entries")
+        return obj
+
+    def load_opened(self, obj: int) -> int:
+        """Loads an opened object (closing it on failure)."""
         rc = self.lib.bpf_object__load(obj)
         if rc < 0:
             log = list(self.log)
             self.lib.bpf_object__close(obj)
             raise VerifierError.from_log(-rc, log)
         return obj
+
+    def load_object(self, path: str, max_entries: dict[str, int]) -> int:
+        """Opens and loads an object; returns the bpf_object pointer."""
+        obj = self.open_object(path)
+        for name, size in max_entries.items():
+            m = self.lib.bpf_object__find_map_by_name(obj, name.encode())
+            if not m or self.lib.bpf_map__set_max_entries(m, size) < 0:
+                self.lib.bpf_object__close(obj)
+                raise BpfError(f"cannot size map {name} to {size} entries")
+        return self.load_opened(obj)
 
     def map_fd(self, obj: int, name: str) -> int:
         m = self.lib.bpf_object__find_map_by_name(obj, name.encode())
@@ -231,8 +243,8 @@ class Libbpf:
                                                ctypes.byref(count), None)
             if rc < 0 and rc != -errno.ENOENT:
                 self.check(rc, "map batch lookup")
-            for i in range(count.value):
-                yield keys[i], values[i]
+            for i in range(count.value):  # copies: the buffers are reused by the next batch
+                yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
             if rc == -errno.ENOENT:
                 return
             first = False

@@ -216,6 +216,60 @@ def load_and_attach(link: netlink.Link, mode: str, replace: bool, flow_entries: 
         lib.bpf_object__close(obj)
 
 
+def upgrade(attachment: Attachment) -> tuple[int, int, str | None]:
+    """Loads the built object into the running program's maps (flow table, services,
+    rings, counters all carry over) and swaps it in atomically. Refuses, changing
+    nothing, when the new object's maps do not fit the running ones. Returns the old
+    and new program ids, and a warning if the pins could not be renewed."""
+    lib = libbpf()
+    link = attachment.link
+    dp = attachment.dataplane
+    running_abi = dp.read_abi_version()
+    if running_abi != abi.ABI_VERSION:
+        raise XdplbError(f"the running data plane speaks ABI {running_abi}, this xdplb ABI {abi.ABI_VERSION}: "
+                         f"the state cannot be carried over; detach and attach instead (drops flows)")
+    obj = lib.open_object(str(build.require_object()))
+    try:
+        problems = []
+        for name, fd in dp.fds.items():
+            m = lib.bpf_object__find_map_by_name(obj, name.encode())
+            info = lib.obj_info(fd, MapInfo())
+            if not m:
+                problems.append(f"{name} is gone")
+                continue
+            new = (lib.bpf_map__type(m), lib.bpf_map__key_size(m), lib.bpf_map__value_size(m))
+            old = (info.type, info.key_size, info.value_size)
+            if new != old:
+                problems.append(f"{name} changed (type, key size, value size) {old} -> {new}")
+        missing = [name for name in abi.MAPS if name not in dp.fds]
+        if missing or problems:
+            raise XdplbError("the new program's maps do not fit the running ones ("
+                             + "; ".join(problems + [f"{n} is new" for n in missing])
+                             + "); nothing changed. Detach and attach instead (drops flows)")
+        for name, fd in dp.fds.items():
+            m = lib.bpf_object__find_map_by_name(obj, name.encode())
+            lib.check(lib.bpf_map__reuse_fd(m, fd), f"reuse map {name}")
+    except BaseException:
+        lib.bpf_object__close(obj)
+        raise
+    lib.load_opened(obj)
+    try:
+        prog_fd = lib.prog_fd(obj, abi.PROGRAM_NAME)
+        old_fd = lib.bpf_prog_get_fd_by_id(attachment.prog_id)
+        lib.check(old_fd, "open the running program")
+        try:
+            netlink.replace_xdp(link.index, prog_fd, old_fd, attachment.mode)
+        except NetlinkError as exc:
+            raise XdplbError(f"cannot replace the program on {link.name}: {os.strerror(exc.code)}; "
+                             "it changed meanwhile? check with: xdplb status") from None
+        finally:
+            os.close(old_fd)
+        new_id = lib.obj_info(prog_fd, ProgInfo()).id
+        return attachment.prog_id, new_id, _pin(link.name, prog_fd, dp.fds)
+    finally:
+        lib.bpf_object__close(obj)
+
+
 def detach(link: netlink.Link) -> None:
     netlink.detach_xdp(link.index, link.xdp_mode)
     remove_pins(link.name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.ifinfmsg import (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE,
+from pyroute2.netlink.rtnl.ifinfmsg import (XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE, XDP_FLAGS_SKB_MODE,
                                             XDP_FLAGS_UPDATE_IF_NOEXIST)
 
 from .errors import UsageError, XdplbError
@@ -87,6 +87,15 @@ def attach_xdp(index: int, prog_fd: int, mode: str, replace: bool) -> None:
     with IPRoute() as ipr:
         ipr.link("set", index=index,
                  xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", flags)]})
+
+
+def replace_xdp(index: int, prog_fd: int, expected_fd: int, mode: str) -> None:
+    """Swaps the attached program for another in one step, only if the attached one is
+    still expected_fd's (XDP_FLAGS_REPLACE): no packet sees the interface without XDP."""
+    with IPRoute() as ipr:
+        ipr.link("set", index=index,
+                 xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", MODES[mode] | XDP_FLAGS_REPLACE),
+                                ("IFLA_XDP_EXPECTED_FD", expected_fd)]})
 
 
 def detach_xdp(index: int, mode: str) -> None:

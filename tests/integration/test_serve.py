@@ -1,0 +1,242 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`xdplb serve` in the lab: health checks under load, reloads, upgrades, a killed
+control process, and the metrics endpoint parsed by Prometheus' own parser."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from xdplb import lab
+
+from .conftest import (BACKENDS, CLIENT2_NS, CLIENT_NS, LB_NS, NAMES, PREFIX, VIP, NsThread, get, in_ns,
+                       keepalive_client, xdplb)
+
+A, B, C = BACKENDS
+INTERVAL, FALL, RISE = 0.3, 2, 2
+METRICS_PORT = 19433
+
+
+def config_text(weights=(1, 1)) -> str:
+    return f"""
+[interfaces.eth0]
+flows = 65536
+
+[[interfaces.eth0.services]]
+vip = "{VIP}"
+port = 80
+backends = [ {{ address = "{A}", weight = {weights[0]} }}, {{ address = "{B}", weight = {weights[1]} }} ]
+health = {{ type = "http", path = "/", interval = {INTERVAL}, timeout = 0.2, rise = {RISE}, fall = {FALL} }}
+"""
+
+
+class Serve:
+    """An `xdplb serve` process of the test's own, with its log collected."""
+
+    def __init__(self, path: Path, *extra: str):
+        self.log_path = path.with_suffix(".log")
+        self.proc = subprocess.Popen([sys.executable, "-m", "xdplb", "-n", LB_NS, "serve", str(path),
+                                      "--metrics", f"127.0.0.1:{METRICS_PORT}", *extra],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"))
+        self.wait_for("event=started")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, pattern: str, timeout: float = 15, after: int = 0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.log()[after:]):
+                return time.monotonic()
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited ({self.proc.returncode}): {self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in serve's log within {timeout}s:\n{self.log()}")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def served(testlab, tmp_path):
+    path = tmp_path / "lb.toml"
+    path.write_text(config_text())
+    server = Serve(path)
+    try:
+        yield server, path
+    finally:
+        server.stop()
+        xdplb("-n", LB_NS, "detach", "eth0", check=False)
+        lab.up(backends=3, clients=2, prefix=PREFIX)  # restarts any server a test stopped
+
+
+def scrape() -> dict:
+    text = in_ns(LB_NS, lambda: urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics",
+                                                       timeout=5).read().decode())
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def backend_labels(backend: str) -> tuple:
+    return (("backend", f"{backend}:80"), ("interface", "eth0"), ("service", f"{VIP}:80/tcp"))
+
+
+class Load:
+    """Keep-alive clients (one connection each, until stopped) in both client namespaces."""
+
+    def __init__(self, per_ns: int = 10):
+        self.stop = threading.Event()
+        self.results: list = []
+        self.lock = threading.Lock()
+        self.threads = [NsThread(ns, self._clients(per_ns)) for ns in (CLIENT_NS, CLIENT2_NS)]
+        for t in self.threads:
+            t.start()
+
+    def _clients(self, n):
+        def body():
+            def one():
+                r = keepalive_client(1_000_000, 0.01, self.stop)
+                with self.lock:
+                    self.results.append(r)
+            workers = [threading.Thread(target=one) for _ in range(n)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(120)
+        return body
+
+    def finish(self) -> list:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+            assert t.error is None
+        return self.results
+
+
+def test_a_dead_backend_is_taken_out_and_comes_back(served):
+    server, _ = served
+    load = Load()
+    time.sleep(1.0)
+    pidfile = lab.STATE_DIR / PREFIX / f"{PREFIX}-backend-a.pid"
+    os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+    killed = time.monotonic()
+    down_at = server.wait_for(rf"event=backend_down .*backend={A}:80")
+    assert down_at - killed <= INTERVAL * (FALL + 1) + 1.0
+    server.wait_for(rf"event=flows_reset .*backend={A}:80")  # logged once the ring no longer has it
+    # New connections now only go to b.
+    fresh = in_ns(CLIENT_NS, lambda: [get() for _ in range(30)])
+    assert set(fresh) == {NAMES[B]}
+    results = load.finish()
+    on_b = [r for r in results if r.backends and r.backends[0] == NAMES[B]]
+    assert on_b and all(not r.errors for r in on_b)
+    assert all(len(set(r.backends)) <= 1 for r in results)
+    assert scrape()[("xdplb_backend_up", backend_labels(A))] == 0
+
+    size = len(server.log())
+    lab.up(backends=3, clients=2, prefix=PREFIX)
+    server.wait_for(rf"event=backend_up .*backend={A}:80", after=size)
+    assert NAMES[A] in in_ns(CLIENT_NS, lambda: {get() for _ in range(40)})
+    assert scrape()[("xdplb_backend_up", backend_labels(A))] == 1
+
+
+def test_sighup_applies_a_good_file_and_refuses_a_broken_one(served):
+    server, path = served
+    path.write_text(config_text(weights=(1, 0)))
+    size = len(server.log())
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for("event=reloaded", after=size)
+    assert f"~ backend {B}:80 weight 1 -> 0" in server.log()[size:]
+    assert set(in_ns(CLIENT_NS, lambda: [get() for _ in range(20)])) == {NAMES[A]}
+
+    path.write_text(config_text() + "\nthis is not toml\n")
+    size = len(server.log())
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for("event=reload_failed", after=size)
+    assert "not valid TOML" in server.log()[size:]
+    assert server.proc.poll() is None
+    exported = xdplb("-n", LB_NS, "export", "eth0").stdout
+    assert f'{{ address = "{B}", port = 80, weight = 0 }}' in exported
+    assert set(in_ns(CLIENT_NS, lambda: [get() for _ in range(20)])) == {NAMES[A]}
+
+
+def test_upgrade_under_load_keeps_every_connection(served):
+    before = int(re.search(r"program (\d+)", xdplb("-n", LB_NS, "status", "eth0").stdout).group(1))
+    load = Load()
+    time.sleep(1.0)
+    out = xdplb("-n", LB_NS, "upgrade", "eth0").stdout
+    time.sleep(1.0)
+    results = load.finish()
+    after = int(re.search(r"program (\d+)", xdplb("-n", LB_NS, "status", "eth0").stdout).group(1))
+    assert after != before and f"program {before} -> {after}" in out
+    assert len(results) == 20
+    assert all(not r.errors for r in results), [r.errors for r in results if r.errors]
+    assert all(len(set(r.backends)) == 1 and len(r.backends) > 50 for r in results)
+
+
+def test_kill_9_of_serve_leaves_traffic_flowing_and_a_restart_picks_it_up(served, tmp_path):
+    server, path = served
+    load = Load()
+    time.sleep(0.5)
+    server.stop(signal.SIGKILL)
+    time.sleep(1.5)
+    results = load.finish()
+    assert all(not r.errors for r in results)
+    assert in_ns(CLIENT_NS, get).startswith("backend-")
+    again = Serve(path)
+    try:
+        log = again.log()
+        assert "event=change" not in log  # the running state already matched
+        assert "event=upgraded" in log
+        assert in_ns(CLIENT_NS, get).startswith("backend-")
+    finally:
+        again.stop()
+    assert "event=stopped forwarding=yes" in again.log()
+    assert in_ns(CLIENT_NS, get).startswith("backend-")
+
+
+def test_metrics_parse_and_count_what_clients_did(served):
+    in_ns(CLIENT_NS, lambda: [get() for _ in range(25)])
+    m = scrape()
+    svc = (("interface", "eth0"), ("service", f"{VIP}:80/tcp"))
+    assert m[("xdplb_service_flows_total", svc)] == 25
+    flows = [m[("xdplb_backend_flows_total", backend_labels(b))] for b in (A, B)]
+    assert sum(flows) == 25
+    assert m[("xdplb_backend_weight", backend_labels(A))] == 1
+    assert m[("xdplb_packets_total", (("interface", "eth0"), ("reason", "new_flow")))] == 25
+    deadline = time.monotonic() + 5
+    checks = 0
+    while not checks and time.monotonic() < deadline:
+        checks = sum(v for (name, _), v in scrape().items() if name == "xdplb_health_check_duration_seconds_count")
+        time.sleep(0.2)
+    assert checks > 0
+
+
+def test_detach_on_exit(testlab, tmp_path):
+    path = tmp_path / "lb.toml"
+    path.write_text(config_text())
+    server = Serve(path, "--detach-on-exit")
+    try:
+        assert in_ns(CLIENT_NS, get).startswith("backend-")
+    finally:
+        server.stop()
+    assert "event=stopped forwarding=no" in server.log()
+    status = xdplb("-n", LB_NS, "status", "eth0").stdout
+    assert "not attached" in status
