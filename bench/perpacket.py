@@ -19,7 +19,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from xdplb import abi, build
-from xdplb.dataplane import DataPlane
+from xdplb.dataplane import DataPlane, flow_slots
 from xdplb.libbpf import libbpf
 from xdplb.model import Backend, Service, Settings
 from xdplb.netlink import NextHop
@@ -83,7 +83,7 @@ class Bench:
         self.capacity = flows
         lib = self.lib = libbpf()
         build.compile_object(BENCH_OBJECT, source=BENCH_SOURCE, check=False)
-        obj = lib.load_object(str(build.require_object()), {"xdplb_flows": 2 * flows})
+        obj = lib.load_object(str(build.require_object()), {"xdplb_flows": flow_slots(flows)})
         self.xdplb = os.dup(lib.prog_fd(obj, abi.PROGRAM_NAME))
         fds = {name: os.dup(lib.map_fd(obj, name)) for name in abi.MAPS}
         lib.bpf_object__close(obj)

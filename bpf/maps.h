@@ -60,12 +60,15 @@ struct {
 	__array(values, struct xdplb_ring);
 } xdplb_rings SEC(".maps");
 
-/* Flow table, both directions: arriving 5-tuple -> rewrite. Resized at load time. */
+/* Flow table, both directions: arriving 5-tuple -> rewrite, in open-addressing slots.
+ * An array (not a BPF hash map): finding and storing a flow is inlined code with no
+ * helper call or allocation, and the control plane reads it through mmap. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, XDPLB_FLOW_ENTRIES_DEFAULT);
-	__type(key, struct xdplb_flow_key);
-	__type(value, struct xdplb_flow);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XDPLB_FLOW_SLOTS_DEFAULT);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct xdplb_flow_slot);
 } xdplb_flows SEC(".maps");
 
 /* Per CPU and backend: where the next SNAT port search starts. Cycling through the
@@ -110,5 +113,19 @@ struct {
 	__type(key, __u32);
 	__type(value, struct xdplb_traffic);
 } xdplb_be_stats SEC(".maps");
+
+/* Per-CPU working space of the new-flow path (too big for the BPF stack). */
+struct new_flow_scratch {
+	struct xdplb_flow_key rev_key;
+	struct xdplb_flow fwd;
+	struct xdplb_flow rev;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct new_flow_scratch);
+} xdplb_scratch SEC(".maps");
 
 #endif /* XDPLB_MAPS_H */

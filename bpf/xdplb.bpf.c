@@ -5,18 +5,21 @@
  * A packet for a service (VIP:port/proto) is rewritten client->VIP into SNAT->backend;
  * the backend's reply is rewritten back into VIP->client. Both directions are entries
  * of one flow table keyed by the arriving 5-tuple, so an established packet costs one
- * lookup and a rewrite with precomputed checksum deltas. Everything that is not for a
+ * lookup (inlined: the table is an array, see flows.h) and a rewrite with precomputed
+ * checksum deltas. Everything that is not for a
  * service (or a reply of one of its flows) passes to the kernel untouched.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <linux/errno.h>
 
 #include "xdplb_abi.h"
 #include "maps.h"
 #include "parse.h"
 #include "csum.h"
 #include "hash.h"
+#include "flows.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -36,6 +39,8 @@ struct packet {
 	struct icmphdr *icmp;
 	void *l4_end;
 	struct xdplb_flow_key key;
+	__u32 hash; /* flow_hash(key): flow table index and Maglev slot */
+	__u32 now;  /* ticks */
 	__u8 tcp_flags;
 	__u8 first_fragment;
 };
@@ -109,17 +114,25 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 	return PARSE_L4;
 }
 
-static __always_inline void trace(struct xdp_md *ctx, const struct xdplb_config *cfg,
-				  const struct packet *pkt, const struct xdplb_flow *flow,
-				  __u32 event, __u32 action)
+/* A subprogram: the 12 arguments of the trace line need a 96-byte array, which would
+ * otherwise be reserved on the stack once per call site. */
+static __noinline void trace_line(struct xdp_md *ctx, const struct packet *pkt,
+				  const struct xdplb_flow *flow, __u32 event_action)
 {
-	if (!(cfg->flags & XDPLB_CFG_TRACE))
-		return;
 	bpf_printk(XDPLB_TRACE_TAG " %u %u %x %x %u %x %u %x %u %u %u %u", ctx->ingress_ifindex,
 		   pkt->key.proto, pkt->tcp_flags, bpf_ntohl(pkt->key.saddr),
 		   bpf_ntohs(pkt->key.sport), bpf_ntohl(pkt->key.daddr), bpf_ntohs(pkt->key.dport),
 		   flow ? bpf_ntohl(flow->daddr) : 0, flow ? bpf_ntohs(flow->dport) : 0,
-		   flow ? flow->backend_id : XDPLB_NO_BACKEND, event, action);
+		   flow ? flow->backend_id : XDPLB_NO_BACKEND, event_action >> 8, event_action & 0xff);
+}
+
+/* Costs one branch while tracing is off. */
+static __always_inline void trace(struct xdp_md *ctx, const struct xdplb_config *cfg,
+				  const struct packet *pkt, const struct xdplb_flow *flow,
+				  __u32 event, __u32 action)
+{
+	if (cfg->flags & XDPLB_CFG_TRACE)
+		trace_line(ctx, pkt, flow, event << 8 | action);
 }
 
 static __always_inline void account(__u32 id, void *stats_map, __u64 bytes, __u32 new_flow)
@@ -190,58 +203,17 @@ static __always_inline void flow_set_deltas(struct xdplb_flow *to, const struct 
 						     from->dport, to->dport));
 }
 
-static __always_inline __u64 flow_timeout(const struct xdplb_config *cfg, __u8 proto, __u8 flags)
-{
-	if (proto != IPPROTO_TCP)
-		return cfg->udp_timeout_ns;
-	return (flags & XDPLB_FLOW_CLOSING) ? cfg->tcp_closing_timeout_ns : cfg->tcp_timeout_ns;
-}
-
-/* Only the client side expires on lookup: a reply is translated as long as its entry
- * exists, so a one-way client flow cannot strand the backend's late answers. */
-static __always_inline int flow_expired(const struct xdplb_config *cfg, const struct xdplb_flow *flow,
-					__u8 proto, __u64 now)
-{
-	__u64 timeout;
-
-	if (flow->flags & XDPLB_FLOW_REPLY)
-		return 0;
-	timeout = flow_timeout(cfg, proto, flow->flags);
-	return timeout && now - flow->last_seen_ns > timeout + XDPLB_TOUCH_INTERVAL_NS;
-}
-
-/* A backend-side entry may be taken over when the client flow that made it is gone,
- * expired, or has moved to another SNAT port or backend. */
-static __always_inline int snat_entry_reusable(const struct xdplb_config *cfg,
-					       const struct xdplb_flow_key *rev_key, __u64 now)
-{
-	struct xdplb_flow_key client_key = { .proto = rev_key->proto };
-	struct xdplb_flow *old, *client;
-
-	old = bpf_map_lookup_elem(&xdplb_flows, rev_key);
-	if (!old)
-		return 1;
-	client_key.saddr = old->daddr;
-	client_key.daddr = old->saddr;
-	client_key.sport = old->dport;
-	client_key.dport = old->sport;
-	client = bpf_map_lookup_elem(&xdplb_flows, &client_key);
-	if (!client)
-		return 1;
-	return client->sport != rev_key->dport || client->daddr != rev_key->saddr ||
-	       flow_expired(cfg, client, rev_key->proto, now);
-}
-
 /* Finds a free SNAT port towards the backend and stores the backend-side entry with it.
  * Returns the port in network byte order, or 0 when every port tried is taken. */
 static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __u32 backend_id,
 					      struct xdplb_flow_key *rev_key, struct xdplb_flow *rev,
-					      __u64 now)
+					      __u32 now)
 {
 	__u32 span = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
 	__u32 cpus = cfg->nr_cpus ? cfg->nr_cpus : 1;
 	__u32 cpu = bpf_get_smp_processor_id() % cpus;
 	__u32 slice = span / cpus, first, *cursor;
+	int evicted = 0;
 
 	if (cfg->snat_port_max < cfg->snat_port_min)
 		return 0;
@@ -253,17 +225,20 @@ static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __
 	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &backend_id);
 	if (!cursor)
 		return 0;
+#pragma clang loop unroll(disable)
 	for (int i = 0; i < XDPLB_SNAT_PORT_TRIES; i++) {
 		__be16 port = bpf_htons(first + *cursor % slice);
 
 		*cursor += 1;
 		rev_key->dport = port;
 		flow_set_deltas(rev, rev_key);
-		if (!bpf_map_update_elem(&xdplb_flows, rev_key, rev, BPF_NOEXIST))
+		/* A live entry with this key means the port is in use towards this backend. */
+		if (!flow_store(cfg, rev_key, flow_hash(rev_key, cfg->hash_seed), rev, now,
+				FLOW_STORE_EXCLUSIVE, &evicted)) {
+			if (evicted)
+				count(XDPLB_CNT_EVICTED);
 			return port;
-		if (snat_entry_reusable(cfg, rev_key, now) &&
-		    !bpf_map_update_elem(&xdplb_flows, rev_key, rev, BPF_ANY))
-			return port;
+		}
 	}
 	return 0;
 }
@@ -282,9 +257,7 @@ static __always_inline int client_allowed(const struct xdplb_service *svc, __be3
 }
 
 /* Maglev: the flow hash picks a slot of the service's ring, the slot names a backend. */
-static __always_inline struct xdplb_backend *select_backend(const struct xdplb_config *cfg,
-							    const struct xdplb_service *svc,
-							    const struct xdplb_flow_key *key,
+static __always_inline struct xdplb_backend *select_backend(const struct xdplb_service *svc, __u32 hash,
 							    __u32 *backend_id)
 {
 	struct xdplb_backend *backend;
@@ -296,7 +269,7 @@ static __always_inline struct xdplb_backend *select_backend(const struct xdplb_c
 	ring = bpf_map_lookup_elem(&xdplb_rings, &svc->id);
 	if (!ring)
 		return NULL;
-	slot = flow_hash(key, cfg->hash_seed) % svc->ring_size;
+	slot = hash % svc->ring_size;
 	id = bpf_map_lookup_elem(ring, &slot);
 	if (!id || *id == XDPLB_NO_BACKEND)
 		return NULL;
@@ -319,13 +292,26 @@ static __always_inline int forward(struct xdp_md *ctx, const struct xdplb_config
 	return transmit(ctx, flow);
 }
 
-static __always_inline int new_flow(struct xdp_md *ctx, const struct xdplb_config *cfg,
-				    struct packet *pkt, const struct xdplb_service *svc, __u64 now)
+/* A subprogram, not inlined: the new-flow path's locals get their own stack frame, and
+ * the two entries it builds live in a per-CPU scratch slot (the stack is 512 bytes). */
+static __noinline int new_flow(struct xdp_md *ctx, const struct xdplb_config *cfg, struct packet *pkt,
+			       const struct xdplb_service *svc)
 {
-	struct xdplb_flow_key rev_key = { .proto = pkt->key.proto };
-	struct xdplb_flow fwd = {}, rev = {};
+	__u32 hash = pkt->hash, now = pkt->now, zero = 0;
+	struct new_flow_scratch *scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
+	struct xdplb_flow_key *rev_key;
+	struct xdplb_flow *fwd, *rev;
 	struct xdplb_backend *backend;
 	__u32 backend_id = 0;
+	int evicted = 0;
+
+	if (!scratch)
+		return pass(XDPLB_CNT_PASS);
+	__builtin_memset(scratch, 0, sizeof(*scratch));
+	rev_key = &scratch->rev_key;
+	fwd = &scratch->fwd;
+	rev = &scratch->rev;
+	rev_key->proto = pkt->key.proto;
 
 	if (pkt->tcp && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_SYN) {
 		trace(ctx, cfg, pkt, NULL, XDPLB_EV_NO_FLOW, XDP_PASS);
@@ -335,63 +321,83 @@ static __always_inline int new_flow(struct xdp_md *ctx, const struct xdplb_confi
 		trace(ctx, cfg, pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_PASS);
 		return pass(XDPLB_CNT_NOT_ALLOWED);
 	}
-	backend = select_backend(cfg, svc, &pkt->key, &backend_id);
+	backend = select_backend(svc, hash, &backend_id);
 	if (!backend) {
 		trace(ctx, cfg, pkt, NULL, XDPLB_EV_NO_BACKEND, XDP_PASS);
 		return pass(XDPLB_CNT_NO_BACKEND);
 	}
 
 	/* Backend side first: it owns the SNAT port, which the client side then uses. */
-	rev_key.saddr = backend->addr;
-	rev_key.daddr = cfg->snat_addr;
-	rev_key.sport = backend->port;
-	rev.saddr = pkt->key.daddr;
-	rev.daddr = pkt->key.saddr;
-	rev.sport = pkt->key.dport;
-	rev.dport = pkt->key.sport;
-	rev.ifindex = ctx->ingress_ifindex;
+	rev_key->saddr = backend->addr;
+	rev_key->daddr = cfg->snat_addr;
+	rev_key->sport = backend->port;
+	rev->saddr = pkt->key.daddr;
+	rev->daddr = pkt->key.saddr;
+	rev->sport = pkt->key.dport;
+	rev->dport = pkt->key.sport;
+	rev->ifindex = ctx->ingress_ifindex;
 	/* Replies go back to the hop the client's frame came from. */
-	__builtin_memcpy(rev.dmac, pkt->eth->h_source, ETH_ALEN);
-	__builtin_memcpy(rev.smac, pkt->eth->h_dest, ETH_ALEN);
-	rev.service_id = svc->id;
-	rev.backend_id = backend_id;
-	rev.flags = XDPLB_FLOW_REPLY;
-	rev.last_seen_ns = now;
+	__builtin_memcpy(rev->dmac, pkt->eth->h_source, ETH_ALEN);
+	__builtin_memcpy(rev->smac, pkt->eth->h_dest, ETH_ALEN);
+	rev->service_id = svc->id;
+	rev->backend_id = backend_id;
+	rev->flags = XDPLB_FLOW_REPLY;
 
-	fwd.sport = claim_snat_port(cfg, backend_id, &rev_key, &rev, now);
-	if (!fwd.sport) {
+	fwd->sport = claim_snat_port(cfg, backend_id, rev_key, rev, now);
+	if (!fwd->sport) {
 		trace(ctx, cfg, pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
 		return drop(XDPLB_CNT_TABLE_FULL);
 	}
-	fwd.saddr = cfg->snat_addr;
-	fwd.daddr = backend->addr;
-	fwd.dport = backend->port;
-	fwd.ifindex = backend->ifindex;
-	__builtin_memcpy(fwd.dmac, backend->dmac, ETH_ALEN);
-	__builtin_memcpy(fwd.smac, backend->smac, ETH_ALEN);
-	fwd.service_id = svc->id;
-	fwd.backend_id = backend_id;
-	fwd.last_seen_ns = now;
-	flow_set_deltas(&fwd, &pkt->key);
-	if (bpf_map_update_elem(&xdplb_flows, &pkt->key, &fwd, BPF_ANY)) {
-		bpf_map_delete_elem(&xdplb_flows, &rev_key);
+	fwd->saddr = cfg->snat_addr;
+	fwd->daddr = backend->addr;
+	fwd->dport = backend->port;
+	fwd->ifindex = backend->ifindex;
+	__builtin_memcpy(fwd->dmac, backend->dmac, ETH_ALEN);
+	__builtin_memcpy(fwd->smac, backend->smac, ETH_ALEN);
+	fwd->service_id = svc->id;
+	fwd->backend_id = backend_id;
+	flow_set_deltas(fwd, &pkt->key);
+	if (flow_store(cfg, &pkt->key, hash, fwd, now, FLOW_STORE_ANY, &evicted)) {
+		/* Lost a race for the slot: free the SNAT port again. */
+		struct xdplb_flow_slot *s = flow_find(cfg, rev_key, flow_hash(rev_key, cfg->hash_seed), rev);
+
+		if (s)
+			s->flow.flags |= XDPLB_FLOW_DEAD;
 		trace(ctx, cfg, pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
 		return drop(XDPLB_CNT_TABLE_FULL);
 	}
+	if (evicted)
+		count(XDPLB_CNT_EVICTED);
 	count(XDPLB_CNT_NEW_FLOW);
-	return forward(ctx, cfg, pkt, &fwd, XDPLB_EV_NEW_FLOW);
+	return forward(ctx, cfg, pkt, fwd, XDPLB_EV_NEW_FLOW);
+}
+
+/* Stamps both directions of a flow as seen, so neither expires while the other is
+ * busy (a one-way stream keeps its return path, and its SNAT port, reserved). */
+static __noinline void touch(const struct xdplb_config *cfg, struct xdplb_flow_slot *slot,
+			     const struct xdplb_flow *flow, __u8 proto, __u32 now)
+{
+	struct xdplb_flow_key partner = {};
+	struct xdplb_flow other;
+	struct xdplb_flow_slot *s;
+
+	slot->last_seen = now;
+	flow_partner_key(flow, proto, &partner);
+	s = flow_find(cfg, &partner, flow_hash(&partner, cfg->hash_seed), &other);
+	if (s)
+		s->last_seen = now;
 }
 
 /* ICMP errors quote the packet we sent; the entry for the opposite direction of that
  * packet knows the original endpoints. The error is sent to the original sender with
  * the quoted packet turned back into the one it sent. */
-static __always_inline int translate_icmp_error(struct xdp_md *ctx, const struct xdplb_config *cfg,
-						struct packet *pkt)
+static __noinline int translate_icmp_error(struct xdp_md *ctx, const struct xdplb_config *cfg,
+					   struct packet *pkt)
 {
 	void *end = (void *)(long)ctx->data_end;
 	struct iphdr *inner = pkt->l4_end;
 	struct xdplb_flow_key key = {};
-	struct xdplb_flow *flow;
+	struct xdplb_flow copy, *flow = &copy;
 	__be16 *ports, *l4_check = NULL;
 	__u32 addrs = 0, icmp = 0;
 	__u16 old;
@@ -407,8 +413,7 @@ static __always_inline int translate_icmp_error(struct xdp_md *ctx, const struct
 	key.sport = ports[1];
 	key.dport = ports[0];
 	key.proto = inner->protocol;
-	flow = bpf_map_lookup_elem(&xdplb_flows, &key);
-	if (!flow)
+	if (!flow_find(cfg, &key, flow_hash(&key, cfg->hash_seed), &copy))
 		return pass(XDPLB_CNT_PASS);
 
 	if (inner->protocol == IPPROTO_UDP) {
@@ -457,13 +462,13 @@ SEC("xdp")
 int xdplb_main(struct xdp_md *ctx)
 {
 	struct xdplb_service_key svc_key = {};
+	struct xdplb_flow_slot *slot;
 	struct packet pkt = {};
 	struct xdplb_config *cfg;
 	struct xdplb_service *svc;
-	struct xdplb_flow *flow;
-	__u32 zero = 0, port;
+	struct xdplb_flow flow;
+	__u32 zero = 0, port, now;
 	__u8 *port_use, wanted;
-	__u64 now;
 
 	switch (parse_packet(ctx, &pkt)) {
 	case PARSE_L4:
@@ -492,26 +497,28 @@ int xdplb_main(struct xdp_md *ctx)
 	if (!cfg)
 		return pass(XDPLB_CNT_PASS);
 
-	now = bpf_ktime_get_coarse_ns();
-	flow = bpf_map_lookup_elem(&xdplb_flows, &pkt.key);
-	/* A SYN on a closing flow is the client reusing its port: balance it afresh. */
-	if (flow && !flow_expired(cfg, flow, pkt.key.proto, now) &&
-	    !((flow->flags & XDPLB_FLOW_CLOSING) && (pkt.tcp_flags & TCP_FLAG_SYN) &&
+	now = pkt.now = now_ticks();
+	pkt.hash = flow_hash(&pkt.key, cfg->hash_seed);
+	slot = flow_find(cfg, &pkt.key, pkt.hash, &flow);
+	/* Only the client side expires on lookup; a SYN on a closing flow is the client
+	 * reusing its port: balance it afresh. */
+	if (slot && !(!(flow.flags & XDPLB_FLOW_REPLY) && slot_expired(cfg, slot, now)) &&
+	    !((flow.flags & XDPLB_FLOW_CLOSING) && (pkt.tcp_flags & TCP_FLAG_SYN) &&
 	      !(pkt.tcp_flags & TCP_FLAG_ACK))) {
 		if (pkt.first_fragment) {
-			trace(ctx, cfg, &pkt, flow, XDPLB_EV_FRAGMENT, XDP_DROP);
+			trace(ctx, cfg, &pkt, &flow, XDPLB_EV_FRAGMENT, XDP_DROP);
 			return drop(XDPLB_CNT_FRAGMENT);
 		}
 		if (pkt.ip->ttl <= 1) {
-			trace(ctx, cfg, &pkt, flow, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
+			trace(ctx, cfg, &pkt, &flow, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
 			return pass(XDPLB_CNT_TTL_EXPIRED);
 		}
-		if (now - flow->last_seen_ns > XDPLB_TOUCH_INTERVAL_NS)
-			flow->last_seen_ns = now;
-		if ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(flow->flags & XDPLB_FLOW_CLOSING))
-			flow->flags |= XDPLB_FLOW_CLOSING;
-		return forward(ctx, cfg, &pkt, flow,
-			       (flow->flags & XDPLB_FLOW_REPLY) ? XDPLB_EV_REPLY : XDPLB_EV_FLOW);
+		if (now - slot->last_seen > XDPLB_TOUCH_TICKS)
+			touch(cfg, slot, &flow, pkt.key.proto, now);
+		if ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(flow.flags & XDPLB_FLOW_CLOSING))
+			slot->flow.flags |= XDPLB_FLOW_CLOSING;
+		return forward(ctx, cfg, &pkt, &flow,
+			       (flow.flags & XDPLB_FLOW_REPLY) ? XDPLB_EV_REPLY : XDPLB_EV_FLOW);
 	}
 
 	svc_key.vip = pkt.key.daddr;
@@ -528,5 +535,5 @@ int xdplb_main(struct xdp_md *ctx)
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
 		return pass(XDPLB_CNT_TTL_EXPIRED);
 	}
-	return new_flow(ctx, cfg, &pkt, svc, now);
+	return new_flow(ctx, cfg, &pkt, svc);
 }

@@ -12,14 +12,19 @@
 
 #include <linux/types.h>
 
-#define XDPLB_ABI_VERSION 1
+#define XDPLB_ABI_VERSION 2
 
 /* Limits. Map sizes derived from these are fixed at load time. */
 #define XDPLB_MAX_SERVICES 512
 #define XDPLB_MAX_BACKENDS 4096
 #define XDPLB_MAX_CLIENT_RULES 4096
-/* Two entries per flow (client side and backend side); resized at load time. */
-#define XDPLB_FLOW_ENTRIES_DEFAULT (2 * 1048576)
+/* Flow table slots: a power of two, resized at load time. A flow takes two slots (client
+ * side and backend side); the default keeps 1M flows at half load. */
+#define XDPLB_FLOW_SLOTS_DEFAULT (4 * 1048576)
+/* How many consecutive slots a key may live in (linear probing). */
+#define XDPLB_FLOW_PROBES 8
+/* Flow timestamps count ticks of 2^24 ns (16.8 ms) in 32 bits: wraps after 2.3 years. */
+#define XDPLB_TICK_SHIFT 24
 #define XDPLB_PORTS 65536
 
 /* A ring slot that maps to no backend (a service with no usable backend). */
@@ -28,8 +33,9 @@
 /* How many SNAT ports a new flow tries before giving up (the rest are in use). */
 #define XDPLB_SNAT_PORT_TRIES 8
 
-/* Flow entries are re-stamped at most this often, to keep their cache line clean. */
-#define XDPLB_TOUCH_INTERVAL_NS 1000000000ull
+/* Flow entries are re-stamped at most this often (in ticks, about 1 s), to keep their
+ * cache line clean; the entry of the other direction is refreshed at the same time. */
+#define XDPLB_TOUCH_TICKS 60
 
 /* xdplb_ports values: which kinds of traffic use a destination port. */
 enum xdplb_port_flags {
@@ -57,6 +63,7 @@ enum xdplb_backend_flags {
 enum xdplb_flow_flags {
 	XDPLB_FLOW_REPLY = 1 << 0,   /* backend -> client direction */
 	XDPLB_FLOW_CLOSING = 1 << 1, /* FIN or RST seen: shorter timeout */
+	XDPLB_FLOW_DEAD = 1 << 2,    /* reset by the control plane: free for reuse */
 };
 
 /* Indexes of xdplb_counters: what happened to packets, and why. */
@@ -74,6 +81,7 @@ enum xdplb_counter {
 	XDPLB_CNT_NEW_FLOW,          /* flows created */
 	XDPLB_CNT_ICMP_TRANSLATED,   /* ICMP errors about a flow, translated */
 	XDPLB_CNT_NO_FLOW,           /* TCP non-SYN of an unknown flow: passed (kernel resets) */
+	XDPLB_CNT_EVICTED,           /* live flows pushed out by new ones (table too small) */
 	XDPLB_CNT_MAX,
 };
 
@@ -126,7 +134,7 @@ struct xdplb_backend {
 	__u8 smac[6];  /* egress interface's MAC */
 };
 
-/* Key of xdplb_flows: a packet's 5-tuple as it arrives. */
+/* A packet's 5-tuple as it arrives: the key of a flow table slot. */
 struct xdplb_flow_key {
 	__be32 saddr;
 	__be32 daddr;
@@ -136,9 +144,9 @@ struct xdplb_flow_key {
 	__u8 pad[3];
 };
 
-/* Value of xdplb_flows: how to rewrite a packet of this flow. The checksum deltas
- * are fixed for a flow (they depend only on old and new addresses, ports and the
- * TTL decrement), so they are computed once when the flow is created. */
+/* How to rewrite a packet of a flow. The checksum deltas are fixed for a flow (they
+ * depend only on old and new addresses, ports and the TTL decrement), so they are
+ * computed once when the flow is created. */
 struct xdplb_flow {
 	__be32 saddr;
 	__be32 daddr;
@@ -153,7 +161,16 @@ struct xdplb_flow {
 	__u16 backend_id;
 	__u8 flags; /* enum xdplb_flow_flags */
 	__u8 pad[3];
-	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns() */
+};
+
+/* One slot (one cache line) of xdplb_flows, an open-addressing table in an array.
+ * seq is a sequence lock: odd while a writer fills the slot. A slot whose key has
+ * proto 0 was never used and ends a probe sequence. */
+struct xdplb_flow_slot {
+	__u32 seq;
+	__u32 last_seen; /* ticks (XDPLB_TICK_SHIFT) of bpf_ktime_get_coarse_ns() */
+	struct xdplb_flow_key key;
+	struct xdplb_flow flow;
 };
 
 /* Value of the one-entry xdplb_config. Timeouts of 0 mean "never expire". */
@@ -165,6 +182,7 @@ struct xdplb_config {
 	__u16 snat_port_min;
 	__u16 snat_port_max;
 	__u32 nr_cpus;    /* the SNAT port range is split into one slice per CPU */
+	__u32 flow_mask;  /* xdplb_flows slots - 1 */
 	__u64 tcp_timeout_ns;
 	__u64 tcp_closing_timeout_ns;
 	__u64 udp_timeout_ns;

@@ -13,15 +13,17 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 # Network byte order fields are kept as raw bytes-in-an-integer: converted at the edge.
 be16, be32 = ctypes.c_uint16, ctypes.c_uint32
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_SERVICES = 512
 MAX_BACKENDS = 4096
 MAX_CLIENT_RULES = 4096
-FLOW_ENTRIES_DEFAULT = 2 * 1048576
+FLOW_SLOTS_DEFAULT = 4 * 1048576
+FLOW_PROBES = 8
+TICK_SHIFT = 24
 PORTS = 65536
 NO_BACKEND = 0xFFFFFFFF
 SNAT_PORT_TRIES = 8
-TOUCH_INTERVAL_NS = 1_000_000_000
+TOUCH_TICKS = 60
 TRACE_TAG = "xdplb1"
 PROGRAM_NAME = "xdplb_main"
 
@@ -47,6 +49,7 @@ class BackendFlags(enum.IntFlag):
 class FlowFlags(enum.IntFlag):
     REPLY = 1 << 0
     CLOSING = 1 << 1
+    DEAD = 1 << 2
 
 
 class Counter(enum.IntEnum):
@@ -63,7 +66,8 @@ class Counter(enum.IntEnum):
     NEW_FLOW = 10
     ICMP_TRANSLATED = 11
     NO_FLOW = 12
-    MAX = 13
+    EVICTED = 13
+    MAX = 14
 
 
 class TraceEvent(enum.IntEnum):
@@ -101,12 +105,16 @@ class Flow(ctypes.Structure):
     _fields_ = [("saddr", be32), ("daddr", be32), ("sport", be16), ("dport", be16),
                 ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6),
                 ("l3_csum_delta", u16), ("l4_csum_delta", u16), ("service_id", u16),
-                ("backend_id", u16), ("flags", u8), ("pad", u8 * 3), ("last_seen_ns", u64)]
+                ("backend_id", u16), ("flags", u8), ("pad", u8 * 3)]
+
+
+class FlowSlot(ctypes.Structure):
+    _fields_ = [("seq", u32), ("last_seen", u32), ("key", FlowKey), ("flow", Flow)]
 
 
 class Config(ctypes.Structure):
     _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_addr", be32),
-                ("snat_port_min", u16), ("snat_port_max", u16), ("nr_cpus", u32),
+                ("snat_port_min", u16), ("snat_port_max", u16), ("nr_cpus", u32), ("flow_mask", u32),
                 ("tcp_timeout_ns", u64), ("tcp_closing_timeout_ns", u64), ("udp_timeout_ns", u64)]
 
 
@@ -125,7 +133,7 @@ MAPS = {
     "xdplb_services": (ServiceKey, Service),
     "xdplb_backends": (u32, Backend),
     "xdplb_rings": (u32, u32),
-    "xdplb_flows": (FlowKey, Flow),
+    "xdplb_flows": (u32, FlowSlot),
     "xdplb_port_cur": (u32, u32),
     "xdplb_clients": (ClientKey, u8),
     "xdplb_counters": (u32, u64),
@@ -136,6 +144,6 @@ PERCPU_MAPS = {"xdplb_port_cur", "xdplb_counters", "xdplb_svc_stats", "xdplb_be_
 # Structs that appear in the object's DWARF under these names.
 STRUCTS = {
     "xdplb_service_key": ServiceKey, "xdplb_service": Service, "xdplb_backend": Backend,
-    "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_config": Config,
+    "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_config": Config,
     "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic,
 }

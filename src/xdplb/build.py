@@ -59,7 +59,8 @@ def _arch_include() -> str:
 
 
 def compile_command(clang: str, headers: Path, source: Path, output: Path) -> list[str]:
-    return [clang, "-O2", "-g", "-target", "bpf", "-Wall", "-Werror",
+    # -mcpu=v3: compare-and-swap, with which the flow table claims slots.
+    return [clang, "-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror",
             "-I", str(headers), "-I", _arch_include(), "-I", str(BPF_DIR),
             "-c", str(source), "-o", str(output)]
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import config, loader, maglev, model, netlink
-from .dataplane import DataPlane
+from .dataplane import DataPlane, flow_slots
 from .errors import NotAttachedError, UsageError, XdplbError
 from .model import Backend, Service, Settings
 
@@ -76,7 +76,7 @@ def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
         settings.hash_seed = req.seed
     loader.check_snat_range(settings.snat_port_min, settings.snat_port_max)
     hops = _next_hops([service])
-    attachment, notes = loader.load_and_attach(link, req.mode, req.force, 2 * req.flows, settings,
+    attachment, notes = loader.load_and_attach(link, req.mode, req.force, flow_slots(req.flows), settings,
                                                [service], hops)
     return attachment, notes, True
 
@@ -367,7 +367,7 @@ def reconcile(desired: list[config.InterfaceConfig], dry_run: bool, path: str = 
             if iface.mode != "auto" and iface.mode != found.mode:
                 problems.append(f"{where}.mode: attached in {found.mode} mode; changing the mode needs "
                                 f"xdplb detach {iface.name} (which drops established flows)")
-            if iface.flows != found.dataplane.flow_capacity():
+            if flow_slots(iface.flows) != found.dataplane.flow_slot_count():
                 problems.append(f"{where}.flows: the running flow table holds {found.dataplane.flow_capacity()} "
                                 f"flows; resizing needs xdplb detach {iface.name} (which drops established flows)")
         elif not link.up:
@@ -411,7 +411,7 @@ def reconcile(desired: list[config.InterfaceConfig], dry_run: bool, path: str = 
                 lines += config.diff_services(iface.name, [], iface.services)
                 if not dry_run:
                     loader.check_snat_range(new.snat_port_min, new.snat_port_max)
-                    attachment, notes = loader.load_and_attach(link, iface.mode, False, 2 * iface.flows, new,
+                    attachment, notes = loader.load_and_attach(link, iface.mode, False, flow_slots(iface.flows), new,
                                                                iface.services, hops[iface.name])
                     attachment.dataplane.close()
                     lines += notes

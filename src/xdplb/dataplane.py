@@ -10,9 +10,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
+import mmap
 import os
 import secrets
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -42,6 +44,21 @@ def mac_bytes(mac: str):
 
 
 _IN_USE = int(abi.BackendFlags.IN_USE)
+_DEAD, _REPLY, _CLOSING = int(abi.FlowFlags.DEAD), int(abi.FlowFlags.REPLY), int(abi.FlowFlags.CLOSING)
+_FLAGS_OFFSET = abi.FlowSlot.flow.offset + abi.Flow.flags.offset
+# last_seen, key.proto, flow.backend_id, flow.flags out of each 64-byte slot
+_SLOT_FIELDS = struct.Struct(
+    f"<{abi.FlowSlot.last_seen.offset}xI"
+    f"{abi.FlowSlot.key.offset + abi.FlowKey.proto.offset - abi.FlowSlot.last_seen.offset - 4}xB"
+    f"{abi.FlowSlot.flow.offset + abi.Flow.backend_id.offset - abi.FlowSlot.key.offset - abi.FlowKey.proto.offset - 1}xH"
+    f"B{ctypes.sizeof(abi.FlowSlot) - _FLAGS_OFFSET - 1}x")
+assert _SLOT_FIELDS.size == ctypes.sizeof(abi.FlowSlot)
+
+
+def flow_slots(flows: int) -> int:
+    """Flow table slots for `flows` connections: two entries each, at most half the
+    table, rounded up to a power of two (the data plane masks the hash)."""
+    return 1 << max(4 * flows - 1, 1).bit_length()
 
 
 @functools.lru_cache(maxsize=8)
@@ -84,6 +101,7 @@ class DataPlane:
             abi_version=abi.ABI_VERSION, flags=abi.ConfigFlags.TRACE if s.trace else 0,
             hash_seed=s.hash_seed, snat_addr=be32(s.snat_addr), snat_port_min=s.snat_port_min,
             snat_port_max=s.snat_port_max, nr_cpus=self.ncpus,
+            flow_mask=self.flow_slot_count() - 1,
             tcp_timeout_ns=s.tcp_timeout_s * NS, tcp_closing_timeout_ns=s.tcp_closing_timeout_s * NS,
             udp_timeout_ns=s.udp_timeout_s * NS)
         self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
@@ -326,33 +344,54 @@ class DataPlane:
         return Traffic(sum(t.packets for t in per_cpu), sum(t.bytes for t in per_cpu),
                        sum(t.new_flows for t in per_cpu))
 
+    # ---- the flow table, read and reset through mmap ------------------------------
+    def flow_slot_count(self) -> int:
+        return self.lib.obj_info(self.fds["xdplb_flows"], MapInfo()).max_entries
+
+    def _flow_table(self) -> mmap.mmap:
+        size = self.flow_slot_count() * ctypes.sizeof(abi.FlowSlot)
+        return mmap.mmap(self.fds["xdplb_flows"], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def _slots(self):
+        """(index, last_seen, proto, backend_id, flags) of every used slot."""
+        with self._flow_table() as table:
+            for index, (last_seen, proto, backend_id, flags) in enumerate(_SLOT_FIELDS.iter_unpack(table)):
+                if proto and not flags & _DEAD:
+                    yield index, last_seen, proto, backend_id, flags
+
     def flow_count(self) -> int:
-        return sum(1 for _ in self.lib.entries(self.fds["xdplb_flows"], abi.FlowKey, abi.Flow))
+        """Entries in the flow table (two per flow), expired ones included."""
+        return sum(1 for _ in self._slots())
 
     def reset_flows(self, backend_id: int) -> int:
         """Forgets every flow (both directions) of a backend. Their next packets find no
         flow: a client's TCP segment is then answered with a reset by the kernel, so
-        clients of a dead backend learn at once instead of timing out."""
-        fd = self.fds["xdplb_flows"]
-        doomed = [key for key, flow in self.lib.entries(fd, abi.FlowKey, abi.Flow) if flow.backend_id == backend_id]
-        for key in doomed:
-            self.lib.delete(fd, key)
+        clients of a dead backend learn at once instead of timing out. Only the flags
+        byte is written (one store), so the data plane never sees a torn slot."""
+        doomed = [index for index, _, _, be, _ in self._slots() if be == backend_id]
+        with self._flow_table() as table:
+            for index in doomed:
+                at = index * ctypes.sizeof(abi.FlowSlot) + _FLAGS_OFFSET
+                table[at] = table[at] | _DEAD
         return len(doomed) // 2
 
     def flow_capacity(self) -> int:
-        return self.lib.obj_info(self.fds["xdplb_flows"], MapInfo()).max_entries // 2
+        """Flows the table is sized for (at half load)."""
+        return self.flow_slot_count() // 4
 
     def active_flows(self) -> dict[int, int]:
         """Per backend id: client-side flows neither closing nor idle past their timeout
         (the data plane's own notion of a live flow)."""
         s = self.read_settings()
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) >> abi.TICK_SHIFT
+        timeouts = {socket.IPPROTO_TCP: (s.tcp_timeout_s * NS) >> abi.TICK_SHIFT,
+                    socket.IPPROTO_UDP: (s.udp_timeout_s * NS) >> abi.TICK_SHIFT}
         out: dict[int, int] = {}
-        for key, flow in self.lib.entries(self.fds["xdplb_flows"], abi.FlowKey, abi.Flow):
-            if flow.flags & (abi.FlowFlags.REPLY | abi.FlowFlags.CLOSING):
+        for _, last_seen, proto, backend_id, flags in self._slots():
+            if flags & (_REPLY | _CLOSING):
                 continue
-            timeout = (s.tcp_timeout_s if key.proto == socket.IPPROTO_TCP else s.udp_timeout_s) * NS
-            if timeout and now - flow.last_seen_ns > timeout + abi.TOUCH_INTERVAL_NS:
+            timeout = timeouts.get(proto, 0)
+            if timeout and (now - last_seen) % (1 << 32) > timeout + abi.TOUCH_TICKS:
                 continue
-            out[flow.backend_id] = out.get(flow.backend_id, 0) + 1
+            out[backend_id] = out.get(backend_id, 0) + 1
         return out

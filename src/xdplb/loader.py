@@ -182,12 +182,12 @@ def _attach_with_mode(link: netlink.Link, prog_fd: int, mode: str, replace: bool
                      f"cannot attach XDP to {link.name}: {os.strerror(last.code)}")
 
 
-def load_and_attach(link: netlink.Link, mode: str, replace: bool, flow_entries: int,
+def load_and_attach(link: netlink.Link, mode: str, replace: bool, flow_slots: int,
                     settings: Settings, services: list[Service], next_hops: dict) -> tuple[Attachment, list[str]]:
     """Loads a fresh program, fills its maps, attaches it and pins it. On any failure
     nothing stays behind: not the program on the interface, not a pin."""
     lib = libbpf()
-    obj = lib.load_object(str(build.require_object()), {"xdplb_flows": flow_entries})
+    obj = lib.load_object(str(build.require_object()), {"xdplb_flows": flow_slots})
     attached = ""
     fds: dict[str, int] = {}
     try:

@@ -153,6 +153,7 @@ def test_a_dead_backend_is_taken_out_and_comes_back(served):
     size = len(server.log())
     lab.up(backends=3, clients=2, prefix=PREFIX)
     server.wait_for(rf"event=backend_up .*backend={A}:80", after=size)
+    server.wait_for(rf"backend {A}:80 weight 0 -> 1", after=size)  # the ring has it again
     assert NAMES[A] in in_ns(CLIENT_NS, lambda: {get() for _ in range(40)})
     assert scrape()[("xdplb_backend_up", backend_labels(A))] == 1
 

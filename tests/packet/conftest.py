@@ -24,7 +24,7 @@ from . import packets as P
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 LOOPBACK = 1
 SNAT_PORTS = (20000, 20999)
-FLOW_ENTRIES = 8192
+FLOW_SLOTS = 8192
 
 
 @dataclass
@@ -69,7 +69,7 @@ def harness(bpf_object):
     saved = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})
     lib = libbpf()
-    obj = lib.load_object(str(bpf_object), {"xdplb_flows": FLOW_ENTRIES})
+    obj = lib.load_object(str(bpf_object), {"xdplb_flows": FLOW_SLOTS})
     fds = {name: os.dup(lib.map_fd(obj, name)) for name in abi.MAPS}
     prog_fd = os.dup(lib.prog_fd(obj, abi.PROGRAM_NAME))
     lib.bpf_object__close(obj)

@@ -73,15 +73,15 @@ def header_constants() -> dict[str, int]:
 
 def test_constants_match_header():
     h = header_constants()
-    for name in ("ABI_VERSION", "MAX_SERVICES", "MAX_BACKENDS", "MAX_CLIENT_RULES",
-                 "FLOW_ENTRIES_DEFAULT", "PORTS", "NO_BACKEND", "SNAT_PORT_TRIES", "TOUCH_INTERVAL_NS"):
+    for name in ("ABI_VERSION", "MAX_SERVICES", "MAX_BACKENDS", "MAX_CLIENT_RULES", "FLOW_SLOTS_DEFAULT",
+                 "FLOW_PROBES", "TICK_SHIFT", "PORTS", "NO_BACKEND", "SNAT_PORT_TRIES", "TOUCH_TICKS"):
         assert getattr(abi, name) == h[f"XDPLB_{name}"], name
     enums = {"XDPLB_PORT_": abi.PortFlags, "XDPLB_CFG_": abi.ConfigFlags, "XDPLB_SVC_": abi.ServiceFlags,
              "XDPLB_BACKEND_": abi.BackendFlags, "XDPLB_FLOW_": abi.FlowFlags, "XDPLB_CNT_": abi.Counter,
              "XDPLB_EV_": abi.TraceEvent}
     for prefix, enum in enums.items():
         from_header = {k[len(prefix):]: v for k, v in h.items() if k.startswith(prefix)
-                       and not k.startswith(("XDPLB_FLOW_ENTRIES",))}
+                       and not k.startswith(("XDPLB_FLOW_SLOTS", "XDPLB_FLOW_PROBES"))}
         assert from_header == {m.name: m.value for m in enum}, prefix
 
 
