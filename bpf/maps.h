@@ -41,12 +41,10 @@ struct {
 	__type(value, struct xdplb_backend);
 } xdplb_backends SEC(".maps");
 
-/* Template of one service's Maglev ring: slot -> backend id. BPF_F_INNER_MAP lets each
- * ring have its own (prime) size. */
+/* Template of one service's Maglev ring: slot -> backend id. */
 struct xdplb_ring {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(max_entries, XDPLB_RING_SLOTS);
 	__type(key, __u32);
 	__type(value, __u32);
 };
@@ -71,9 +69,18 @@ struct {
 	__type(value, struct xdplb_flow_slot);
 } xdplb_flows SEC(".maps");
 
-/* Per CPU and backend: where the next SNAT port search starts. Cycling through the
- * range (instead of hashing) delays reuse of a (SNAT addr, port, backend) tuple as long
- * as possible, which keeps backends' TIME_WAIT entries from rejecting new SYNs. */
+/* This CPU's slice of the SNAT port range (struct xdplb_cpu). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xdplb_cpu);
+} xdplb_cpu SEC(".maps");
+
+/* Per CPU and backend: the next SNAT port to try, as an offset into the CPU's slice.
+ * Cycling through the range (instead of hashing) delays reuse of a (SNAT addr, port,
+ * backend) tuple as long as possible, which keeps backends' TIME_WAIT entries from
+ * rejecting new SYNs. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, XDPLB_MAX_BACKENDS);

@@ -209,26 +209,21 @@ static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __
 					      struct xdplb_flow_key *rev_key, struct xdplb_flow *rev,
 					      __u32 now)
 {
-	__u32 span = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
-	__u32 cpus = cfg->nr_cpus ? cfg->nr_cpus : 1;
-	__u32 cpu = bpf_get_smp_processor_id() % cpus;
-	__u32 slice = span / cpus, first, *cursor;
+	struct xdplb_cpu *slice;
+	__u32 zero = 0, *cursor;
 	int evicted = 0;
 
-	if (cfg->snat_port_max < cfg->snat_port_min)
-		return 0;
-	if (!slice) {
-		slice = span;
-		cpu = 0;
-	}
-	first = cfg->snat_port_min + cpu * slice;
+	slice = bpf_map_lookup_elem(&xdplb_cpu, &zero);
 	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &backend_id);
-	if (!cursor)
+	if (!slice || !cursor || !slice->snat_count)
 		return 0;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < XDPLB_SNAT_PORT_TRIES; i++) {
-		__be16 port = bpf_htons(first + *cursor % slice);
+		__be16 port;
 
+		if (*cursor >= slice->snat_count)
+			*cursor = 0;
+		port = bpf_htons(slice->snat_first + *cursor);
 		*cursor += 1;
 		rev_key->dport = port;
 		flow_set_deltas(rev, rev_key);

@@ -27,6 +27,10 @@
 #define XDPLB_TICK_SHIFT 24
 #define XDPLB_PORTS 65536
 
+/* Every Maglev ring map has this many slots; a service uses the first ring_size (a
+ * prime, at most this). One size for all lets the verifier inline ring lookups. */
+#define XDPLB_RING_SLOTS 65537
+
 /* A ring slot that maps to no backend (a service with no usable backend). */
 #define XDPLB_NO_BACKEND 0xffffffffu
 
@@ -181,8 +185,8 @@ struct xdplb_config {
 	__be32 snat_addr; /* source address of packets sent to backends */
 	__u16 snat_port_min;
 	__u16 snat_port_max;
-	__u32 nr_cpus;    /* the SNAT port range is split into one slice per CPU */
 	__u32 flow_mask;  /* xdplb_flows slots - 1 */
+	__u32 pad;
 	__u64 tcp_timeout_ns;
 	__u64 tcp_closing_timeout_ns;
 	__u64 udp_timeout_ns;
@@ -193,6 +197,13 @@ struct xdplb_client_key {
 	__u32 prefixlen;
 	__be32 service_id;
 	__be32 addr;
+};
+
+/* Per-CPU value of xdplb_cpu: this CPU's slice of the SNAT port range, so that CPUs
+ * never hand out the same port (written by the control plane, one value per CPU). */
+struct xdplb_cpu {
+	__u16 snat_first; /* first port of the slice, host byte order */
+	__u16 snat_count; /* ports in the slice */
 };
 
 /* Per-CPU values of xdplb_svc_stats and xdplb_be_stats. */

@@ -22,6 +22,7 @@ FLOW_PROBES = 8
 TICK_SHIFT = 24
 PORTS = 65536
 NO_BACKEND = 0xFFFFFFFF
+RING_SLOTS = 65537
 SNAT_PORT_TRIES = 8
 TOUCH_TICKS = 60
 TRACE_TAG = "xdplb1"
@@ -114,12 +115,16 @@ class FlowSlot(ctypes.Structure):
 
 class Config(ctypes.Structure):
     _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_addr", be32),
-                ("snat_port_min", u16), ("snat_port_max", u16), ("nr_cpus", u32), ("flow_mask", u32),
+                ("snat_port_min", u16), ("snat_port_max", u16), ("flow_mask", u32), ("pad", u32),
                 ("tcp_timeout_ns", u64), ("tcp_closing_timeout_ns", u64), ("udp_timeout_ns", u64)]
 
 
 class ClientKey(ctypes.Structure):
     _fields_ = [("prefixlen", u32), ("service_id", be32), ("addr", be32)]
+
+
+class Cpu(ctypes.Structure):
+    _fields_ = [("snat_first", u16), ("snat_count", u16)]
 
 
 class Traffic(ctypes.Structure):
@@ -134,16 +139,17 @@ MAPS = {
     "xdplb_backends": (u32, Backend),
     "xdplb_rings": (u32, u32),
     "xdplb_flows": (u32, FlowSlot),
+    "xdplb_cpu": (u32, Cpu),
     "xdplb_port_cur": (u32, u32),
     "xdplb_clients": (ClientKey, u8),
     "xdplb_counters": (u32, u64),
     "xdplb_svc_stats": (u32, Traffic),
     "xdplb_be_stats": (u32, Traffic),
 }
-PERCPU_MAPS = {"xdplb_port_cur", "xdplb_counters", "xdplb_svc_stats", "xdplb_be_stats"}
+PERCPU_MAPS = {"xdplb_cpu", "xdplb_port_cur", "xdplb_counters", "xdplb_svc_stats", "xdplb_be_stats"}
 # Structs that appear in the object's DWARF under these names.
 STRUCTS = {
     "xdplb_service_key": ServiceKey, "xdplb_service": Service, "xdplb_backend": Backend,
     "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_config": Config,
-    "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic,
+    "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic, "xdplb_cpu": Cpu,
 }

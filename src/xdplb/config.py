@@ -179,7 +179,8 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
     for j, net in enumerate(entry.get("clients", [])):
         parsed = c.parse(f"{where}.clients[{j}]", model.parse_networks, str(net))
         clients.extend(parsed or [])
-    ring_size = c.integer(f"{where}.ring_size", entry.get("ring_size", model.RING_SIZE_DEFAULT), 3, 1 << 20)
+    ring_size = c.integer(f"{where}.ring_size", entry.get("ring_size", model.RING_SIZE_DEFAULT), 3,
+                          model.RING_SIZE_MAX)
     if ring_size and not maglev.is_prime(ring_size):
         c.fail(f"{where}.ring_size", f"{ring_size} is not prime (Maglev needs a prime table size, like 65537)")
     backends, endpoints = [], set()

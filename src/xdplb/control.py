@@ -215,8 +215,8 @@ def _find_service(services: list[Service], spec: str) -> Service:
 
 def service_add(ifname: str, spec: str, clients: list, ring_size: int) -> list[str]:
     vip, port, proto = parse_service(spec)
-    if not maglev.is_prime(ring_size):
-        raise UsageError(f"--ring-size {ring_size} is not prime; use a prime like 65537")
+    if not maglev.is_prime(ring_size) or ring_size > model.RING_SIZE_MAX:
+        raise UsageError(f"--ring-size {ring_size}: give a prime of at most {model.RING_SIZE_MAX}, like 65537")
 
     def change(services):
         if any((s.vip, s.port, s.proto) == (vip, port, proto) for s in services):

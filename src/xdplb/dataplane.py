@@ -100,11 +100,24 @@ class DataPlane:
         cfg = abi.Config(
             abi_version=abi.ABI_VERSION, flags=abi.ConfigFlags.TRACE if s.trace else 0,
             hash_seed=s.hash_seed, snat_addr=be32(s.snat_addr), snat_port_min=s.snat_port_min,
-            snat_port_max=s.snat_port_max, nr_cpus=self.ncpus,
-            flow_mask=self.flow_slot_count() - 1,
+            snat_port_max=s.snat_port_max, flow_mask=self.flow_slot_count() - 1,
             tcp_timeout_ns=s.tcp_timeout_s * NS, tcp_closing_timeout_ns=s.tcp_closing_timeout_s * NS,
             udp_timeout_ns=s.udp_timeout_s * NS)
         self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+        self._write_cpu_slices(s.snat_port_min, s.snat_port_max)
+
+    def _write_cpu_slices(self, low: int, high: int) -> None:
+        """Gives each CPU its own slice of the SNAT range, so CPUs never pick the same port."""
+        span = high - low + 1
+        per_cpu = max(span // self.ncpus, 1)
+        size = (ctypes.sizeof(abi.Cpu) + 7) // 8 * 8
+        buf = ctypes.create_string_buffer(size * self.ncpus)
+        for cpu in range(self.ncpus):
+            first = low + (cpu * per_cpu) % span
+            count = min(per_cpu, high - first + 1)
+            ctypes.memmove(ctypes.addressof(buf) + cpu * size, ctypes.byref(abi.Cpu(first, count)),
+                           ctypes.sizeof(abi.Cpu))
+        self.lib.update(self.fds["xdplb_cpu"], ctypes.c_uint32(0), buf)
 
     def read_settings(self) -> Settings:
         cfg = abi.Config()
@@ -262,7 +275,7 @@ class DataPlane:
         values = (ctypes.c_uint32 * svc.ring_size)(
             *[abi.NO_BACKEND if slot == maglev.EMPTY else ids[order[slot]] for slot in table])
         keys = _indexes(svc.ring_size)
-        fd = self.lib.create_ring(f"xdplb_ring{svc_id}"[:15], svc.ring_size)
+        fd = self.lib.create_ring(f"xdplb_ring{svc_id}"[:15], abi.RING_SLOTS)
         try:
             self.lib.update_batch(fd, keys, values, svc.ring_size)
             self.lib.update(self.fds["xdplb_rings"], ctypes.c_uint32(svc_id), ctypes.c_uint32(fd))
@@ -274,15 +287,10 @@ class DataPlane:
         inner_id = ctypes.c_uint32()
         if not self.lib.lookup(self.fds["xdplb_rings"], ctypes.c_uint32(svc_id), inner_id):
             return []
+        size = next(v.ring_size for v in self._service_entries().values() if v.id == svc_id)
         fd = self.lib.check(self.lib.bpf_map_get_fd_by_id(inner_id.value), "open ring")
         try:
-            info = self.lib.obj_info(fd, MapInfo())
-            out = []
-            value = ctypes.c_uint32()
-            for i in range(info.max_entries):
-                self.lib.lookup(fd, ctypes.c_uint32(i), value)
-                out.append(value.value)
-            return out
+            return [v for v in self.lib.array_values(fd, ctypes.c_uint32, size)]
         finally:
             os.close(fd)
 
@@ -326,7 +334,7 @@ class DataPlane:
         a restart of the load balancer the backends still hold TIME_WAIT entries for the
         ports used before; starting at the same place every time would hit them all."""
         values = (ctypes.c_uint64 * self.ncpus)(
-            *[secrets.randbits(32) for _ in range(self.ncpus)])
+            *[secrets.randbelow(1 << 16) for _ in range(self.ncpus)])
         self.lib.update(self.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), values)
 
     def _zero_stats(self, name: str, index: int) -> None:

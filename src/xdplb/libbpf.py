@@ -19,7 +19,6 @@ c_int, c_uint32, c_uint64, c_void_p, c_char_p = (
 
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 BPF_MAP_TYPE_ARRAY = 2
-BPF_F_INNER_MAP = 1 << 12
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 BPF_OBJ_NAME_LEN = 16
 
@@ -274,7 +273,7 @@ class Libbpf:
         return list(ids)
 
     def create_ring(self, name: str, entries: int) -> int:
-        opts = MapCreateOpts(sz=ctypes.sizeof(MapCreateOpts), map_flags=BPF_F_INNER_MAP)
+        opts = MapCreateOpts(sz=ctypes.sizeof(MapCreateOpts))
         fd = self.lib.bpf_map_create(BPF_MAP_TYPE_ARRAY, name.encode(), 4, 4, entries,
                                      ctypes.byref(opts))
         return self.check(fd, f"create map {name}")

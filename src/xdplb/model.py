@@ -6,11 +6,13 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
+from . import abi
 from .errors import UsageError
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 RING_SIZE_DEFAULT = 65537
+RING_SIZE_MAX = abi.RING_SLOTS  # every ring map has this many slots
 MAX_WEIGHT = 65535
 
 

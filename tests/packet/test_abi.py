@@ -74,7 +74,8 @@ def header_constants() -> dict[str, int]:
 def test_constants_match_header():
     h = header_constants()
     for name in ("ABI_VERSION", "MAX_SERVICES", "MAX_BACKENDS", "MAX_CLIENT_RULES", "FLOW_SLOTS_DEFAULT",
-                 "FLOW_PROBES", "TICK_SHIFT", "PORTS", "NO_BACKEND", "SNAT_PORT_TRIES", "TOUCH_TICKS"):
+                 "FLOW_PROBES", "TICK_SHIFT", "PORTS", "NO_BACKEND", "SNAT_PORT_TRIES", "TOUCH_TICKS",
+                 "RING_SLOTS"):
         assert getattr(abi, name) == h[f"XDPLB_{name}"], name
     enums = {"XDPLB_PORT_": abi.PortFlags, "XDPLB_CFG_": abi.ConfigFlags, "XDPLB_SVC_": abi.ServiceFlags,
              "XDPLB_BACKEND_": abi.BackendFlags, "XDPLB_FLOW_": abi.FlowFlags, "XDPLB_CNT_": abi.Counter,
