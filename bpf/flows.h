@@ -26,6 +26,11 @@ static __always_inline __u32 now_ticks(void)
 	return bpf_ktime_get_coarse_ns() >> XDPLB_TICK_SHIFT;
 }
 
+static __always_inline __s32 ticks_since(__u32 now, __u32 then)
+{
+	return (__s32)(now - then);
+}
+
 static __always_inline int flow_key_equal(const struct xdplb_flow_key *a, const struct xdplb_flow_key *b)
 {
 	return a->saddr == b->saddr && a->daddr == b->daddr && a->sport == b->sport &&
@@ -47,7 +52,8 @@ static __always_inline int slot_expired(const struct xdplb_config *cfg, const st
 
 	if (s->flow.flags & XDPLB_FLOW_DEAD)
 		return 1;
-	return timeout && now - s->last_seen > (timeout >> XDPLB_TICK_SHIFT) + XDPLB_TOUCH_TICKS;
+	/* Signed: another CPU may have stamped the slot a tick after this CPU read the clock. */
+	return timeout && ticks_since(now, s->last_seen) > (__s32)((timeout >> XDPLB_TICK_SHIFT) + XDPLB_TOUCH_TICKS);
 }
 
 /* Finds key's slot and copies its flow into *flow (consistently). NULL if absent. */
@@ -128,7 +134,7 @@ static __always_inline int flow_store(const struct xdplb_config *cfg, const stru
 			reusable = 1;
 			continue; /* an exclusive store still checks the rest of the window */
 		}
-		age = now - s->last_seen;
+		age = ticks_since(now, s->last_seen) > 0 ? now - s->last_seen : 0;
 		if (!victim || age > victim_age) {
 			victim = s;
 			victim_seq = seq;

@@ -234,6 +234,9 @@ static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __
 				count(XDPLB_CNT_EVICTED);
 			return port;
 		}
+		/* Busy ports come in runs (a backend removed and added again finds its old
+		 * flows on the ports its new cursor starts at): jump past the run. */
+		*cursor += slice->snat_count / XDPLB_SNAT_PORT_TRIES;
 	}
 	return 0;
 }
@@ -508,7 +511,7 @@ int xdplb_main(struct xdp_md *ctx)
 			trace(ctx, cfg, &pkt, &flow, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
 			return pass(XDPLB_CNT_TTL_EXPIRED);
 		}
-		if (now - slot->last_seen > XDPLB_TOUCH_TICKS)
+		if (ticks_since(now, slot->last_seen) > XDPLB_TOUCH_TICKS)
 			touch(cfg, slot, &flow, pkt.key.proto, now);
 		if ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(flow.flags & XDPLB_FLOW_CLOSING))
 			slot->flow.flags |= XDPLB_FLOW_CLOSING;

@@ -201,4 +201,4 @@ def test_changes_under_fifty_keepalive_clients(attached, tmp_path):
     assert any(NAMES[C] in seen for _, seen in load.done)
     # Every connection the clients made is one new flow in the service's counters.
     (entry,) = json.loads(xdplb("-n", LB_NS, "stats", "eth0", "--json", "--interval", "0").stdout)
-    assert entry["services"][0]["new_flows"] == len(load.done)
+    assert entry["services"][0]["new_flows"] == len(load.done), json.dumps(entry["counters"])

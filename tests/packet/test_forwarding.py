@@ -284,3 +284,18 @@ def test_new_backends_start_their_snat_search_at_random_places(harness):
     for backend_id in harness.dp.backend_ids().values():
         cursors.update(c.value for c in harness.dp._percpu("xdplb_port_cur", backend_id, ctypes.c_uint32))
     assert len(cursors) > 1
+
+
+def test_a_backend_added_again_skips_the_ports_its_old_flows_hold(harness):
+    """Its new cursor starts where the old one did; the ports of its still-live flows
+    form a run, which the search jumps past instead of giving up after a few tries."""
+    harness.configure([service(P.BACKEND)])
+    for sport in range(44000, 44020):
+        harness.run(syn(sport=sport))
+    harness.configure([service(P.BACKEND2)])
+    harness.configure([service(P.BACKEND)])
+    action, out = harness.run(syn(sport=45000))
+    assert action == XDP_TX
+    slice_ports = 1000 // harness.dp.ncpus  # CPU 0's share of 20000-20999
+    assert P.Ether(out)[P.TCP].sport == FIRST + 1 + slice_ports // 8
+    assert harness.dp.counters()["table_full"] == 0
