@@ -10,10 +10,10 @@ BUILD := build
 OBJECT := $(BUILD)/xdplb.bpf.o
 BPF_SOURCES := $(wildcard bpf/*.c bpf/*.h)
 
-# Debian packages the build, the lab, the tests and the benchmarks use.
+# Debian packages the build, the lab, the tests and the benchmarks use (the test suite
+# runs a small benchmark, so it needs the benchmark's servers too).
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make \
-	iproute2 iputils-ping ethtool curl wrk python3-venv
-BENCH_PACKAGES := nftables haproxy iperf3 nginx-light
+	iproute2 iputils-ping ethtool curl wrk python3-venv nftables haproxy iperf3 nginx-light
 
 # libbpf: built from the libbpf/ submodule when it is checked out (the libbpf-bootstrap
 # pattern: objects and an install tree under build/libbpf), else the system's libbpf-dev.
@@ -27,7 +27,7 @@ LIBBPF_TARGET :=
 LIBBPF_USED := system libbpf-dev (libbpf/ submodule not checked out)
 endif
 
-.PHONY: all deps bench-deps venv build demo test test-unit bench bench-smoke clean
+.PHONY: all deps venv build demo test test-unit bench bench-smoke clean
 
 all: build
 
@@ -38,13 +38,10 @@ deps:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-bench-deps:
-	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(BENCH_PACKAGES)"
-
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	@touch $@
 
 venv: $(BIN)/activate
@@ -68,10 +65,10 @@ test: build
 test-unit: venv
 	$(BIN)/pytest -q tests/unit
 
-bench: build bench-deps
+bench: build
 	$(BIN)/python -m bench
 
-bench-smoke: build bench-deps
+bench-smoke: build
 	$(BIN)/python -m bench --smoke
 
 clean:

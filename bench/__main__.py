@@ -9,9 +9,10 @@ import os
 import platform
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from . import controlplane, perpacket
+from . import controlplane, e2e, live, perpacket
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "benchmarks.md"
@@ -50,9 +51,17 @@ def main() -> None:
     pp = perpacket.run(repeat, runs, fills)
     rings = controlplane.ring_swaps([10, 100] if args.smoke else [10, 100, 1000], 2 if args.smoke else 5)
     cli = controlplane.end_to_end(1 if args.smoke else 3)
+    rates = live.run(10_000 if args.smoke else 2_000_000, 1 if args.smoke else 5)
+    ends = e2e.run(1 if args.smoke else 5, 1 if args.smoke else 3)
+    png = REPORT.parent / ("benchmarks-smoke.png" if args.smoke else "benchmarks-e2e.png")
+    plotted = e2e.plot(ends, png if not args.smoke else RESULTS / "smoke.png")
     data = {"machine": info, "per_packet": [f.as_dict() for f in pp.figures],
             "flow_table_fill": [f.as_dict() for f in pp.fill],
-            "control_plane": [t.as_dict() for t in rings + cli], "smoke": args.smoke}
+            "control_plane": [t.as_dict() for t in rings + cli],
+            "live_frames": [r.as_dict() for r in rates],
+            "end_to_end": {f"{mode}/{test}": [asdict(s) for s in samples]
+                           for (mode, test), samples in ends.samples.items()},
+            "smoke": args.smoke}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / ("smoke.json" if args.smoke else "latest.json")).write_text(json.dumps(data, indent=2))
     lines = ["# xdplb benchmarks", "",
@@ -60,6 +69,14 @@ def main() -> None:
              f"{info['clang']}, libbpf {info['libbpf']}, Python {info['python']}.",
              "Command: `make bench` (as root). Raw figures: `bench/results/latest.json`.", "",
              "## Per-packet cost (BPF_PROG_TEST_RUN)", "", *perpacket_table(pp), "",
+             "## Live throughput (BPF_F_TEST_XDP_LIVE_FRAMES into a veth)", "",
+             "Frames sent out of a veth with XDP_TX by BPF_PROG_TEST_RUN in live-frames mode (batch 64), "
+             "counted by an XDP program on the peer; one CPU. Median of the runs.", "",
+             "| program | Mpps | min-max | delivered | ratio to floor |", "| --- | ---: | ---: | ---: | ---: |",
+             *[f"| {r.name} | {r.median:.2f} | {min(r.mpps):.2f}-{max(r.mpps):.2f} | {r.delivered:.1%} | "
+               f"{r.median / rates[0].median:.2f}x |" for r in rates], "",
+             "## End to end in the lab", "", *e2e.table(ends), "",
+             *(["![end-to-end comparison](benchmarks-e2e.png)", ""] if plotted else []),
              "## Control plane", "", "| operation | median ms | min-max ms |", "| --- | ---: | ---: |",
              *[f"| {t.name} | {t.median * 1000:.1f} | {min(t.runs_s) * 1000:.1f}-{max(t.runs_s) * 1000:.1f} |"
                for t in rings + cli], ""]

@@ -79,7 +79,9 @@ class Results:
 
 
 class Bench:
-    def __init__(self, flows: int):
+    def __init__(self, flows: int, hop: NextHop | None = None):
+        """hop: where backends are (default: the loopback device, which test runs
+        without a context see as the ingress interface)."""
         self.capacity = flows
         lib = self.lib = libbpf()
         build.compile_object(BENCH_OBJECT, source=BENCH_SOURCE, check=False)
@@ -90,7 +92,7 @@ class Bench:
         self.dp = DataPlane(fds)
         self.dp.write_settings(Settings(snat_addr=ipaddress.IPv4Address(VIP), snat_port_min=SNAT_PORTS[0],
                                         snat_port_max=SNAT_PORTS[1]))
-        hops = {b: NextHop(LOOPBACK, f"02:00:00:00:00:b{i}", LB_MAC) for i, b in enumerate(BACKENDS)}
+        hops = {b: hop or NextHop(LOOPBACK, f"02:00:00:00:00:b{i}", LB_MAC) for i, b in enumerate(BACKENDS)}
         services = [Service(ipaddress.IPv4Address(VIP), 80, proto,
                             [Backend(ipaddress.IPv4Address(b), 80) for b in BACKENDS]) for proto in ("tcp", "udp")]
         self.dp.apply(services, hops, 1, SNAT_PORTS)
@@ -106,15 +108,19 @@ class Bench:
         action, out, _ = self.lib.test_run(self.xdplb, data)
         return action, out
 
-    def measure(self, target_fd: int, data: bytes, repeat: int, runs: int,
-                new_clients: bool = False) -> tuple[list[float], int, bytes]:
-        """Runs the harness around target; returns ns per iteration for each run and the
-        last run's action and output."""
+    def set_frame(self, data: bytes, target_fd: int, new_clients: bool = False) -> None:
+        """The frame bench_reset restores before every run of target."""
         value = BenchFrame(len=len(data), new_client_each_time=int(new_clients),
                            first_client=int(ipaddress.IPv4Address("10.128.0.0")))
         ctypes.memmove(value.data, data, len(data))
         self.lib.update(self.frame_fd, ctypes.c_uint32(0), value)
         self.lib.update(self.target_fd, ctypes.c_uint32(0), ctypes.c_uint32(target_fd))
+
+    def measure(self, target_fd: int, data: bytes, repeat: int, runs: int,
+                new_clients: bool = False) -> tuple[list[float], int, bytes]:
+        """Runs the harness around target; returns ns per iteration for each run and the
+        last run's action and output."""
+        self.set_frame(data, target_fd, new_clients)
         out_ns = []
         action, out = 0, b""
         for _ in range(runs):

@@ -285,21 +285,23 @@ class Libbpf:
 
     def test_run(self, prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None = None,
                  flags: int = 0, batch_size: int = 0) -> tuple[int, bytes, int]:
-        """Runs a program on one packet: (return value, output packet, ns per run)."""
+        """Runs a program on one packet: (return value, output packet, ns per run).
+        In live-frames mode the frames leave for real and there is no output."""
+        live = bool(flags & BPF_F_TEST_XDP_LIVE_FRAMES)
         out = ctypes.create_string_buffer(max(len(data), 1) + 512)
         opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts), data_size_in=len(data),
-                           data_size_out=len(out), repeat=repeat, flags=flags,
+                           data_size_out=0 if live else len(out), repeat=repeat, flags=flags,
                            batch_size=batch_size)
         inbuf = ctypes.create_string_buffer(data, len(data))
         opts.data_in = ctypes.addressof(inbuf)
-        opts.data_out = ctypes.addressof(out)
+        if not live:
+            opts.data_out = ctypes.addressof(out)
         if ctx is not None:
             ctxbuf = ctypes.create_string_buffer(ctx, len(ctx))
             opts.ctx_in = ctypes.addressof(ctxbuf)
             opts.ctx_size_in = len(ctx)
         self.check(self.lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
-        return opts.retval, out.raw[:opts.data_size_out], opts.duration
-
+        return opts.retval, b"" if live else out.raw[:opts.data_size_out], opts.duration
 
 _instance: Libbpf | None = None
 

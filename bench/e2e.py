@@ -1,0 +1,304 @@
+# SPDX-License-Identifier: Apache-2.0
+"""End to end in a lab of its own: HTTP (wrk, keep-alive and a new connection per
+request) and TCP throughput (iperf3) directly to one backend, through xdplb, through
+nftables DNAT/SNAT and through HAProxy, interleaved round by round on one topology.
+
+Backends run nginx on port 8080 and iperf3 on 5201. Besides requests/s, the whole
+machine's CPU time per request above the direct run shows what the load balancer costs
+even when the client or the backends are the bottleneck (they share the 2 CPUs).
+"""
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xdplb import lab
+
+PREFIX = "xdplb-b"
+LB_NS, CLIENT_NS = f"{PREFIX}-lb", f"{PREFIX}-client"
+BACKEND_NS = [f"{PREFIX}-backend-a", f"{PREFIX}-backend-b"]
+BACKENDS = [str(lab.SUBNET[lab.BACKEND_BASE + i]) for i in range(2)]
+VIP = str(lab.LB_ADDR)
+HTTP_PORT, IPERF_PORT = 8080, 5201
+STATE = Path("/run/xdplb/bench")
+MODES = ["direct", "xdplb", "nftables", "haproxy"]
+TESTS = ["keepalive", "newconn", "iperf3"]
+
+
+@dataclass
+class Sample:
+    value: float  # requests/s, or Gbit/s for iperf3
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    cpu_us_per_req: float = 0.0
+
+
+@dataclass
+class Results:
+    seconds: int
+    rounds: int
+    samples: dict = field(default_factory=dict)  # (mode, test) -> [Sample]
+
+    def median(self, mode: str, test: str, attr: str = "value") -> float:
+        return statistics.median(getattr(s, attr) for s in self.samples[(mode, test)])
+
+    def spread(self, mode: str, test: str) -> tuple[float, float]:
+        values = [s.value for s in self.samples[(mode, test)]]
+        return min(values), max(values)
+
+
+def _ns(ns: str, *cmd: str) -> list[str]:
+    return ["nsenter", f"--net=/run/netns/{ns}", *cmd]
+
+
+def _start(ns: str, *cmd: str) -> subprocess.Popen:
+    return subprocess.Popen(_ns(ns, *cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _nginx_conf(ns: str, name: str) -> Path:
+    d = STATE / ns
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{ listen {HTTP_PORT} reuseport backlog=4096; location / {{ return 200 "hello from {name}\\n"; }} }}
+}}
+""")
+    return conf
+
+
+def _haproxy_conf() -> Path:
+    d = STATE / LB_NS
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "haproxy.cfg"
+    conf.write_text(f"""
+global
+  maxconn 8000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend http
+  bind {VIP}:{HTTP_PORT}
+  default_backend web
+backend web
+  balance roundrobin
+  server a {BACKENDS[0]}:{HTTP_PORT}
+  server b {BACKENDS[1]}:{HTTP_PORT}
+frontend iperf
+  bind {VIP}:{IPERF_PORT}
+  default_backend bulk
+backend bulk
+  server a {BACKENDS[0]}:{IPERF_PORT}
+""")
+    return conf
+
+
+NFT_RULES = f"""
+table ip xdplb_bench {{
+  chain pre {{
+    type nat hook prerouting priority dstnat;
+    ip daddr {VIP} tcp dport {HTTP_PORT} dnat to numgen inc mod 2 map {{ 0 : {BACKENDS[0]}, 1 : {BACKENDS[1]} }}
+    ip daddr {VIP} tcp dport {IPERF_PORT} dnat to {BACKENDS[0]}
+  }}
+  chain post {{
+    type nat hook postrouting priority srcnat;
+    ip daddr {{ {BACKENDS[0]}, {BACKENDS[1]} }} masquerade
+  }}
+}}
+"""
+
+XDPLB_CONFIG = f"""
+[interfaces.eth0]
+flows = 262144
+timeouts = {{ tcp = 900, tcp_closing = 2, udp = 300 }}
+
+[[interfaces.eth0.services]]
+vip = "{VIP}"
+port = {HTTP_PORT}
+backends = [ {{ address = "{BACKENDS[0]}" }}, {{ address = "{BACKENDS[1]}" }} ]
+
+[[interfaces.eth0.services]]
+vip = "{VIP}"
+port = {IPERF_PORT}
+backends = [ {{ address = "{BACKENDS[0]}" }} ]
+"""
+
+
+class Mode:
+    """Sets a mode up on the load balancer, and tears it down again."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.proc = None
+
+    def target(self) -> str:
+        return BACKENDS[0] if self.name == "direct" else VIP
+
+    def __enter__(self):
+        if self.name == "xdplb":
+            path = STATE / "xdplb.toml"
+            path.write_text(XDPLB_CONFIG)
+            subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "apply", str(path)], check=True,
+                           capture_output=True)
+        elif self.name == "nftables":
+            subprocess.run(["ip", "netns", "exec", LB_NS, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+            subprocess.run(["ip", "netns", "exec", LB_NS, "nft", "-f", "-"], input=NFT_RULES.encode(), check=True)
+        elif self.name == "haproxy":
+            self.proc = _start(LB_NS, "haproxy", "-db", "-f", str(_haproxy_conf()))
+            _wait_port(CLIENT_NS, VIP, HTTP_PORT)
+        return self
+
+    def __exit__(self, *exc):
+        if self.name == "xdplb":
+            subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "detach", "eth0"], capture_output=True)
+        elif self.name == "nftables":
+            subprocess.run(["ip", "netns", "exec", LB_NS, "nft", "delete", "table", "ip", "xdplb_bench"],
+                           capture_output=True)
+            subprocess.run(["ip", "netns", "exec", LB_NS, "sysctl", "-qw", "net.ipv4.ip_forward=0"])
+        elif self.proc:
+            _stop(self.proc)
+        time.sleep(1.0)  # let TIME_WAIT and softirq work from this mode settle
+
+
+def _wait_port(ns: str, host: str, port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(_ns(ns, "curl", "-s", "-o", "/dev/null", "-m", "1", f"http://{host}:{port}/"))
+        if r.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{host}:{port} did not answer from {ns}")
+
+
+def _busy_seconds() -> float:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / 100.0  # USER_HZ
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _wrk(target: str, seconds: int, close: bool) -> Sample:
+    cmd = ["wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", f"http://{target}:{HTTP_PORT}/"]
+    if close:
+        cmd[1:1] = ["-H", "Connection: close"]
+    before = _busy_seconds()
+    out = subprocess.run(_ns(CLIENT_NS, *cmd), capture_output=True, text=True, check=True).stdout
+    busy = _busy_seconds() - before
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if bad and int(bad.group(1)):
+        raise RuntimeError(f"wrk got {bad.group(1)} error responses through {target}")
+    pct = {m.group(1): float(m.group(2)) * _UNITS[m.group(3)]
+           for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    return Sample(rps, pct.get("50", 0.0), pct.get("99", 0.0), busy * 1e6 / max(total, 1))
+
+
+def _iperf(target: str, seconds: int) -> Sample:
+    import json
+    out = subprocess.run(_ns(CLIENT_NS, "iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"),
+                         capture_output=True, text=True, check=True).stdout
+    bps = json.loads(out)["end"]["sum_received"]["bits_per_second"]
+    return Sample(bps / 1e9)
+
+
+def run(seconds: int, rounds: int) -> Results:
+    lab.down(PREFIX)
+    lab.up(backends=2, clients=1, prefix=PREFIX)
+    servers = []
+    try:
+        subprocess.run(["ip", "netns", "exec", CLIENT_NS, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"], check=True)
+        for ns, name in zip(BACKEND_NS, ("backend-a", "backend-b")):
+            servers.append(_start(ns, "nginx", "-c", str(_nginx_conf(ns, name))))
+            servers.append(_start(ns, "iperf3", "-s", "-p", str(IPERF_PORT)))
+        for b in BACKENDS:
+            _wait_port(CLIENT_NS, b, HTTP_PORT)
+        res = Results(seconds, rounds)
+        for _ in range(rounds):
+            for mode in MODES:  # interleaved: drift hits every mode alike
+                with Mode(mode) as m:
+                    _wait_port(CLIENT_NS, m.target(), HTTP_PORT)
+                    res.samples.setdefault((mode, "keepalive"), []).append(_wrk(m.target(), seconds, False))
+                    res.samples.setdefault((mode, "newconn"), []).append(_wrk(m.target(), seconds, True))
+                    res.samples.setdefault((mode, "iperf3"), []).append(_iperf(m.target(), seconds))
+        return res
+    finally:
+        for proc in servers:
+            _stop(proc)
+        subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "detach", "eth0"], capture_output=True)
+        lab.down(PREFIX)
+
+
+def table(res: Results) -> list[str]:
+    lines = [f"{res.rounds} interleaved rounds of {res.seconds} s per test, medians (min-max). wrk: 1 thread, "
+             "16 connections; iperf3: one TCP stream to backend a. CPU/req: whole machine, above direct.", "",
+             "| mode | keep-alive req/s | p50 / p99 ms | CPU us/req | new-conn req/s | p50 / p99 ms | CPU us/req "
+             "| iperf3 Gbit/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    base_ka = res.median("direct", "keepalive", "cpu_us_per_req")
+    base_nc = res.median("direct", "newconn", "cpu_us_per_req")
+    for mode in MODES:
+        ka, nc, ip = (res.spread(mode, t) for t in TESTS)
+        lines.append(
+            f"| {mode} | {res.median(mode, 'keepalive'):,.0f} ({ka[0]:,.0f}-{ka[1]:,.0f}) | "
+            f"{res.median(mode, 'keepalive', 'p50_ms'):.2f} / {res.median(mode, 'keepalive', 'p99_ms'):.2f} | "
+            f"{res.median(mode, 'keepalive', 'cpu_us_per_req') - base_ka:+.1f} | "
+            f"{res.median(mode, 'newconn'):,.0f} ({nc[0]:,.0f}-{nc[1]:,.0f}) | "
+            f"{res.median(mode, 'newconn', 'p50_ms'):.2f} / {res.median(mode, 'newconn', 'p99_ms'):.2f} | "
+            f"{res.median(mode, 'newconn', 'cpu_us_per_req') - base_nc:+.1f} | "
+            f"{res.median(mode, 'iperf3'):.2f} ({ip[0]:.2f}-{ip[1]:.2f}) |")
+    lines.append("")
+    for other in ("nftables", "haproxy"):
+        ratios = ", ".join(f"{t} {res.median('xdplb', t) / res.median(other, t):.2f}x" for t in TESTS)
+        lines.append(f"xdplb / {other}: {ratios}.  ")
+    return lines
+
+
+def plot(res: Results, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    labels = {"keepalive": "HTTP keep-alive (req/s)", "newconn": "HTTP new connection (req/s)",
+              "iperf3": "TCP throughput (Gbit/s)"}
+    for ax, test in zip(axes, TESTS):
+        meds = [res.median(m, test) for m in MODES]
+        lows = [meds[i] - res.spread(m, test)[0] for i, m in enumerate(MODES)]
+        highs = [res.spread(m, test)[1] - meds[i] for i, m in enumerate(MODES)]
+        ax.bar(MODES, meds, yerr=[lows, highs], capsize=4,
+               color=["#888888", "#2a7ab0", "#d08a2a", "#8a5ab0"])
+        ax.set_title(labels[test], fontsize=10)
+        ax.tick_params(axis="x", labelsize=9)
+    fig.suptitle("xdplb vs. the alternatives, same lab, same run (bars: median, whiskers: min-max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

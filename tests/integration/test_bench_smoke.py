@@ -1,0 +1,28 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`make bench-smoke`: every benchmark section runs (tiny sizes). Benchmarks are never
+run as tests; this only checks that `make bench` would work on this machine."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import require
+from xdplb import build
+
+
+def test_bench_smoke_runs_every_section(bpf_object):
+    for tool in ("wrk", "iperf3", "nginx", "haproxy", "nft"):
+        require(shutil.which(tool) is not None, f"needs {tool} (make bench-deps)")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--json"], cwd=build.ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout[proc.stdout.index("{"):])
+    names = [f["name"] for f in data["per_packet"]]
+    assert any("floor" in n for n in names) and any("new flow" in n for n in names)
+    assert all(f["checked"] for f in data["per_packet"])
+    assert [r["delivered"] for r in data["live_frames"]] == [1.0, 1.0]
+    assert {k.split("/")[0] for k in data["end_to_end"]} == {"direct", "xdplb", "nftables", "haproxy"}
+    assert all(s[0]["value"] > 0 for s in data["end_to_end"].values())
+    assert len(data["control_plane"]) >= 3
