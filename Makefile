@@ -13,7 +13,7 @@ BPF_SOURCES := $(wildcard bpf/*.c bpf/*.h)
 # Debian packages the build, the lab, the tests and the benchmarks use (the test suite
 # runs a small benchmark, so it needs the benchmark's servers too).
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make \
-	iproute2 iputils-ping ethtool curl wrk python3-venv nftables haproxy iperf3 nginx-light
+	iproute2 iputils-ping ethtool curl wrk python3-venv nftables conntrack haproxy iperf3 nginx-light
 
 # libbpf: built from the libbpf/ submodule when it is checked out (the libbpf-bootstrap
 # pattern: objects and an install tree under build/libbpf), else the system's libbpf-dev.
@@ -32,7 +32,7 @@ endif
 all: build
 
 deps:
-	@missing=$$(for p in $(APT_PACKAGES) $(EXTRA_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing:" $$missing; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \

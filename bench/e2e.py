@@ -181,7 +181,16 @@ class Mode:
             subprocess.run(["ip", "netns", "exec", LB_NS, "sysctl", "-qw", "net.ipv4.ip_forward=0"])
         elif self.proc:
             _stop(self.proc)
-        time.sleep(1.0)  # let TIME_WAIT and softirq work from this mode settle
+        settle()
+
+
+def settle() -> None:
+    """Clears what one run leaves for the next: TIME_WAIT sockets everywhere (a later run
+    would collide with them) and the load balancer's conntrack entries."""
+    for ns in [CLIENT_NS, LB_NS, *BACKEND_NS]:
+        subprocess.run(_ns(ns, "ss", "-K", "state", "time-wait"), capture_output=True)
+    subprocess.run(_ns(LB_NS, "conntrack", "-F"), capture_output=True)
+    time.sleep(1.0)
 
 
 def _wait_port(ns: str, host: str, port: int, timeout: float = 10) -> None:
@@ -245,7 +254,9 @@ def run(seconds: int, rounds: int) -> Results:
                 with Mode(mode) as m:
                     _wait_port(CLIENT_NS, m.target(), HTTP_PORT)
                     res.samples.setdefault((mode, "keepalive"), []).append(_wrk(m.target(), seconds, False))
+                    settle()
                     res.samples.setdefault((mode, "newconn"), []).append(_wrk(m.target(), seconds, True))
+                    settle()
                     res.samples.setdefault((mode, "iperf3"), []).append(_iperf(m.target(), seconds))
         return res
     finally:

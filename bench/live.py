@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -50,6 +51,9 @@ def _topology() -> tuple[int, str]:
     if NS in netns.listnetns():
         netns.remove(NS)
     netns.create(NS)
+    # No IPv6 on these links: its router solicitations would be counted as delivered frames.
+    subprocess.run(["ip", "netns", "exec", NS, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1"], check=True)
     with IPRoute(netns=NS) as ipr:
         ipr.link("add", ifname="lb0", kind="veth", peer={"ifname": "sink0"})
         for name in ("lb0", "sink0"):

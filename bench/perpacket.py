@@ -32,7 +32,9 @@ MAX_FRAME = 256
 LB_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:0c"
 VIP = "10.0.0.2"
 CLIENT = "10.1.0.1"
-BACKENDS = ["10.0.0.101", "10.0.0.102"]
+# Enough backends that a million concurrent flows find SNAT ports: full NAT with one SNAT
+# address has (ports in a CPU's slice) flows per backend and CPU.
+BACKENDS = [str(ipaddress.IPv4Address("10.0.1.0") + i) for i in range(64)]
 SNAT_PORTS = (20000, 59999)
 LOOPBACK = 1  # test runs without a context see the loopback device as ingress
 
@@ -92,7 +94,8 @@ class Bench:
         self.dp = DataPlane(fds)
         self.dp.write_settings(Settings(snat_addr=ipaddress.IPv4Address(VIP), snat_port_min=SNAT_PORTS[0],
                                         snat_port_max=SNAT_PORTS[1]))
-        hops = {b: hop or NextHop(LOOPBACK, f"02:00:00:00:00:b{i}", LB_MAC) for i, b in enumerate(BACKENDS)}
+        hops = {b: hop or NextHop(LOOPBACK, f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", LB_MAC)
+                for i, b in enumerate(BACKENDS)}
         services = [Service(ipaddress.IPv4Address(VIP), 80, proto,
                             [Backend(ipaddress.IPv4Address(b), 80) for b in BACKENDS]) for proto in ("tcp", "udp")]
         self.dp.apply(services, hops, 1, SNAT_PORTS)

@@ -69,20 +69,14 @@ struct {
 	__type(value, struct xdplb_flow_slot);
 } xdplb_flows SEC(".maps");
 
-/* This CPU's slice of the SNAT port range (struct xdplb_cpu). */
+/* Per backend: the next SNAT port to try, as an offset into the range (shared by all
+ * CPUs: the whole range serves a backend even when one CPU takes all new flows; two CPUs
+ * that pick the same port are sorted out by the flow table's exclusive store). Cycling
+ * through the range (instead of hashing) delays reuse of a (SNAT addr, port, backend)
+ * tuple as long as possible, which keeps backends' TIME_WAIT entries from rejecting
+ * new SYNs. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct xdplb_cpu);
-} xdplb_cpu SEC(".maps");
-
-/* Per CPU and backend: the next SNAT port to try, as an offset into the CPU's slice.
- * Cycling through the range (instead of hashing) delays reuse of a (SNAT addr, port,
- * backend) tuple as long as possible, which keeps backends' TIME_WAIT entries from
- * rejecting new SYNs. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, XDPLB_MAX_BACKENDS);
 	__type(key, __u32);
 	__type(value, __u32);

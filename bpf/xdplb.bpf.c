@@ -209,22 +209,16 @@ static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __
 					      struct xdplb_flow_key *rev_key, struct xdplb_flow *rev,
 					      __u32 now)
 {
-	struct xdplb_cpu *slice;
-	__u32 zero = 0, *cursor;
+	__u32 span = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1, *cursor;
 	int evicted = 0;
 
-	slice = bpf_map_lookup_elem(&xdplb_cpu, &zero);
 	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &backend_id);
-	if (!slice || !cursor || !slice->snat_count)
+	if (!cursor || cfg->snat_port_max < cfg->snat_port_min)
 		return 0;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < XDPLB_SNAT_PORT_TRIES; i++) {
-		__be16 port;
+		__be16 port = bpf_htons(cfg->snat_port_min + __sync_fetch_and_add(cursor, 1) % span);
 
-		if (*cursor >= slice->snat_count)
-			*cursor = 0;
-		port = bpf_htons(slice->snat_first + *cursor);
-		*cursor += 1;
 		rev_key->dport = port;
 		flow_set_deltas(rev, rev_key);
 		/* A live entry with this key means the port is in use towards this backend. */
@@ -236,7 +230,7 @@ static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __
 		}
 		/* Busy ports come in runs (a backend removed and added again finds its old
 		 * flows on the ports its new cursor starts at): jump past the run. */
-		*cursor += slice->snat_count / XDPLB_SNAT_PORT_TRIES;
+		__sync_fetch_and_add(cursor, span / XDPLB_SNAT_PORT_TRIES);
 	}
 	return 0;
 }

@@ -199,13 +199,6 @@ struct xdplb_client_key {
 	__be32 addr;
 };
 
-/* Per-CPU value of xdplb_cpu: this CPU's slice of the SNAT port range, so that CPUs
- * never hand out the same port (written by the control plane, one value per CPU). */
-struct xdplb_cpu {
-	__u16 snat_first; /* first port of the slice, host byte order */
-	__u16 snat_count; /* ports in the slice */
-};
-
 /* Per-CPU values of xdplb_svc_stats and xdplb_be_stats. */
 struct xdplb_traffic {
 	__u64 packets;

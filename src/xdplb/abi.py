@@ -123,10 +123,6 @@ class ClientKey(ctypes.Structure):
     _fields_ = [("prefixlen", u32), ("service_id", be32), ("addr", be32)]
 
 
-class Cpu(ctypes.Structure):
-    _fields_ = [("snat_first", u16), ("snat_count", u16)]
-
-
 class Traffic(ctypes.Structure):
     _fields_ = [("packets", u64), ("bytes", u64), ("new_flows", u64)]
 
@@ -139,17 +135,16 @@ MAPS = {
     "xdplb_backends": (u32, Backend),
     "xdplb_rings": (u32, u32),
     "xdplb_flows": (u32, FlowSlot),
-    "xdplb_cpu": (u32, Cpu),
     "xdplb_port_cur": (u32, u32),
     "xdplb_clients": (ClientKey, u8),
     "xdplb_counters": (u32, u64),
     "xdplb_svc_stats": (u32, Traffic),
     "xdplb_be_stats": (u32, Traffic),
 }
-PERCPU_MAPS = {"xdplb_cpu", "xdplb_port_cur", "xdplb_counters", "xdplb_svc_stats", "xdplb_be_stats"}
+PERCPU_MAPS = { "xdplb_counters", "xdplb_svc_stats", "xdplb_be_stats"}
 # Structs that appear in the object's DWARF under these names.
 STRUCTS = {
     "xdplb_service_key": ServiceKey, "xdplb_service": Service, "xdplb_backend": Backend,
     "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_config": Config,
-    "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic, "xdplb_cpu": Cpu,
+    "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic,
 }

@@ -295,45 +295,45 @@ def drain(ifname: str, spec: str, backend_text: str, timeout: float, progress=la
     return lines + backend_del(ifname, spec, backend_text), left
 
 
-def stats(ifname: str | None) -> list[dict]:
-    """status() plus the number of active flows per service and backend."""
+def _each_attached(ifname: str | None):
+    """(name, attachment) for the named interface, or for every one carrying xdplb; each
+    attachment's maps are closed once the caller moves on."""
     loader.ensure_root()
-    names = [ifname] if ifname else loader.attached_interfaces()
-    out = []
-    for name in names:
+    for name in [ifname] if ifname else loader.attached_interfaces():
         found = _attached(name)
         try:
-            entry = describe(name, found)
-            active = found.dataplane.active_flows()
-            for s in entry["services"]:
-                for b in s["backends"]:
-                    b["active_flows"] = active.get(b["id"], 0)
-                s["active_flows"] = sum(b["active_flows"] for b in s["backends"])
-            entry["sampled_at"] = time.monotonic()
-            out.append(entry)
+            yield name, found
         finally:
             found.dataplane.close()
+
+
+def stats(ifname: str | None) -> list[dict]:
+    """status() plus the number of active flows per service and backend."""
+    out = []
+    for name, found in _each_attached(ifname):
+        entry = describe(name, found)
+        active = found.dataplane.active_flows()
+        for s in entry["services"]:
+            for b in s["backends"]:
+                b["active_flows"] = active.get(b["id"], 0)
+            s["active_flows"] = sum(b["active_flows"] for b in s["backends"])
+        entry["sampled_at"] = time.monotonic()
+        out.append(entry)
     return out
 
 
 # ---- declarative configuration --------------------------------------------------------
 
 def export(ifname: str | None) -> str:
-    loader.ensure_root()
-    names = [ifname] if ifname else loader.attached_interfaces()
     interfaces = []
-    for name in names:
-        found = _attached(name)
-        try:
-            dp = found.dataplane
-            s = dp.read_settings()
-            interfaces.append(config.InterfaceConfig(
-                name=name, mode=found.mode, flows=dp.flow_capacity(), snat=s.snat_addr,
-                snat_ports=(s.snat_port_min, s.snat_port_max), seed=s.hash_seed,
-                timeouts={"tcp": s.tcp_timeout_s, "tcp_closing": s.tcp_closing_timeout_s, "udp": s.udp_timeout_s},
-                services=dp.services()))
-        finally:
-            found.dataplane.close()
+    for name, found in _each_attached(ifname):
+        dp = found.dataplane
+        s = dp.read_settings()
+        interfaces.append(config.InterfaceConfig(
+            name=name, mode=found.mode, flows=dp.flow_capacity(), snat=s.snat_addr,
+            snat_ports=(s.snat_port_min, s.snat_port_max), seed=s.hash_seed,
+            timeouts={"tcp": s.tcp_timeout_s, "tcp_closing": s.tcp_closing_timeout_s, "udp": s.udp_timeout_s},
+            services=dp.services()))
     return config.dump(interfaces)
 
 

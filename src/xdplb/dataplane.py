@@ -104,26 +104,6 @@ class DataPlane:
             tcp_timeout_ns=s.tcp_timeout_s * NS, tcp_closing_timeout_ns=s.tcp_closing_timeout_s * NS,
             udp_timeout_ns=s.udp_timeout_s * NS)
         self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
-        self._write_cpu_slices(s.snat_port_min, s.snat_port_max)
-
-    def _cpu_slices(self, low: int, high: int) -> list[tuple[int, int]]:
-        """(first port, count) of each CPU's slice of the SNAT range."""
-        span = high - low + 1
-        per_cpu = max(span // self.ncpus, 1)
-        out = []
-        for cpu in range(self.ncpus):
-            first = low + (cpu * per_cpu) % span
-            out.append((first, min(per_cpu, high - first + 1)))
-        return out
-
-    def _write_cpu_slices(self, low: int, high: int) -> None:
-        """Gives each CPU its own slice of the SNAT range, so CPUs never pick the same port."""
-        size = (ctypes.sizeof(abi.Cpu) + 7) // 8 * 8
-        buf = ctypes.create_string_buffer(size * self.ncpus)
-        for cpu, (first, count) in enumerate(self._cpu_slices(low, high)):
-            ctypes.memmove(ctypes.addressof(buf) + cpu * size, ctypes.byref(abi.Cpu(first, count)),
-                           ctypes.sizeof(abi.Cpu))
-        self.lib.update(self.fds["xdplb_cpu"], ctypes.c_uint32(0), buf)
 
     def read_settings(self) -> Settings:
         cfg = abi.Config()
@@ -336,13 +316,11 @@ class DataPlane:
                 for i in range(self.ncpus)]
 
     def _scatter_port_cursor(self, backend_id: int) -> None:
-        """Starts each CPU's SNAT port search for a new backend at a random place. After
+        """Starts the SNAT port search for a new backend at a random place. After
         a restart of the load balancer the backends still hold TIME_WAIT entries for the
         ports used before; starting at the same place every time would hit them all."""
-        s = self.read_settings()
-        values = (ctypes.c_uint64 * self.ncpus)(
-            *[secrets.randbelow(count) for _, count in self._cpu_slices(s.snat_port_min, s.snat_port_max)])
-        self.lib.update(self.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), values)
+        self.lib.update(self.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id),
+                        ctypes.c_uint32(secrets.randbelow(1 << 32)))
 
     def _zero_stats(self, name: str, index: int) -> None:
         size = (ctypes.sizeof(abi.Traffic) + 7) // 8 * 8

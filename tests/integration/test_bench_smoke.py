@@ -22,7 +22,7 @@ def test_bench_smoke_runs_every_section(bpf_object):
     names = [f["name"] for f in data["per_packet"]]
     assert any("floor" in n for n in names) and any("new flow" in n for n in names)
     assert all(f["checked"] for f in data["per_packet"])
-    assert [r["delivered"] for r in data["live_frames"]] == [1.0, 1.0]
+    assert all(0.99 <= r["delivered"] <= 1.01 for r in data["live_frames"]), data["live_frames"]
     assert {k.split("/")[0] for k in data["end_to_end"]} == {"direct", "xdplb", "nftables", "haproxy"}
     assert all(s[0]["value"] > 0 for s in data["end_to_end"].values())
     assert len(data["control_plane"]) >= 3

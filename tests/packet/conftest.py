@@ -46,13 +46,8 @@ class Harness:
         self.configured = services
         # apply() starts SNAT port searches at random places; the fixtures expect the
         # first port of the range, so start every search there.
-        zero = (ctypes.c_uint64 * self.dp.ncpus)()
         for backend_id in self.dp.backend_ids().values():
-            libbpf().update(self.dp.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), zero)
-
-    def first_snat_port(self) -> int:
-        """Where this CPU's slice of the SNAT range starts (tests run pinned to CPU 0)."""
-        return SNAT_PORTS[0]
+            libbpf().update(self.dp.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), ctypes.c_uint32(0))
 
 
 def service(*backends: str, port: int = 80, proto: str = "tcp", vip: str = P.VIP, clients=(),
