@@ -53,6 +53,7 @@ def main() -> None:
     cli = controlplane.end_to_end(1 if args.smoke else 3)
     rates = live.run(10_000 if args.smoke else 2_000_000, 1 if args.smoke else 5)
     ends = e2e.run(1 if args.smoke else 5, 1 if args.smoke else 3)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     png = REPORT.parent / ("benchmarks-smoke.png" if args.smoke else "benchmarks-e2e.png")
     plotted = e2e.plot(ends, png if not args.smoke else RESULTS / "smoke.png")
     data = {"machine": info, "per_packet": [f.as_dict() for f in pp.figures],
@@ -62,7 +63,6 @@ def main() -> None:
             "end_to_end": {f"{mode}/{test}": [asdict(s) for s in samples]
                            for (mode, test), samples in ends.samples.items()},
             "smoke": args.smoke}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / ("smoke.json" if args.smoke else "latest.json")).write_text(json.dumps(data, indent=2))
     lines = ["# xdplb benchmarks", "",
              f"Measured {info['date']} on {info['cpus']} x {info['cpu']}, kernel {info['kernel']}, "
