@@ -54,8 +54,7 @@ def main() -> None:
     rates = live.run(10_000 if args.smoke else 2_000_000, 1 if args.smoke else 5)
     ends = e2e.run(1 if args.smoke else 5, 1 if args.smoke else 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    png = REPORT.parent / ("benchmarks-smoke.png" if args.smoke else "benchmarks-e2e.png")
-    plotted = e2e.plot(ends, png if not args.smoke else RESULTS / "smoke.png")
+    plotted = e2e.plot(ends, RESULTS / "smoke.png" if args.smoke else REPORT.parent / "benchmarks-e2e.png")
     data = {"machine": info, "per_packet": [f.as_dict() for f in pp.figures],
             "flow_table_fill": [f.as_dict() for f in pp.fill],
             "control_plane": [t.as_dict() for t in rings + cli],
