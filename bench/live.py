@@ -19,7 +19,7 @@ from xdplb.libbpf import BPF_F_TEST_XDP_LIVE_FRAMES, libbpf
 from xdplb.namespaces import run_in_netns
 from xdplb.netlink import NextHop
 
-from .perpacket import BENCH_OBJECT, LB_MAC, VIP, CLIENT, Bench, tcp
+from .perpacket import BENCH_OBJECT, CLIENT, VIP, Bench, tcp
 
 NS = "xdplb-b-live"
 BATCH = 64

@@ -127,7 +127,8 @@ class Traffic(ctypes.Structure):
     _fields_ = [("packets", u64), ("bytes", u64), ("new_flows", u64)]
 
 
-# Map name -> (key type, value type); the value is per CPU where PERCPU is set.
+# Map name -> (key type, value type); xdplb_counters, xdplb_svc_stats and xdplb_be_stats
+# hold one value per CPU.
 MAPS = {
     "xdplb_config": (u32, Config),
     "xdplb_ports": (u32, u8),
@@ -141,7 +142,6 @@ MAPS = {
     "xdplb_svc_stats": (u32, Traffic),
     "xdplb_be_stats": (u32, Traffic),
 }
-PERCPU_MAPS = { "xdplb_counters", "xdplb_svc_stats", "xdplb_be_stats"}
 # Structs that appear in the object's DWARF under these names.
 STRUCTS = {
     "xdplb_service_key": ServiceKey, "xdplb_service": Service, "xdplb_backend": Backend,

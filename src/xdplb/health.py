@@ -12,7 +12,7 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 KINDS = ("tcp", "http", "udp", "command")
@@ -111,9 +111,6 @@ def probe(spec: CheckSpec, address: str, port: int) -> tuple[bool, str]:
 class BackendHealth:
     up: bool = True
     streak: int = 0  # consecutive results that disagree with `up`
-    last_reason: str = ""
-    last_duration: float = 0.0
-    changed_at: float = field(default_factory=time.monotonic)
 
 
 class Checker:
@@ -169,13 +166,12 @@ class Checker:
                 if stop.is_set():
                     return
                 h = self.state[key]
-                h.last_reason, h.last_duration = reason, elapsed
                 if ok == h.up:
                     h.streak = 0
                 else:
                     h.streak += 1
                     if h.streak >= (spec.rise if ok else spec.fall):
-                        h.up, h.streak, h.changed_at = ok, 0, time.monotonic()
+                        h.up, h.streak = ok, 0
                         flipped = ok
             if flipped is not None:
                 self.on_change(key, flipped, reason)

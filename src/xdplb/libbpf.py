@@ -230,24 +230,6 @@ class Libbpf:
             yield key
             prev, key = key, key_type()
 
-    def entries(self, fd: int, key_type, value_type, chunk: int = 4096):
-        """Iterates (key, value) pairs of a hash map in batches (few system calls)."""
-        keys = (key_type * chunk)()
-        values = (value_type * chunk)()
-        token = ctypes.create_string_buffer(64)
-        first = True
-        while True:
-            count = c_uint32(chunk)
-            rc = self.lib.bpf_map_lookup_batch(fd, None if first else token, token, keys, values,
-                                               ctypes.byref(count), None)
-            if rc < 0 and rc != -errno.ENOENT:
-                self.check(rc, "map batch lookup")
-            for i in range(count.value):  # copies: the buffers are reused by the next batch
-                yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
-            if rc == -errno.ENOENT:
-                return
-            first = False
-
     def array_values(self, fd: int, value_type, count: int):
         """All values of an array map in one batch (index order)."""
         keys = (c_uint32 * count)()
