@@ -10,7 +10,7 @@ import time
 import click
 
 from . import build as build_mod
-from . import control, lab as lab_mod, loader, model, namespaces, trace as trace_mod
+from . import config, control, lab as lab_mod, loader, model, namespaces, trace as trace_mod
 from .errors import UsageError, XdplbError
 
 
@@ -119,7 +119,7 @@ def build():
 @click.option("--clients", metavar="CIDR,...", help="Only these clients may use the service [default: all].")
 @click.option("--snat", metavar="ADDR", help="Source address towards backends [default: the interface's primary IPv4].")
 @click.option("--snat-ports", metavar="LOW-HIGH", help="Source ports towards backends [default: 10000-32767].")
-@click.option("--flows", type=click.IntRange(1024, 1 << 24), default=control.FLOWS_DEFAULT, show_default=True,
+@click.option("--flows", type=click.IntRange(1024, config.FLOWS_MAX), default=config.FLOWS_DEFAULT, show_default=True,
               help="Flow table capacity (connections); memory is reserved up front.")
 @click.option("--seed", type=click.IntRange(0, 0xFFFFFFFF), help="Hash seed; the same on every node of a cluster.")
 @click.option("--force", is_flag=True, help="Replace an XDP program that is not xdplb's.")

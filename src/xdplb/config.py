@@ -41,6 +41,7 @@ SERVICE_KEYS = {"vip", "port", "proto", "clients", "backends", "ring_size", "hea
 BACKEND_KEYS = {"address", "port", "weight"}
 TIMEOUT_KEYS = {"tcp", "tcp_closing", "udp"}
 FLOWS_DEFAULT = 1_048_576
+FLOWS_MAX = 1 << 22  # 16M slots of 64 bytes: 1 GiB of flow table
 
 
 class ConfigError(XdplbError):
@@ -133,7 +134,7 @@ def check(text: str) -> tuple[list[InterfaceConfig], list[str]]:
         if mode not in MODES:
             c.fail(f"{where}.mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
         iface.mode = mode
-        iface.flows = c.integer(f"{where}.flows", table.get("flows", FLOWS_DEFAULT), 1024, 1 << 24) or FLOWS_DEFAULT
+        iface.flows = c.integer(f"{where}.flows", table.get("flows", FLOWS_DEFAULT), 1024, FLOWS_MAX) or FLOWS_DEFAULT
         if "snat" in table:
             iface.snat = c.parse(f"{where}.snat", model.parse_address, str(table["snat"]), "SNAT address")
         if "snat_ports" in table:

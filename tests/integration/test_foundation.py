@@ -176,3 +176,17 @@ def test_thousands_of_short_connections_without_syn_retransmits(testlab):
             assert netstat(ns)["TcpExt.TCPSynRetrans"] - before[ns] == 0, ns
     finally:
         xdplb("-n", LB_NS, "detach", "eth0")
+
+
+def test_the_lbs_own_connections_and_balanced_flows_at_the_same_time(attached):
+    """The load balancer's own TCP (an admin's requests to a backend) shares its address
+    with the SNAT'd flows; its ephemeral ports are outside the SNAT range, so neither
+    kind disturbs the other."""
+    own = NsThread(LB_NS, lambda: [get(BACKENDS[0]) for _ in range(300)])
+    balanced = NsThread(CLIENT_NS, lambda: [get() for _ in range(300)])
+    for t in (own, balanced):
+        t.start()
+    for t in (own, balanced):
+        t.join(120)
+        assert t.error is None and len(t.result) == 300
+    assert set(own.result) == {NAMES[BACKENDS[0]]}
