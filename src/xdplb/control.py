@@ -12,7 +12,6 @@ from .dataplane import DataPlane, flow_slots
 from .errors import NotAttachedError, UsageError, XdplbError
 from .model import Backend, Service, Settings
 
-FLOWS_DEFAULT = config.FLOWS_DEFAULT
 DRAIN_POLL_S = 0.5
 
 
@@ -28,7 +27,7 @@ class AttachRequest:
     force: bool = False
     snat_addr: ipaddress.IPv4Address | None = None
     snat_ports: tuple[int, int] | None = None
-    flows: int = FLOWS_DEFAULT
+    flows: int = config.FLOWS_DEFAULT
     seed: int | None = None
 
 
