@@ -61,15 +61,6 @@ def _start(ns: str, *cmd: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _nginx_conf(ns: str, name: str) -> Path:
     d = STATE / ns
     d.mkdir(parents=True, exist_ok=True)
@@ -180,7 +171,7 @@ class Mode:
                            capture_output=True)
             subprocess.run(["ip", "netns", "exec", LB_NS, "sysctl", "-qw", "net.ipv4.ip_forward=0"])
         elif self.proc:
-            _stop(self.proc)
+            lab.stop_process(self.proc)
         settle()
 
 
@@ -261,7 +252,7 @@ def run(seconds: int, rounds: int) -> Results:
         return res
     finally:
         for proc in servers:
-            _stop(proc)
+            lab.stop_process(proc)
         subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "detach", "eth0"], capture_output=True)
         lab.down(PREFIX)
 

@@ -150,6 +150,16 @@ def _start_server(prefix: str, host: Host) -> int:
     return proc.pid
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 5) -> None:
+    """Ends a process we started: SIGTERM, then SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _wait_listening(host: Host, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -120,15 +120,6 @@ def start_server(netns: str, port: int, directory: str) -> subprocess.Popen:
     raise AssertionError(f"test server on {netns}:{port} did not start")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def xdp_on(netns: str, ifname: str = "eth0") -> str:
     return subprocess.run(["ip", "-n", netns, "-d", "link", "show", ifname], capture_output=True,
                           text=True).stdout

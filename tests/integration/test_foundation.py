@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from xdplb.lab import stop_process as stop
+
 from .conftest import (BACKENDS, CLIENT2_NS, CLIENT_NS, LB_NS, NAMES, NsThread, VIP, get, in_ns,
-                       keepalive_client, start_server, stop, xdp_on, xdplb)
+                       keepalive_client, start_server, xdp_on, xdplb)
 
 PINS = Path("/sys/fs/bpf/xdplb")
 
