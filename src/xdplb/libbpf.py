@@ -17,7 +17,7 @@ from .errors import BpfError, PrerequisiteError, VerifierError
 c_int, c_uint32, c_uint64, c_void_p, c_char_p = (
     ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_char_p)
 
-BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+BPF_ANY = 0
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 BPF_OBJ_NAME_LEN = 16

@@ -20,8 +20,9 @@ from pyroute2.netlink.rtnl.ifinfmsg import (XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLAC
 from .errors import UsageError, XdplbError
 
 MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-# IFLA_XDP_ATTACHED values
-_ATTACHED_MODE = {1: "native", 2: "generic", 3: "offload"}
+# IFLA_XDP_ATTACHED, as a number or as pyroute2's name for it
+_ATTACHED_MODE = {1: "native", 2: "generic", 3: "offload",
+                  "xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
 
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # reachable stale delay probe noarp permanent
 NEIGH_WAIT_S = 1.5
@@ -36,7 +37,6 @@ class Link:
     up: bool
     xdp_prog_id: int  # 0 when nothing is attached
     xdp_mode: str  # "native", "generic", "offload" or ""
-    peer_index: int  # veth peer's ifindex (in its own namespace), else 0
 
 
 def _attr(msg, name, default=None):
@@ -60,15 +60,11 @@ def get_link(name: str) -> Link:
     prog_id, mode = 0, ""
     xdp = msg.get_attr("IFLA_XDP")
     if xdp is not None:
-        attached = xdp.get_attr("IFLA_XDP_ATTACHED")
-        # pyroute2 maps the mode number to a name; accept both spellings.
-        mode = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}.get(
-            attached, _ATTACHED_MODE.get(attached, "")) if attached else ""
+        mode = _ATTACHED_MODE.get(xdp.get_attr("IFLA_XDP_ATTACHED"), "")
         prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
     return Link(index=msg["index"], name=name, kind=kind,
                 mac=_attr(msg, "IFLA_ADDRESS", ""), up=bool(msg["flags"] & 1),
-                xdp_prog_id=prog_id, xdp_mode=mode if prog_id else "",
-                peer_index=_attr(msg, "IFLA_LINK", 0) if kind == "veth" else 0)
+                xdp_prog_id=prog_id, xdp_mode=mode if prog_id else "")
 
 
 def ipv4_addresses(index: int) -> list[ipaddress.IPv4Interface]:
