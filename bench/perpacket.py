@@ -12,6 +12,7 @@ import ctypes
 import ipaddress
 import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ XDP_TX = 3
 BENCH_SOURCE = Path(__file__).resolve().parent / "bpf" / "bench.bpf.c"
 BENCH_OBJECT = build.BUILD_DIR / "bench.bpf.o"
 MAX_FRAME = 256
+ETH_HLEN = 14
 
 LB_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:0c"
 VIP = "10.0.0.2"
@@ -41,7 +43,7 @@ LOOPBACK = 1  # test runs without a context see the loopback device as ingress
 
 class BenchFrame(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint32), ("new_client_each_time", ctypes.c_uint32),
-                ("first_client", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("first_client", ctypes.c_uint32), ("saddr", ctypes.c_uint32),
                 ("data", ctypes.c_uint8 * MAX_FRAME)]
 
 
@@ -113,8 +115,9 @@ class Bench:
 
     def set_frame(self, data: bytes, target_fd: int, new_clients: bool = False) -> None:
         """The frame bench_reset restores before every run of target."""
+        saddr = int.from_bytes(data[ETH_HLEN + 12:ETH_HLEN + 16], sys.byteorder)  # kept in network order
         value = BenchFrame(len=len(data), new_client_each_time=int(new_clients),
-                           first_client=int(ipaddress.IPv4Address("10.128.0.0")))
+                           first_client=int(ipaddress.IPv4Address("10.128.0.0")), saddr=saddr)
         ctypes.memmove(value.data, data, len(data))
         self.lib.update(self.frame_fd, ctypes.c_uint32(0), value)
         self.lib.update(self.target_fd, ctypes.c_uint32(0), ctypes.c_uint32(target_fd))

@@ -8,7 +8,8 @@
  * number from even to odd with compare-and-swap, fill it, and make it even again;
  * readers copy what they need and check that the sequence did not move meanwhile.
  * With no free slot in the window, the least recently seen one is evicted (as an LRU
- * map would), so a new flow always gets in.
+ * map would), so a new flow always gets in. A lookup that misses also notes where the
+ * key would go, so creating a flow scans its window once.
  */
 #ifndef XDPLB_FLOWS_H
 #define XDPLB_FLOWS_H
@@ -21,9 +22,9 @@
 #define READ_ONCE_U32(x) (*(volatile __u32 *)&(x))
 #define compiler_barrier() asm volatile("" ::: "memory")
 
-static __always_inline __u32 now_ticks(void)
+static __always_inline __u32 now_ticks(const struct xdplb_config *cfg)
 {
-	return bpf_ktime_get_coarse_ns() >> XDPLB_TICK_SHIFT;
+	return bpf_jiffies64() >> cfg->tick_shift;
 }
 
 static __always_inline __s32 ticks_since(__u32 now, __u32 then)
@@ -37,52 +38,139 @@ static __always_inline int flow_key_equal(const struct xdplb_flow_key *a, const 
 	       a->dport == b->dport && a->proto == b->proto;
 }
 
-static __always_inline __u64 flow_timeout_ns(const struct xdplb_config *cfg, __u8 proto, __u8 flags)
+static __always_inline __u32 flow_expiry_ticks(const struct xdplb_config *cfg, __u8 proto, __u8 flags)
 {
 	if (proto != IPPROTO_TCP)
-		return cfg->udp_timeout_ns;
-	return (flags & XDPLB_FLOW_CLOSING) ? cfg->tcp_closing_timeout_ns : cfg->tcp_timeout_ns;
+		return cfg->udp_expiry_ticks;
+	return (flags & XDPLB_FLOW_CLOSING) ? cfg->tcp_closing_expiry_ticks : cfg->tcp_expiry_ticks;
 }
 
 /* Whether a slot may be taken over by another key. */
 static __always_inline int slot_expired(const struct xdplb_config *cfg, const struct xdplb_flow_slot *s,
 					__u32 now)
 {
-	__u64 timeout = flow_timeout_ns(cfg, s->key.proto, s->flow.flags);
+	__u32 expiry;
 
 	if (s->flow.flags & XDPLB_FLOW_DEAD)
 		return 1;
+	expiry = flow_expiry_ticks(cfg, s->key.proto, s->flow.flags);
 	/* Signed: another CPU may have stamped the slot a tick after this CPU read the clock. */
-	return timeout && ticks_since(now, s->last_seen) > (__s32)((timeout >> XDPLB_TICK_SHIFT) + XDPLB_TOUCH_TICKS);
+	return expiry && ticks_since(now, s->last_seen) > (__s32)expiry;
 }
 
-/* Finds key's slot and copies its flow into *flow (consistently). NULL if absent. */
+/* Where a key would be stored: a slot index and the seq it had when chosen (claiming
+ * fails if the slot moved meanwhile). Bit 0 of seq (always even when read) says that
+ * storing there evicts a live flow. */
+struct flow_place {
+	__u32 index;
+	__u32 seq;
+};
+
+#define FLOW_PLACE_NONE 0xffffffffu
+#define FLOW_PLACE_EVICTS 1u
+
+/* Tracks the best slot for a new key while a window is scanned: the first free one
+ * (never used, expired or dead), else the least recently seen (as an LRU map would). */
+struct place_search {
+	struct flow_place best;
+	__u32 age;
+	int free;
+};
+
+static __always_inline void place_search_init(struct place_search *ps)
+{
+	ps->best.index = FLOW_PLACE_NONE;
+	ps->best.seq = FLOW_PLACE_NONE;
+	ps->age = 0;
+	ps->free = 0;
+}
+
+static __always_inline void place_take(struct place_search *ps, __u32 index, __u32 seq, int free, __u32 age)
+{
+	ps->best.index = index;
+	ps->best.seq = free ? seq : seq | FLOW_PLACE_EVICTS;
+	ps->free = free;
+	ps->age = age;
+}
+
+/* A used slot of the window, not holding the key. */
+static __always_inline void place_consider(struct place_search *ps, const struct xdplb_config *cfg,
+					   const struct xdplb_flow_slot *s, __u32 index, __u32 seq, __u32 now)
+{
+	__u32 age;
+
+	if (ps->free)
+		return;
+	if (slot_expired(cfg, s, now)) {
+		place_take(ps, index, seq, 1, 0);
+		return;
+	}
+	age = ticks_since(now, s->last_seen) > 0 ? now - s->last_seen : 0;
+	if (ps->best.index == FLOW_PLACE_NONE || age > ps->age)
+		place_take(ps, index, seq, 0, age);
+}
+
+/* Finds key's slot and copies its flow into *flow (consistently). NULL if absent.
+ * With place: on a hit, the slot found; on a miss, where the key would be stored, so
+ * that storing a new flow needs no second pass over the window. */
 static __always_inline struct xdplb_flow_slot *flow_find(const struct xdplb_config *cfg,
 							 const struct xdplb_flow_key *key, __u32 hash,
-							 struct xdplb_flow *flow)
+							 struct xdplb_flow *flow, __u32 now,
+							 struct flow_place *place)
 {
+	struct place_search ps;
+
+	place_search_init(&ps);
 #pragma clang loop unroll(disable)
 	for (__u32 probe = 0; probe < XDPLB_FLOW_PROBES; probe++) {
 		__u32 index = (hash + probe) & cfg->flow_mask, seq;
 		struct xdplb_flow_slot *s = bpf_map_lookup_elem(&xdplb_flows, &index);
 
 		if (!s)
-			return NULL;
+			break;
 		seq = READ_ONCE_U32(s->seq);
 		compiler_barrier();
 		if (seq & 1)
 			continue;
-		if (!s->key.proto)
-			return NULL;
-		if (!flow_key_equal(&s->key, key))
-			continue;
-		*flow = s->flow;
-		compiler_barrier();
-		if (READ_ONCE_U32(s->seq) != seq || (flow->flags & XDPLB_FLOW_DEAD))
-			continue;
-		return s;
+		if (!s->key.proto) { /* never used: the key is not further on either */
+			if (place && !ps.free)
+				place_take(&ps, index, seq, 1, 0);
+			break;
+		}
+		if (flow_key_equal(&s->key, key)) {
+			*flow = s->flow;
+			compiler_barrier();
+			if (READ_ONCE_U32(s->seq) == seq && !(flow->flags & XDPLB_FLOW_DEAD)) {
+				if (place) {
+					place->index = index;
+					place->seq = seq;
+				}
+				return s;
+			}
+		}
+		if (place)
+			place_consider(&ps, cfg, s, index, seq, now);
 	}
+	if (place)
+		*place = ps.best;
 	return NULL;
+}
+
+/* Stores key -> flow in the slot chosen by a search, if nobody wrote to it since.
+ * Returns 0 or -EBUSY. */
+static __always_inline int flow_claim(const struct flow_place *place, const struct xdplb_flow_key *key,
+				      const struct xdplb_flow *flow, __u32 now)
+{
+	__u32 index = place->index, seq = place->seq & ~FLOW_PLACE_EVICTS;
+	struct xdplb_flow_slot *s = bpf_map_lookup_elem(&xdplb_flows, &index);
+
+	if (!s || __sync_val_compare_and_swap(&s->seq, seq, seq + 1) != seq)
+		return -EBUSY;
+	s->key = *key;
+	s->flow = *flow;
+	s->last_seen = now;
+	__sync_fetch_and_add(&s->seq, 1);
+	return 0;
 }
 
 enum flow_store_mode {
@@ -96,13 +184,12 @@ static __always_inline int flow_store(const struct xdplb_config *cfg, const stru
 				      __u32 hash, const struct xdplb_flow *flow, __u32 now,
 				      enum flow_store_mode mode, int *evicted)
 {
-	struct xdplb_flow_slot *victim = NULL;
-	__u32 victim_seq = 0, victim_age = 0;
-	int reusable = 0;
+	struct place_search ps;
 
+	place_search_init(&ps);
 #pragma clang loop unroll(disable)
 	for (__u32 probe = 0; probe < XDPLB_FLOW_PROBES; probe++) {
-		__u32 index = (hash + probe) & cfg->flow_mask, seq, age;
+		__u32 index = (hash + probe) & cfg->flow_mask, seq;
 		struct xdplb_flow_slot *s = bpf_map_lookup_elem(&xdplb_flows, &index);
 
 		if (!s)
@@ -111,45 +198,22 @@ static __always_inline int flow_store(const struct xdplb_config *cfg, const stru
 		if (seq & 1)
 			continue;
 		if (!s->key.proto) { /* never used: the key is not further on either */
-			if (!reusable) {
-				victim = s;
-				victim_seq = seq;
-				reusable = 1;
-			}
+			if (!ps.free)
+				place_take(&ps, index, seq, 1, 0);
 			break;
 		}
 		if (flow_key_equal(&s->key, key) && !slot_expired(cfg, s, now)) {
 			if (mode == FLOW_STORE_EXCLUSIVE)
 				return -EEXIST;
-			victim = s;
-			victim_seq = seq;
-			reusable = 1;
+			place_take(&ps, index, seq, 1, 0);
 			break;
 		}
-		if (reusable)
-			continue;
-		if (slot_expired(cfg, s, now)) {
-			victim = s;
-			victim_seq = seq;
-			reusable = 1;
-			continue; /* an exclusive store still checks the rest of the window */
-		}
-		age = ticks_since(now, s->last_seen) > 0 ? now - s->last_seen : 0;
-		if (!victim || age > victim_age) {
-			victim = s;
-			victim_seq = seq;
-			victim_age = age;
-		}
+		/* An exclusive store still checks the rest of the window for the key. */
+		place_consider(&ps, cfg, s, index, seq, now);
 	}
-	if (!victim)
+	if (flow_claim(&ps.best, key, flow, now))
 		return -EBUSY;
-	if (__sync_val_compare_and_swap(&victim->seq, victim_seq, victim_seq + 1) != victim_seq)
-		return -EBUSY;
-	victim->key = *key;
-	victim->flow = *flow;
-	victim->last_seen = now;
-	__sync_fetch_and_add(&victim->seq, 1);
-	*evicted = !reusable;
+	*evicted = ps.best.seq & FLOW_PLACE_EVICTS;
 	return 0;
 }
 

@@ -41,12 +41,13 @@ struct {
 	__type(value, struct xdplb_backend);
 } xdplb_backends SEC(".maps");
 
-/* Template of one service's Maglev ring: slot -> backend id. */
+/* Template of one service's Maglev ring: slot / 4 -> four 16-bit backend ids, slot % 4
+ * picking one (the lowest 16 bits are slot 0). */
 struct xdplb_ring {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, XDPLB_RING_SLOTS);
+	__uint(max_entries, XDPLB_RING_ENTRIES);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, __u64);
 };
 
 /* Service id -> its Maglev ring. The control plane builds a new ring and swaps it in
@@ -128,5 +129,18 @@ struct {
 	__type(key, __u32);
 	__type(value, struct new_flow_scratch);
 } xdplb_scratch SEC(".maps");
+
+/* Per-CPU arguments of a trace line: bpf_printk would keep them on the stack. */
+#define TRACE_ARGS 12
+struct trace_args {
+	__u64 v[TRACE_ARGS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct trace_args);
+} xdplb_trace_args SEC(".maps");
 
 #endif /* XDPLB_MAPS_H */

@@ -40,7 +40,7 @@ struct packet {
 	void *l4_end;
 	struct xdplb_flow_key key;
 	__u32 hash; /* flow_hash(key): flow table index and Maglev slot */
-	__u32 now;  /* ticks */
+	struct flow_place place; /* where a new flow for key goes (see flow_find) */
 	__u8 tcp_flags;
 	__u8 first_fragment;
 };
@@ -114,16 +114,31 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 	return PARSE_L4;
 }
 
-/* A subprogram: the 12 arguments of the trace line need a 96-byte array, which would
- * otherwise be reserved on the stack once per call site. */
+/* A subprogram with its arguments in a per-CPU map, not on the stack: the deepest call
+ * chain (main, new_flow, this) must fit in 512 bytes. */
 static __noinline void trace_line(struct xdp_md *ctx, const struct packet *pkt,
 				  const struct xdplb_flow *flow, __u32 event_action)
 {
-	bpf_printk(XDPLB_TRACE_TAG " %u %u %x %x %u %x %u %x %u %u %u %u", ctx->ingress_ifindex,
-		   pkt->key.proto, pkt->tcp_flags, bpf_ntohl(pkt->key.saddr),
-		   bpf_ntohs(pkt->key.sport), bpf_ntohl(pkt->key.daddr), bpf_ntohs(pkt->key.dport),
-		   flow ? bpf_ntohl(flow->daddr) : 0, flow ? bpf_ntohs(flow->dport) : 0,
-		   flow ? flow->backend_id : XDPLB_NO_BACKEND, event_action >> 8, event_action & 0xff);
+	static const char fmt[] = XDPLB_TRACE_TAG " %u %u %x %x %u %x %u %x %u %u %u %u";
+	struct trace_args *a;
+	__u32 zero = 0;
+
+	a = bpf_map_lookup_elem(&xdplb_trace_args, &zero);
+	if (!a)
+		return;
+	a->v[0] = ctx->ingress_ifindex;
+	a->v[1] = pkt->key.proto;
+	a->v[2] = pkt->tcp_flags;
+	a->v[3] = bpf_ntohl(pkt->key.saddr);
+	a->v[4] = bpf_ntohs(pkt->key.sport);
+	a->v[5] = bpf_ntohl(pkt->key.daddr);
+	a->v[6] = bpf_ntohs(pkt->key.dport);
+	a->v[7] = flow ? bpf_ntohl(flow->daddr) : 0;
+	a->v[8] = flow ? bpf_ntohs(flow->dport) : 0;
+	a->v[9] = flow ? flow->backend_id : XDPLB_NO_BACKEND;
+	a->v[10] = event_action >> 8;
+	a->v[11] = event_action & 0xff;
+	bpf_trace_vprintk(fmt, sizeof(fmt), a->v, sizeof(a->v));
 }
 
 /* Costs one branch while tracing is off. */
@@ -253,7 +268,8 @@ static __always_inline struct xdplb_backend *select_backend(const struct xdplb_s
 							    __u32 *backend_id)
 {
 	struct xdplb_backend *backend;
-	__u32 slot, *id;
+	__u32 slot, entry, id;
+	__u64 *slots;
 	void *ring;
 
 	if (!svc->ring_size)
@@ -262,13 +278,17 @@ static __always_inline struct xdplb_backend *select_backend(const struct xdplb_s
 	if (!ring)
 		return NULL;
 	slot = hash % svc->ring_size;
-	id = bpf_map_lookup_elem(ring, &slot);
-	if (!id || *id == XDPLB_NO_BACKEND)
+	entry = slot / XDPLB_RING_SLOTS_PER_ENTRY;
+	slots = bpf_map_lookup_elem(ring, &entry);
+	if (!slots)
 		return NULL;
-	backend = bpf_map_lookup_elem(&xdplb_backends, id);
+	id = (*slots >> (slot % XDPLB_RING_SLOTS_PER_ENTRY * 16)) & 0xffff;
+	if (id == XDPLB_NO_BACKEND)
+		return NULL;
+	backend = bpf_map_lookup_elem(&xdplb_backends, &id);
 	if (!backend || !(backend->flags & XDPLB_BACKEND_IN_USE))
 		return NULL;
-	*backend_id = *id;
+	*backend_id = id;
 	return backend;
 }
 
@@ -289,7 +309,7 @@ static __always_inline int forward(struct xdp_md *ctx, const struct xdplb_config
 static __noinline int new_flow(struct xdp_md *ctx, const struct xdplb_config *cfg, struct packet *pkt,
 			       const struct xdplb_service *svc)
 {
-	__u32 hash = pkt->hash, now = pkt->now, zero = 0;
+	__u32 hash = pkt->hash, now = now_ticks(cfg), zero = 0;
 	struct new_flow_scratch *scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
 	struct xdplb_flow_key *rev_key;
 	struct xdplb_flow *fwd, *rev;
@@ -349,9 +369,14 @@ static __noinline int new_flow(struct xdp_md *ctx, const struct xdplb_config *cf
 	fwd->service_id = svc->id;
 	fwd->backend_id = backend_id;
 	flow_set_deltas(fwd, &pkt->key);
-	if (flow_store(cfg, &pkt->key, hash, fwd, now, FLOW_STORE_ANY, &evicted)) {
+	/* The lookup that missed chose the slot already; if another CPU (or the backend
+	 * side just stored) took it since, search again. */
+	if (!flow_claim(&pkt->place, &pkt->key, fwd, now))
+		evicted = pkt->place.seq & FLOW_PLACE_EVICTS;
+	else if (flow_store(cfg, &pkt->key, hash, fwd, now, FLOW_STORE_ANY, &evicted)) {
 		/* Lost a race for the slot: free the SNAT port again. */
-		struct xdplb_flow_slot *s = flow_find(cfg, rev_key, flow_hash(rev_key, cfg->hash_seed), rev);
+		struct xdplb_flow_slot *s = flow_find(cfg, rev_key, flow_hash(rev_key, cfg->hash_seed), rev,
+						      now, NULL);
 
 		if (s)
 			s->flow.flags |= XDPLB_FLOW_DEAD;
@@ -375,7 +400,7 @@ static __noinline void touch(const struct xdplb_config *cfg, struct xdplb_flow_s
 
 	slot->last_seen = now;
 	flow_partner_key(flow, proto, &partner);
-	s = flow_find(cfg, &partner, flow_hash(&partner, cfg->hash_seed), &other);
+	s = flow_find(cfg, &partner, flow_hash(&partner, cfg->hash_seed), &other, now, NULL);
 	if (s)
 		s->last_seen = now;
 }
@@ -405,7 +430,7 @@ static __noinline int translate_icmp_error(struct xdp_md *ctx, const struct xdpl
 	key.sport = ports[1];
 	key.dport = ports[0];
 	key.proto = inner->protocol;
-	if (!flow_find(cfg, &key, flow_hash(&key, cfg->hash_seed), &copy))
+	if (!flow_find(cfg, &key, flow_hash(&key, cfg->hash_seed), &copy, 0, NULL))
 		return pass(XDPLB_CNT_PASS);
 
 	if (inner->protocol == IPPROTO_UDP) {
@@ -489,9 +514,9 @@ int xdplb_main(struct xdp_md *ctx)
 	if (!cfg)
 		return pass(XDPLB_CNT_PASS);
 
-	now = pkt.now = now_ticks();
+	now = now_ticks(cfg);
 	pkt.hash = flow_hash(&pkt.key, cfg->hash_seed);
-	slot = flow_find(cfg, &pkt.key, pkt.hash, &flow);
+	slot = flow_find(cfg, &pkt.key, pkt.hash, &flow, now, &pkt.place);
 	/* Only the client side expires on lookup; a SYN on a closing flow is the client
 	 * reusing its port: balance it afresh. */
 	if (slot && !(!(flow.flags & XDPLB_FLOW_REPLY) && slot_expired(cfg, slot, now)) &&
@@ -505,7 +530,7 @@ int xdplb_main(struct xdp_md *ctx)
 			trace(ctx, cfg, &pkt, &flow, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
 			return pass(XDPLB_CNT_TTL_EXPIRED);
 		}
-		if (ticks_since(now, slot->last_seen) > XDPLB_TOUCH_TICKS)
+		if (ticks_since(now, slot->last_seen) > (__s32)cfg->touch_ticks)
 			touch(cfg, slot, &flow, pkt.key.proto, now);
 		if ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(flow.flags & XDPLB_FLOW_CLOSING))
 			slot->flow.flags |= XDPLB_FLOW_CLOSING;

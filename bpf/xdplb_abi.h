@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define XDPLB_ABI_VERSION 2
+#define XDPLB_ABI_VERSION 3
 
 /* Limits. Map sizes derived from these are fixed at load time. */
 #define XDPLB_MAX_SERVICES 512
@@ -23,23 +23,27 @@
 #define XDPLB_FLOW_SLOTS_DEFAULT (4 * 1048576)
 /* How many consecutive slots a key may live in (linear probing). */
 #define XDPLB_FLOW_PROBES 8
-/* Flow timestamps count ticks of 2^24 ns (16.8 ms) in 32 bits: wraps after 2.3 years. */
-#define XDPLB_TICK_SHIFT 24
+/* Flow timestamps count ticks of jiffies >> xdplb_config.tick_shift (the control plane
+ * picks the shift for a tick of 8-16 ms whatever CONFIG_HZ is) in 32 bits: signed
+ * differences stay valid for 199 days at least. Jiffies, not a ktime helper: the
+ * verifier inlines bpf_jiffies64() into one load, a helper call costs 14 ns here. */
+#define XDPLB_TICK_MIN_NS 8000000
 #define XDPLB_PORTS 65536
 
-/* Every Maglev ring map has this many slots; a service uses the first ring_size (a
- * prime, at most this). One size for all lets the verifier inline ring lookups. */
+/* Every Maglev ring map has room for this many slots; a service uses the first
+ * ring_size (a prime, at most this). One size for all lets the verifier inline ring
+ * lookups. Slots are 16-bit backend ids packed four to a 64-bit map value (an array map
+ * rounds values up to 8 bytes): a 65537-slot ring takes 128 KB of cache, not 512 KB. */
 #define XDPLB_RING_SLOTS 65537
+#define XDPLB_RING_SLOTS_PER_ENTRY 4
+#define XDPLB_RING_ENTRIES ((XDPLB_RING_SLOTS + XDPLB_RING_SLOTS_PER_ENTRY - 1) / XDPLB_RING_SLOTS_PER_ENTRY)
 
-/* A ring slot that maps to no backend (a service with no usable backend). */
-#define XDPLB_NO_BACKEND 0xffffffffu
+/* The backend id of "no backend": a ring slot of a service with no usable backend, or
+ * a trace line without a flow. Backend ids are below XDPLB_MAX_BACKENDS. */
+#define XDPLB_NO_BACKEND 0xffff
 
 /* How many SNAT ports a new flow tries before giving up (the rest are in use). */
 #define XDPLB_SNAT_PORT_TRIES 8
-
-/* Flow entries are re-stamped at most this often (in ticks, about 1 s), to keep their
- * cache line clean; the entry of the other direction is refreshed at the same time. */
-#define XDPLB_TOUCH_TICKS 60
 
 /* xdplb_ports values: which kinds of traffic use a destination port. */
 enum xdplb_port_flags {
@@ -172,7 +176,7 @@ struct xdplb_flow {
  * proto 0 was never used and ends a probe sequence. */
 struct xdplb_flow_slot {
 	__u32 seq;
-	__u32 last_seen; /* ticks (XDPLB_TICK_SHIFT) of bpf_ktime_get_coarse_ns() */
+	__u32 last_seen; /* ticks, see XDPLB_TICK_MIN_NS */
 	struct xdplb_flow_key key;
 	struct xdplb_flow flow;
 };
@@ -186,10 +190,19 @@ struct xdplb_config {
 	__u16 snat_port_min;
 	__u16 snat_port_max;
 	__u32 flow_mask;  /* xdplb_flows slots - 1 */
-	__u32 pad;
-	__u64 tcp_timeout_ns;
-	__u64 tcp_closing_timeout_ns;
-	__u64 udp_timeout_ns;
+	/* Timeouts as configured, in seconds (what the control plane reads back). */
+	__u32 tcp_timeout_s;
+	__u32 tcp_closing_timeout_s;
+	__u32 udp_timeout_s;
+	/* The same in ticks, plus touch_ticks: a slot idle for longer than this is free.
+	 * The slack covers entries that are only re-stamped every touch_ticks. */
+	__u32 tcp_expiry_ticks;
+	__u32 tcp_closing_expiry_ticks;
+	__u32 udp_expiry_ticks;
+	__u32 tick_shift; /* tick = jiffies >> tick_shift */
+	/* Entries are re-stamped at most this often (about 1 s), to keep their cache line
+	 * clean; the entry of the other direction is refreshed at the same time. */
+	__u32 touch_ticks;
 };
 
 /* Key of xdplb_clients (LPM trie): prefixlen counts the 32 bits of service_id too. */

@@ -22,7 +22,7 @@ struct bench_frame {
 	__u32 len;
 	__u32 new_client_each_time; /* rewrite the IPv4 source so every run is a new flow */
 	__u32 first_client;         /* host byte order */
-	__u32 pad;
+	__be32 saddr;               /* the frame's own IPv4 source */
 	__u8 data[BENCH_MAX_FRAME];
 };
 
@@ -60,17 +60,15 @@ int bench_reset(struct xdp_md *ctx)
 	if (!f || !n)
 		return XDP_ABORTED;
 	len = f->len;
-	if (len < ETH_HLEN || len > BENCH_MAX_FRAME)
-		return XDP_ABORTED;
-	if (bpf_xdp_store_bytes(ctx, 0, f->data, len))
+	if (len < IPV4_SADDR_OFFSET + 4 || len > BENCH_MAX_FRAME)
 		return XDP_ABORTED;
 	*n += 1;
-	if (f->new_client_each_time) {
-		__be32 client = bpf_htonl(f->first_client + (__u32)*n);
-
-		if (bpf_xdp_store_bytes(ctx, IPV4_SADDR_OFFSET, &client, sizeof(client)))
-			return XDP_ABORTED;
-	}
+	/* The new client goes into the saved frame, which is then copied in one go: every
+	 * mode costs the same single store. */
+	*(__be32 *)&f->data[IPV4_SADDR_OFFSET] =
+		f->new_client_each_time ? bpf_htonl(f->first_client + (__u32)*n) : f->saddr;
+	if (bpf_xdp_store_bytes(ctx, 0, f->data, len))
+		return XDP_ABORTED;
 	bpf_tail_call(ctx, &bench_target, 0);
 	return XDP_ABORTED;
 }

@@ -13,18 +13,19 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 # Network byte order fields are kept as raw bytes-in-an-integer: converted at the edge.
 be16, be32 = ctypes.c_uint16, ctypes.c_uint32
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_SERVICES = 512
 MAX_BACKENDS = 4096
 MAX_CLIENT_RULES = 4096
 FLOW_SLOTS_DEFAULT = 4 * 1048576
 FLOW_PROBES = 8
-TICK_SHIFT = 24
+TICK_MIN_NS = 8_000_000
 PORTS = 65536
-NO_BACKEND = 0xFFFFFFFF
+NO_BACKEND = 0xFFFF
 RING_SLOTS = 65537
+RING_SLOTS_PER_ENTRY = 4
+RING_ENTRIES = (RING_SLOTS + RING_SLOTS_PER_ENTRY - 1) // RING_SLOTS_PER_ENTRY
 SNAT_PORT_TRIES = 8
-TOUCH_TICKS = 60
 TRACE_TAG = "xdplb1"
 PROGRAM_NAME = "xdplb_main"
 
@@ -115,8 +116,10 @@ class FlowSlot(ctypes.Structure):
 
 class Config(ctypes.Structure):
     _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_addr", be32),
-                ("snat_port_min", u16), ("snat_port_max", u16), ("flow_mask", u32), ("pad", u32),
-                ("tcp_timeout_ns", u64), ("tcp_closing_timeout_ns", u64), ("udp_timeout_ns", u64)]
+                ("snat_port_min", u16), ("snat_port_max", u16), ("flow_mask", u32),
+                ("tcp_timeout_s", u32), ("tcp_closing_timeout_s", u32), ("udp_timeout_s", u32),
+                ("tcp_expiry_ticks", u32), ("tcp_closing_expiry_ticks", u32), ("udp_expiry_ticks", u32),
+                ("tick_shift", u32), ("touch_ticks", u32)]
 
 
 class ClientKey(ctypes.Structure):
@@ -134,7 +137,7 @@ MAPS = {
     "xdplb_ports": (u32, u8),
     "xdplb_services": (ServiceKey, Service),
     "xdplb_backends": (u32, Backend),
-    "xdplb_rings": (u32, u32),
+    "xdplb_rings": (u32, u32),  # inner maps: u32 -> u64, see dataplane.pack_ring
     "xdplb_flows": (u32, FlowSlot),
     "xdplb_port_cur": (u32, u32),
     "xdplb_clients": (ClientKey, u8),

@@ -15,16 +15,14 @@ import os
 import secrets
 import socket
 import struct
-import time
 from dataclasses import dataclass
 
-from . import abi, maglev
+from . import abi, clock, maglev
 from .errors import UsageError, XdplbError
 from .libbpf import BPF_ANY, Libbpf, MapInfo, libbpf
 from .model import PROTOCOL_NAMES, PROTOCOLS, Backend, Service, Settings
 from .netlink import NextHop
 
-NS = 1_000_000_000
 
 
 def be32(addr: ipaddress.IPv4Address) -> int:
@@ -67,6 +65,20 @@ def _indexes(n: int):
     return (ctypes.c_uint32 * n)(*range(n))
 
 
+def pack_ring(slots: list[int]) -> ctypes.Array:
+    """Ring slots (backend ids) as the ring map's values: four 16-bit ids per 64-bit
+    value, slot 0 in the lowest bits (bpf/maps.h, xdplb_ring)."""
+    per = abi.RING_SLOTS_PER_ENTRY
+    padded = slots + [abi.NO_BACKEND] * (-len(slots) % per)
+    return (ctypes.c_uint64 * (len(padded) // per))(
+        *[sum(padded[i + j] << (16 * j) for j in range(per)) for i in range(0, len(padded), per)])
+
+
+def unpack_ring(values, size: int) -> list[int]:
+    per = abi.RING_SLOTS_PER_ENTRY
+    return [(values[slot // per] >> (16 * (slot % per))) & 0xFFFF for slot in range(size)]
+
+
 def _ring_inputs(svc: Service) -> tuple:
     return svc.ring_size, sorted((b.endpoint, b.weight) for b in svc.backends)
 
@@ -97,12 +109,21 @@ class DataPlane:
 
     # ---- settings ----------------------------------------------------------------
     def write_settings(self, s: Settings) -> None:
+        jiffy = clock.jiffy_ns()
+        shift = clock.tick_shift(jiffy)
+        touch = clock.to_ticks(clock.TOUCH_S, jiffy, shift)
+
+        def expiry(seconds: int) -> int:
+            return clock.to_ticks(seconds, jiffy, shift) + touch if seconds else 0
+
         cfg = abi.Config(
             abi_version=abi.ABI_VERSION, flags=abi.ConfigFlags.TRACE if s.trace else 0,
             hash_seed=s.hash_seed, snat_addr=be32(s.snat_addr), snat_port_min=s.snat_port_min,
             snat_port_max=s.snat_port_max, flow_mask=self.flow_slot_count() - 1,
-            tcp_timeout_ns=s.tcp_timeout_s * NS, tcp_closing_timeout_ns=s.tcp_closing_timeout_s * NS,
-            udp_timeout_ns=s.udp_timeout_s * NS)
+            tcp_timeout_s=s.tcp_timeout_s, tcp_closing_timeout_s=s.tcp_closing_timeout_s,
+            udp_timeout_s=s.udp_timeout_s, tcp_expiry_ticks=expiry(s.tcp_timeout_s),
+            tcp_closing_expiry_ticks=expiry(s.tcp_closing_timeout_s), udp_expiry_ticks=expiry(s.udp_timeout_s),
+            tick_shift=shift, touch_ticks=touch)
         self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
 
     def read_settings(self) -> Settings:
@@ -111,8 +132,8 @@ class DataPlane:
         return Settings(
             snat_addr=from_be32(cfg.snat_addr), snat_port_min=cfg.snat_port_min,
             snat_port_max=cfg.snat_port_max, hash_seed=cfg.hash_seed,
-            tcp_timeout_s=cfg.tcp_timeout_ns // NS, tcp_closing_timeout_s=cfg.tcp_closing_timeout_ns // NS,
-            udp_timeout_s=cfg.udp_timeout_ns // NS, trace=bool(cfg.flags & abi.ConfigFlags.TRACE))
+            tcp_timeout_s=cfg.tcp_timeout_s, tcp_closing_timeout_s=cfg.tcp_closing_timeout_s,
+            udp_timeout_s=cfg.udp_timeout_s, trace=bool(cfg.flags & abi.ConfigFlags.TRACE))
 
     def read_abi_version(self) -> int:
         cfg = abi.Config()
@@ -258,12 +279,10 @@ class DataPlane:
         order = sorted(range(len(svc.backends)), key=lambda i: (svc.backends[i].addr, svc.backends[i].port))
         table = maglev.populate([(svc.backends[i].endpoint, svc.backends[i].weight) for i in order],
                                 svc.ring_size, seed)
-        values = (ctypes.c_uint32 * svc.ring_size)(
-            *[abi.NO_BACKEND if slot == maglev.EMPTY else ids[order[slot]] for slot in table])
-        keys = _indexes(svc.ring_size)
-        fd = self.lib.create_ring(f"xdplb_ring{svc_id}"[:15], abi.RING_SLOTS)
+        values = pack_ring([abi.NO_BACKEND if slot == maglev.EMPTY else ids[order[slot]] for slot in table])
+        fd = self.lib.create_array(f"xdplb_ring{svc_id}"[:15], ctypes.sizeof(ctypes.c_uint64), abi.RING_ENTRIES)
         try:
-            self.lib.update_batch(fd, keys, values, svc.ring_size)
+            self.lib.update_batch(fd, _indexes(len(values)), values, len(values))
             self.lib.update(self.fds["xdplb_rings"], ctypes.c_uint32(svc_id), ctypes.c_uint32(fd))
         finally:
             os.close(fd)
@@ -276,7 +295,8 @@ class DataPlane:
         size = next(v.ring_size for v in self._service_entries().values() if v.id == svc_id)
         fd = self.lib.check(self.lib.bpf_map_get_fd_by_id(inner_id.value), "open ring")
         try:
-            return [v for v in self.lib.array_values(fd, ctypes.c_uint32, size)]
+            entries = -(-size // abi.RING_SLOTS_PER_ENTRY)
+            return unpack_ring(self.lib.array_values(fd, ctypes.c_uint64, entries), size)
         finally:
             os.close(fd)
 
@@ -375,16 +395,16 @@ class DataPlane:
     def active_flows(self) -> dict[int, int]:
         """Per backend id: client-side flows neither closing nor idle past their timeout
         (the data plane's own notion of a live flow)."""
-        s = self.read_settings()
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) >> abi.TICK_SHIFT
-        timeouts = {socket.IPPROTO_TCP: (s.tcp_timeout_s * NS) >> abi.TICK_SHIFT,
-                    socket.IPPROTO_UDP: (s.udp_timeout_s * NS) >> abi.TICK_SHIFT}
+        cfg = abi.Config()
+        self.lib.lookup(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+        now = clock.now_ticks(cfg.tick_shift)
+        expiry = {socket.IPPROTO_TCP: cfg.tcp_expiry_ticks, socket.IPPROTO_UDP: cfg.udp_expiry_ticks}
         out: dict[int, int] = {}
         for _, last_seen, proto, backend_id, flags in self._slots():
             if flags & (_REPLY | _CLOSING):
                 continue
-            timeout = timeouts.get(proto, 0)
-            if timeout and (now - last_seen) % (1 << 32) > timeout + abi.TOUCH_TICKS:
+            ticks = expiry.get(proto, 0)
+            if ticks and clock.ticks_since(now, last_seen) > ticks:
                 continue
             out[backend_id] = out.get(backend_id, 0) + 1
         return out

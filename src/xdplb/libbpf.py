@@ -254,9 +254,9 @@ class Libbpf:
         self.obj_info(prog_fd, info2)
         return list(ids)
 
-    def create_ring(self, name: str, entries: int) -> int:
+    def create_array(self, name: str, value_size: int, entries: int) -> int:
         opts = MapCreateOpts(sz=ctypes.sizeof(MapCreateOpts))
-        fd = self.lib.bpf_map_create(BPF_MAP_TYPE_ARRAY, name.encode(), 4, 4, entries,
+        fd = self.lib.bpf_map_create(BPF_MAP_TYPE_ARRAY, name.encode(), 4, value_size, entries,
                                      ctypes.byref(opts))
         return self.check(fd, f"create map {name}")
 
@@ -284,6 +284,7 @@ class Libbpf:
             opts.ctx_size_in = len(ctx)
         self.check(self.lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
         return opts.retval, b"" if live else out.raw[:opts.data_size_out], opts.duration
+
 
 _instance: Libbpf | None = None
 

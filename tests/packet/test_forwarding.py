@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from xdplb import abi, hashing
+from xdplb import abi, clock, hashing
+from xdplb.libbpf import libbpf
 
 from . import packets as P
 from .conftest import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, service
@@ -300,3 +301,41 @@ def test_a_backend_added_again_skips_the_ports_its_old_flows_hold(harness):
     assert action == XDP_TX
     assert P.Ether(out)[P.TCP].sport == FIRST + 1 + 1000 // 8  # 20000-20999 in 8 jumps
     assert harness.dp.counters()["table_full"] == 0
+
+
+def _client_slot(harness) -> int:
+    [index] = [i for i, _, _, _, flags in harness.dp._slots() if not flags & abi.FlowFlags.REPLY]
+    return index
+
+
+def _stamp(harness, index: int, ticks: int) -> None:
+    with harness.dp._flow_table() as table:
+        at = index * ctypes.sizeof(abi.FlowSlot) + abi.FlowSlot.last_seen.offset
+        table[at:at + 4] = (ticks % (1 << 32)).to_bytes(4, "little")
+
+
+def test_idle_flows_expire_on_the_clock_the_control_plane_reads(harness):
+    """The data plane stamps flows with jiffies >> tick_shift and the control plane reads
+    the same clock: a flow idle just under its timeout is kept, just over is forgotten
+    (its next ACK finds no flow and goes to the kernel, which answers with a reset)."""
+    harness.configure([service(P.BACKEND)])
+    cfg = abi.Config()
+    libbpf().lookup(harness.dp.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+    assert cfg.tcp_expiry_ticks > clock.to_ticks(harness.settings.tcp_timeout_s, clock.jiffy_ns(), cfg.tick_shift)
+    harness.run(syn(sport=44000))
+    index = _client_slot(harness)
+    now = clock.now_ticks(cfg.tick_shift)
+    [(_, stamped, _, _, _)] = [s for s in harness.dp._slots() if s[0] == index]
+    assert abs(clock.ticks_since(now, stamped)) <= 1
+    ack = P.tcp(P.CLIENT, 44000, P.VIP, 80, flags="A", smac=P.CLIENT_MAC)
+
+    _stamp(harness, index, now - cfg.tcp_expiry_ticks + 5)
+    action, out = harness.run(ack)
+    assert action == XDP_TX and P.Ether(out)[P.TCP].sport == FIRST
+    assert list(harness.dp.active_flows().values()) == [1]
+
+    _stamp(harness, index, now - cfg.tcp_expiry_ticks - 5)
+    assert harness.dp.active_flows() == {}
+    action, out = harness.run(ack)
+    assert (action, out) == (XDP_PASS, ack)
+    assert harness.dp.counters()["no_flow"] == 1
