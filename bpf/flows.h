@@ -32,10 +32,13 @@ static __always_inline __s32 ticks_since(__u32 now, __u32 then)
 	return (__s32)(now - then);
 }
 
+/* Keys compare as two 64-bit words: every key is built from zeroed memory, so the
+ * padding is zero too. */
 static __always_inline int flow_key_equal(const struct xdplb_flow_key *a, const struct xdplb_flow_key *b)
 {
-	return a->saddr == b->saddr && a->daddr == b->daddr && a->sport == b->sport &&
-	       a->dport == b->dport && a->proto == b->proto;
+	const __u64 *x = (const void *)a, *y = (const void *)b;
+
+	return x[0] == y[0] && x[1] == y[1];
 }
 
 static __always_inline __u32 flow_expiry_ticks(const struct xdplb_config *cfg, __u8 proto, __u8 flags)
@@ -57,14 +60,6 @@ static __always_inline int slot_expired(const struct xdplb_config *cfg, const st
 	/* Signed: another CPU may have stamped the slot a tick after this CPU read the clock. */
 	return expiry && ticks_since(now, s->last_seen) > (__s32)expiry;
 }
-
-/* Where a key would be stored: a slot index and the seq it had when chosen (claiming
- * fails if the slot moved meanwhile). Bit 0 of seq (always even when read) says that
- * storing there evicts a live flow. */
-struct flow_place {
-	__u32 index;
-	__u32 seq;
-};
 
 #define FLOW_PLACE_NONE 0xffffffffu
 #define FLOW_PLACE_EVICTS 1u

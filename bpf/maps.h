@@ -25,12 +25,23 @@ struct {
 	__type(value, __u8);
 } xdplb_ports SEC(".maps");
 
-/* VIP:port/proto -> service. */
+/* Template of the service table: VIP:port/proto -> service, see XDPLB_SERVICE_SLOTS.
+ * Sizes, not types: clang leaves a type seen only through this inner map undefined in
+ * BTF, and libbpf then cannot size it. */
+struct xdplb_service_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XDPLB_SERVICE_SLOTS);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct xdplb_service_slot));
+};
+
+/* Slot 0 holds the service table in use. The control plane builds a new table and
+ * swaps it in with one update, so a packet never sees a half-built one. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, XDPLB_MAX_SERVICES);
-	__type(key, struct xdplb_service_key);
-	__type(value, struct xdplb_service);
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct xdplb_service_table);
 } xdplb_services SEC(".maps");
 
 /* Backend id -> address, port and next-hop MACs. */
@@ -116,11 +127,36 @@ struct {
 	__type(value, struct xdplb_traffic);
 } xdplb_be_stats SEC(".maps");
 
-/* Per-CPU working space of the new-flow path (too big for the BPF stack). */
-struct new_flow_scratch {
+/* Per-CPU working space of the new-flow path (too big for the BPF stack, and the way
+ * into new_flow(), which takes no pointers but the context). */
+/* Where a key would be stored in the flow table: a slot index and the seq it had when
+ * chosen (claiming fails if the slot moved meanwhile). Bit 0 of seq (always even when
+ * read) says that storing there evicts a live flow. */
+struct flow_place {
+	__u32 index;
+	__u32 seq;
+};
+
+/* A packet that opens a flow, as xdplb_main hands it to new_flow(). */
+struct new_flow_request {
+	struct xdplb_service svc;
+	struct flow_place place; /* where the client side goes (see flow_find) */
+	__u32 hash;              /* flow_hash of the packet's 5-tuple */
+	__u32 planned;           /* plan_new_flow() ran for this packet and succeeded */
+};
+
+/* The two entries of a new flow, built by plan_new_flow(). */
+struct new_flow_plan {
 	struct xdplb_flow_key rev_key;
 	struct xdplb_flow fwd;
 	struct xdplb_flow rev;
+	__u32 rev_hash; /* flow_hash(rev_key) */
+	__u32 backend_id;
+};
+
+struct new_flow_scratch {
+	struct new_flow_request req;
+	struct new_flow_plan plan;
 };
 
 struct {

@@ -35,14 +35,16 @@ struct packet {
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	struct tcphdr *tcp; /* NULL unless TCP */
-	struct udphdr *udp; /* NULL unless UDP */
-	struct icmphdr *icmp;
-	void *l4_end;
+	union {
+		struct udphdr *udp;   /* NULL unless UDP (PARSE_L4) */
+		struct icmphdr *icmp; /* PARSE_ICMP */
+	};
 	struct xdplb_flow_key key;
 	__u32 hash; /* flow_hash(key): flow table index and Maglev slot */
 	struct flow_place place; /* where a new flow for key goes (see flow_find) */
 	__u8 tcp_flags;
 	__u8 first_fragment;
+	__u8 planned; /* plan_new_flow() ran for this packet and succeeded */
 };
 
 #define TCP_FLAG_FIN 0x01
@@ -108,7 +110,6 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 	} else {
 		if (pkt->first_fragment || parse_icmphdr(&c, &pkt->icmp) < 0)
 			return PARSE_OTHER;
-		pkt->l4_end = c.pos;
 		return PARSE_ICMP;
 	}
 	return PARSE_L4;
@@ -220,32 +221,42 @@ static __always_inline void flow_set_deltas(struct xdplb_flow *to, const struct 
 
 /* Finds a free SNAT port towards the backend and stores the backend-side entry with it.
  * Returns the port in network byte order, or 0 when every port tried is taken. */
+static __always_inline __be16 next_snat_port(const struct xdplb_config *cfg, __u32 *cursor)
+{
+	__u32 span = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
+
+	return bpf_htons(cfg->snat_port_min + __sync_fetch_and_add(cursor, 1) % span);
+}
+
+/* Stores the backend-side entry with a free SNAT port towards the backend, starting
+ * with the port planned (rev_key->dport, hashed into rev_hash). Returns the port in
+ * network byte order, or 0 when every port tried is taken. */
 static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __u32 backend_id,
-					      struct xdplb_flow_key *rev_key, struct xdplb_flow *rev,
-					      __u32 now)
+					      struct xdplb_flow_key *rev_key, __u32 rev_hash,
+					      struct xdplb_flow *rev, __u32 now)
 {
 	__u32 span = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1, *cursor;
 	int evicted = 0;
 
 	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &backend_id);
-	if (!cursor || cfg->snat_port_max < cfg->snat_port_min)
+	if (!cursor)
 		return 0;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < XDPLB_SNAT_PORT_TRIES; i++) {
-		__be16 port = bpf_htons(cfg->snat_port_min + __sync_fetch_and_add(cursor, 1) % span);
-
-		rev_key->dport = port;
+		if (i) {
+			/* Busy ports come in runs (a backend removed and added again finds its
+			 * old flows on the ports its new cursor starts at): jump past the run. */
+			__sync_fetch_and_add(cursor, span / XDPLB_SNAT_PORT_TRIES);
+			rev_key->dport = next_snat_port(cfg, cursor);
+			rev_hash = flow_hash(rev_key, cfg->hash_seed);
+		}
 		flow_set_deltas(rev, rev_key);
 		/* A live entry with this key means the port is in use towards this backend. */
-		if (!flow_store(cfg, rev_key, flow_hash(rev_key, cfg->hash_seed), rev, now,
-				FLOW_STORE_EXCLUSIVE, &evicted)) {
+		if (!flow_store(cfg, rev_key, rev_hash, rev, now, FLOW_STORE_EXCLUSIVE, &evicted)) {
 			if (evicted)
 				count(XDPLB_CNT_EVICTED);
-			return port;
+			return rev_key->dport;
 		}
-		/* Busy ports come in runs (a backend removed and added again finds its old
-		 * flows on the ports its new cursor starts at): jump past the run. */
-		__sync_fetch_and_add(cursor, span / XDPLB_SNAT_PORT_TRIES);
 	}
 	return 0;
 }
@@ -304,45 +315,69 @@ static __always_inline int forward(struct xdp_md *ctx, const struct xdplb_config
 	return transmit(ctx, flow);
 }
 
-/* A subprogram, not inlined: the new-flow path's locals get their own stack frame, and
- * the two entries it builds live in a per-CPU scratch slot (the stack is 512 bytes). */
-static __noinline int new_flow(struct xdp_md *ctx, const struct xdplb_config *cfg, struct packet *pkt,
-			       const struct xdplb_service *svc)
+enum plan_result {
+	PLAN_OK,
+	PLAN_NOT_SYN,      /* TCP without a SYN opens nothing */
+	PLAN_NOT_ALLOWED,  /* client not in the service's allow-list */
+	PLAN_NO_BACKEND,
+	PLAN_NO_PORT,      /* no SNAT port configured or no scratch space */
+};
+
+/* Starts a memory access without waiting for it (BPF has no prefetch instruction). */
+static __always_inline void prefetch_slot(const struct xdplb_config *cfg, __u32 hash)
 {
-	__u32 hash = pkt->hash, now = now_ticks(cfg), zero = 0;
-	struct new_flow_scratch *scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
-	struct xdplb_flow_key *rev_key;
-	struct xdplb_flow *fwd, *rev;
+	__u32 index = hash & cfg->flow_mask;
+	struct xdplb_flow_slot *s = bpf_map_lookup_elem(&xdplb_flows, &index);
+
+	if (s) {
+		__u32 seq = READ_ONCE_U32(s->seq);
+
+		asm volatile("" : : "r"(seq));
+	}
+}
+
+/* The first half of a new flow, up to the choice of backend and SNAT port: both
+ * entries are built in the per-CPU scratch space. Once the SNAT port is known it
+ * touches the two slots the flow will be stored in, so that in a table larger than the
+ * caches their memory accesses overlap instead of following each other (for a SYN this
+ * runs before the flow lookup). A subprogram: its locals get their own stack frame. */
+static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_config *cfg, struct packet *pkt,
+				    const struct xdplb_service *svc)
+{
+	__u32 backend_id = 0, zero = 0, *cursor;
+	struct new_flow_scratch *scratch;
 	struct xdplb_backend *backend;
-	__u32 backend_id = 0;
-	int evicted = 0;
+	struct new_flow_plan *plan;
+	struct xdplb_flow *fwd, *rev;
 
-	if (!scratch)
-		return pass(XDPLB_CNT_PASS);
-	__builtin_memset(scratch, 0, sizeof(*scratch));
-	rev_key = &scratch->rev_key;
-	fwd = &scratch->fwd;
-	rev = &scratch->rev;
-	rev_key->proto = pkt->key.proto;
+	if (pkt->tcp && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_SYN)
+		return PLAN_NOT_SYN;
+	if (!client_allowed(svc, pkt->key.saddr))
+		return PLAN_NOT_ALLOWED;
+	backend = select_backend(svc, pkt->hash, &backend_id);
+	if (!backend)
+		return PLAN_NO_BACKEND;
+	scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
+	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &backend_id);
+	if (!scratch || !cursor || cfg->snat_port_max < cfg->snat_port_min)
+		return PLAN_NO_PORT;
+	plan = &scratch->plan;
+	__builtin_memset(plan, 0, sizeof(*plan));
+	fwd = &plan->fwd;
+	rev = &plan->rev;
 
-	if (pkt->tcp && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_SYN) {
-		trace(ctx, cfg, pkt, NULL, XDPLB_EV_NO_FLOW, XDP_PASS);
-		return pass(XDPLB_CNT_NO_FLOW);
-	}
-	if (!client_allowed(svc, pkt->key.saddr)) {
-		trace(ctx, cfg, pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_PASS);
-		return pass(XDPLB_CNT_NOT_ALLOWED);
-	}
-	backend = select_backend(svc, hash, &backend_id);
-	if (!backend) {
-		trace(ctx, cfg, pkt, NULL, XDPLB_EV_NO_BACKEND, XDP_PASS);
-		return pass(XDPLB_CNT_NO_BACKEND);
-	}
+	/* Backend side: SNAT address and port -> client. */
+	plan->rev_key.saddr = backend->addr;
+	plan->rev_key.daddr = cfg->snat_addr;
+	plan->rev_key.sport = backend->port;
+	plan->rev_key.dport = next_snat_port(cfg, cursor);
+	plan->rev_key.proto = pkt->key.proto;
+	plan->rev_hash = flow_hash(&plan->rev_key, cfg->hash_seed);
+	plan->backend_id = backend_id;
+	/* After the cursor's locked add, which would wait for any load still in flight. */
+	prefetch_slot(cfg, plan->rev_hash);
+	prefetch_slot(cfg, pkt->hash);
 
-	/* Backend side first: it owns the SNAT port, which the client side then uses. */
-	rev_key->saddr = backend->addr;
-	rev_key->daddr = cfg->snat_addr;
-	rev_key->sport = backend->port;
 	rev->saddr = pkt->key.daddr;
 	rev->daddr = pkt->key.saddr;
 	rev->sport = pkt->key.dport;
@@ -355,11 +390,7 @@ static __noinline int new_flow(struct xdp_md *ctx, const struct xdplb_config *cf
 	rev->backend_id = backend_id;
 	rev->flags = XDPLB_FLOW_REPLY;
 
-	fwd->sport = claim_snat_port(cfg, backend_id, rev_key, rev, now);
-	if (!fwd->sport) {
-		trace(ctx, cfg, pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
-		return drop(XDPLB_CNT_TABLE_FULL);
-	}
+	/* Client side, but for its SNAT port: client -> backend. */
 	fwd->saddr = cfg->snat_addr;
 	fwd->daddr = backend->addr;
 	fwd->dport = backend->port;
@@ -368,25 +399,71 @@ static __noinline int new_flow(struct xdp_md *ctx, const struct xdplb_config *cf
 	__builtin_memcpy(fwd->smac, backend->smac, ETH_ALEN);
 	fwd->service_id = svc->id;
 	fwd->backend_id = backend_id;
-	flow_set_deltas(fwd, &pkt->key);
+	return PLAN_OK;
+}
+
+/* The new-flow path, as a global subprogram: the verifier checks it once, on its own,
+ * instead of once for every way xdplb_main can reach it. The price: it takes only the
+ * context (the request is in the per-CPU scratch space) and parses the headers again. */
+__noinline int new_flow(struct xdp_md *ctx)
+{
+	__u32 zero = 0, now;
+	struct new_flow_scratch *scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
+	struct xdplb_config *cfg = bpf_map_lookup_elem(&xdplb_config, &zero);
+	struct xdplb_flow *fwd, *rev;
+	struct new_flow_plan *plan;
+	struct packet pkt = {};
+	int evicted = 0;
+
+	if (!scratch || !cfg || parse_packet(ctx, &pkt) != PARSE_L4)
+		return pass(XDPLB_CNT_PASS);
+	pkt.hash = scratch->req.hash;
+	pkt.place = scratch->req.place;
+	now = now_ticks(cfg);
+	switch (scratch->req.planned ? PLAN_OK : plan_new_flow(ctx, cfg, &pkt, &scratch->req.svc)) {
+	case PLAN_OK:
+		break;
+	case PLAN_NOT_SYN:
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NO_FLOW, XDP_PASS);
+		return pass(XDPLB_CNT_NO_FLOW);
+	case PLAN_NOT_ALLOWED:
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_PASS);
+		return pass(XDPLB_CNT_NOT_ALLOWED);
+	case PLAN_NO_BACKEND:
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NO_BACKEND, XDP_PASS);
+		return pass(XDPLB_CNT_NO_BACKEND);
+	default:
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
+		return drop(XDPLB_CNT_TABLE_FULL);
+	}
+	plan = &scratch->plan;
+	fwd = &plan->fwd;
+	rev = &plan->rev;
+
+	/* Backend side first: it owns the SNAT port, which the client side then uses. */
+	fwd->sport = claim_snat_port(cfg, plan->backend_id, &plan->rev_key, plan->rev_hash, rev, now);
+	if (!fwd->sport) {
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
+		return drop(XDPLB_CNT_TABLE_FULL);
+	}
+	flow_set_deltas(fwd, &pkt.key);
 	/* The lookup that missed chose the slot already; if another CPU (or the backend
 	 * side just stored) took it since, search again. */
-	if (!flow_claim(&pkt->place, &pkt->key, fwd, now))
-		evicted = pkt->place.seq & FLOW_PLACE_EVICTS;
-	else if (flow_store(cfg, &pkt->key, hash, fwd, now, FLOW_STORE_ANY, &evicted)) {
+	if (!flow_claim(&pkt.place, &pkt.key, fwd, now))
+		evicted = pkt.place.seq & FLOW_PLACE_EVICTS;
+	else if (flow_store(cfg, &pkt.key, pkt.hash, fwd, now, FLOW_STORE_ANY, &evicted)) {
 		/* Lost a race for the slot: free the SNAT port again. */
-		struct xdplb_flow_slot *s = flow_find(cfg, rev_key, flow_hash(rev_key, cfg->hash_seed), rev,
-						      now, NULL);
+		struct xdplb_flow_slot *s = flow_find(cfg, &plan->rev_key, plan->rev_hash, rev, now, NULL);
 
 		if (s)
 			s->flow.flags |= XDPLB_FLOW_DEAD;
-		trace(ctx, cfg, pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
 		return drop(XDPLB_CNT_TABLE_FULL);
 	}
 	if (evicted)
 		count(XDPLB_CNT_EVICTED);
 	count(XDPLB_CNT_NEW_FLOW);
-	return forward(ctx, cfg, pkt, fwd, XDPLB_EV_NEW_FLOW);
+	return forward(ctx, cfg, &pkt, fwd, XDPLB_EV_NEW_FLOW);
 }
 
 /* Stamps both directions of a flow as seen, so neither expires while the other is
@@ -412,7 +489,7 @@ static __noinline int translate_icmp_error(struct xdp_md *ctx, const struct xdpl
 					   struct packet *pkt)
 {
 	void *end = (void *)(long)ctx->data_end;
-	struct iphdr *inner = pkt->l4_end;
+	struct iphdr *inner = (void *)(pkt->icmp + 1);
 	struct xdplb_flow_key key = {};
 	struct xdplb_flow copy, *flow = &copy;
 	__be16 *ports, *l4_check = NULL;
@@ -475,14 +552,56 @@ static __noinline int translate_icmp_error(struct xdp_md *ctx, const struct xdpl
 	return transmit(ctx, flow);
 }
 
+static __always_inline struct xdplb_service *find_service(const struct packet *pkt)
+{
+	struct xdplb_service_key key = {
+		.vip = pkt->key.daddr,
+		.port = pkt->key.dport,
+		.proto = pkt->key.proto,
+	};
+	__u32 zero = 0, hash = service_hash(&key);
+	void *table = bpf_map_lookup_elem(&xdplb_services, &zero);
+
+	if (!table)
+		return NULL;
+#pragma clang loop unroll(disable)
+	for (__u32 probe = 0; probe < XDPLB_SERVICE_PROBES; probe++) {
+		__u32 index = (hash + probe) & (XDPLB_SERVICE_SLOTS - 1);
+		struct xdplb_service_slot *s = bpf_map_lookup_elem(table, &index);
+
+		if (!s || !s->key.proto)
+			return NULL;
+		if (*(__u64 *)&s->key == *(__u64 *)&key)
+			return &s->svc;
+	}
+	return NULL;
+}
+
+/* A SYN nearly always opens a flow: it is planned before the lookup, so that the memory
+ * accesses of both entries start together (see plan_new_flow). A subprogram returning
+ * only whether it did, so the verifier does not walk the rest of xdplb_main once per
+ * outcome. */
+static __noinline int plan_syn(struct xdp_md *ctx, const struct xdplb_config *cfg, struct packet *pkt)
+{
+	struct xdplb_service *svc = find_service(pkt);
+	struct new_flow_scratch *scratch;
+	__u32 zero = 0;
+
+	scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
+	if (!svc || !scratch || pkt->first_fragment || pkt->ip->ttl <= 1)
+		return 0;
+	scratch->req.svc = *svc;
+	return plan_new_flow(ctx, cfg, pkt, &scratch->req.svc) == PLAN_OK;
+}
+
 SEC("xdp")
 int xdplb_main(struct xdp_md *ctx)
 {
-	struct xdplb_service_key svc_key = {};
+	struct new_flow_scratch *scratch;
+	struct xdplb_service *svc;
 	struct xdplb_flow_slot *slot;
 	struct packet pkt = {};
 	struct xdplb_config *cfg;
-	struct xdplb_service *svc;
 	struct xdplb_flow flow;
 	__u32 zero = 0, port, now;
 	__u8 *port_use, wanted;
@@ -516,6 +635,8 @@ int xdplb_main(struct xdp_md *ctx)
 
 	now = now_ticks(cfg);
 	pkt.hash = flow_hash(&pkt.key, cfg->hash_seed);
+	if (pkt.tcp && (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN)
+		pkt.planned = plan_syn(ctx, cfg, &pkt);
 	slot = flow_find(cfg, &pkt.key, pkt.hash, &flow, now, &pkt.place);
 	/* Only the client side expires on lookup; a SYN on a closing flow is the client
 	 * reusing its port: balance it afresh. */
@@ -538,19 +659,27 @@ int xdplb_main(struct xdp_md *ctx)
 			       (flow.flags & XDPLB_FLOW_REPLY) ? XDPLB_EV_REPLY : XDPLB_EV_FLOW);
 	}
 
-	svc_key.vip = pkt.key.daddr;
-	svc_key.port = pkt.key.dport;
-	svc_key.proto = pkt.key.proto;
-	svc = bpf_map_lookup_elem(&xdplb_services, &svc_key);
-	if (!svc)
+	scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
+	if (!scratch)
 		return pass(XDPLB_CNT_PASS);
-	if (pkt.first_fragment) {
-		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_FRAGMENT, XDP_DROP);
-		return drop(XDPLB_CNT_FRAGMENT);
+	/* A planned SYN's service is in the request already (and it was checked for
+	 * fragments and TTL). */
+	if (!pkt.planned) {
+		svc = find_service(&pkt);
+		if (!svc)
+			return pass(XDPLB_CNT_PASS);
+		if (pkt.first_fragment) {
+			trace(ctx, cfg, &pkt, NULL, XDPLB_EV_FRAGMENT, XDP_DROP);
+			return drop(XDPLB_CNT_FRAGMENT);
+		}
+		if (pkt.ip->ttl <= 1) {
+			trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
+			return pass(XDPLB_CNT_TTL_EXPIRED);
+		}
+		scratch->req.svc = *svc;
 	}
-	if (pkt.ip->ttl <= 1) {
-		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
-		return pass(XDPLB_CNT_TTL_EXPIRED);
-	}
-	return new_flow(ctx, cfg, &pkt, svc);
+	scratch->req.place = pkt.place;
+	scratch->req.hash = pkt.hash;
+	scratch->req.planned = pkt.planned;
+	return new_flow(ctx);
 }

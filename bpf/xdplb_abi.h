@@ -16,6 +16,12 @@
 
 /* Limits. Map sizes derived from these are fixed at load time. */
 #define XDPLB_MAX_SERVICES 512
+/* Services are found in an open-addressing table (linear probing, service_hash() in
+ * bpf/hash.h) the control plane builds whole and swaps in: an inlined lookup instead
+ * of a hash map's helper call. Eight slots per service keep every key within
+ * XDPLB_SERVICE_PROBES of its home slot; the control plane checks it. */
+#define XDPLB_SERVICE_SLOTS 4096
+#define XDPLB_SERVICE_PROBES 16
 #define XDPLB_MAX_BACKENDS 4096
 #define XDPLB_MAX_CLIENT_RULES 4096
 /* Flow table slots: a power of two, resized at load time. A flow takes two slots (client
@@ -113,7 +119,7 @@ enum xdplb_trace_event {
 #define XDPLB_TRACE_TAG "xdplb1"
 
 
-/* Key of xdplb_services. */
+/* A service's address: the key of a service table slot. */
 struct xdplb_service_key {
 	__be32 vip;
 	__be16 port;
@@ -121,12 +127,18 @@ struct xdplb_service_key {
 	__u8 pad;
 };
 
-/* Value of xdplb_services. */
+/* What the data plane knows of a service. */
 struct xdplb_service {
 	__u32 id;        /* index into xdplb_rings and xdplb_svc_stats */
 	__u32 ring_size; /* entries of this service's Maglev ring (a prime) */
 	__u32 flags;     /* enum xdplb_service_flags */
 	__u32 pad;
+};
+
+/* One slot of the service table; key.proto 0 marks an empty slot, which ends a search. */
+struct xdplb_service_slot {
+	struct xdplb_service_key key; /* pad zero: keys compare as one 64-bit word */
+	struct xdplb_service svc;
 };
 
 /* Value of xdplb_backends, indexed by backend id. Next-hop MACs are resolved by the

@@ -15,6 +15,8 @@ be16, be32 = ctypes.c_uint16, ctypes.c_uint32
 
 ABI_VERSION = 3
 MAX_SERVICES = 512
+SERVICE_SLOTS = 4096
+SERVICE_PROBES = 16
 MAX_BACKENDS = 4096
 MAX_CLIENT_RULES = 4096
 FLOW_SLOTS_DEFAULT = 4 * 1048576
@@ -93,6 +95,10 @@ class Service(ctypes.Structure):
     _fields_ = [("id", u32), ("ring_size", u32), ("flags", u32), ("pad", u32)]
 
 
+class ServiceSlot(ctypes.Structure):
+    _fields_ = [("key", ServiceKey), ("svc", Service)]
+
+
 class Backend(ctypes.Structure):
     _fields_ = [("addr", be32), ("port", be16), ("weight", u16), ("service_id", u16),
                 ("flags", u16), ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6)]
@@ -135,7 +141,7 @@ class Traffic(ctypes.Structure):
 MAPS = {
     "xdplb_config": (u32, Config),
     "xdplb_ports": (u32, u8),
-    "xdplb_services": (ServiceKey, Service),
+    "xdplb_services": (u32, u32),  # slot 0: the service table, u32 -> ServiceSlot
     "xdplb_backends": (u32, Backend),
     "xdplb_rings": (u32, u32),  # inner maps: u32 -> u64, see dataplane.pack_ring
     "xdplb_flows": (u32, FlowSlot),
@@ -147,7 +153,8 @@ MAPS = {
 }
 # Structs that appear in the object's DWARF under these names.
 STRUCTS = {
-    "xdplb_service_key": ServiceKey, "xdplb_service": Service, "xdplb_backend": Backend,
+    "xdplb_service_key": ServiceKey, "xdplb_service": Service, "xdplb_service_slot": ServiceSlot,
+    "xdplb_backend": Backend,
     "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_config": Config,
     "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic,
 }

@@ -17,7 +17,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from . import abi, clock, maglev
+from . import abi, clock, hashing, maglev
 from .errors import UsageError, XdplbError
 from .libbpf import BPF_ANY, Libbpf, MapInfo, libbpf
 from .model import PROTOCOL_NAMES, PROTOCOLS, Backend, Service, Settings
@@ -63,6 +63,23 @@ def flow_slots(flows: int) -> int:
 def _indexes(n: int):
     """0..n-1 as a C array: the keys of a batch update of a whole array map."""
     return (ctypes.c_uint32 * n)(*range(n))
+
+
+def service_table(entries: list[tuple[abi.ServiceKey, abi.Service]]) -> ctypes.Array:
+    """The service table's slots: linear probing from service_hash, as the data plane
+    searches it (bpf/xdplb.bpf.c, find_service)."""
+    slots = (abi.ServiceSlot * abi.SERVICE_SLOTS)()
+    for key, value in entries:
+        home = hashing.service_hash(str(from_be32(key.vip)), socket.ntohs(key.port), key.proto)
+        for probe in range(abi.SERVICE_PROBES):
+            slot = slots[(home + probe) % abi.SERVICE_SLOTS]
+            if not slot.key.proto:
+                slot.key, slot.svc = key, value
+                break
+        else:
+            raise XdplbError(f"service {from_be32(key.vip)}:{socket.ntohs(key.port)} collides with "
+                             f"{abi.SERVICE_PROBES} others in the service table; report this as a bug")
+    return slots
 
 
 def pack_ring(slots: list[int]) -> ctypes.Array:
@@ -147,12 +164,26 @@ class DataPlane:
 
     # ---- reading the configured services -----------------------------------------
     def _service_entries(self) -> dict[tuple, abi.Service]:
-        out = {}
-        for key in self.lib.keys(self.fds["xdplb_services"], abi.ServiceKey):
-            value = abi.Service()
-            if self.lib.lookup(self.fds["xdplb_services"], key, value):
-                out[(from_be32(key.vip), socket.ntohs(key.port), PROTOCOL_NAMES[key.proto])] = value
-        return out
+        table_id = ctypes.c_uint32()
+        if not self.lib.lookup(self.fds["xdplb_services"], ctypes.c_uint32(0), table_id):
+            return {}
+        fd = self.lib.check(self.lib.bpf_map_get_fd_by_id(table_id.value), "open the service table")
+        try:
+            slots = self.lib.array_values(fd, abi.ServiceSlot, abi.SERVICE_SLOTS)
+        finally:
+            os.close(fd)
+        return {(from_be32(s.key.vip), socket.ntohs(s.key.port), PROTOCOL_NAMES[s.key.proto]): s.svc
+                for s in slots if s.key.proto}
+
+    def _write_service_table(self, entries: dict[tuple, abi.Service]) -> None:
+        """Builds the service table and swaps it in with one update."""
+        slots = service_table([(self._service_key(*key), value) for key, value in entries.items()])
+        fd = self.lib.create_array("xdplb_svc_table", ctypes.sizeof(abi.ServiceSlot), abi.SERVICE_SLOTS)
+        try:
+            self.lib.update_batch(fd, _indexes(len(slots)), slots, len(slots))
+            self.lib.update(self.fds["xdplb_services"], ctypes.c_uint32(0), ctypes.c_uint32(fd))
+        finally:
+            os.close(fd)
 
     def _backend_entries(self) -> dict[int, abi.Backend]:
         values = self.lib.array_values(self.fds["xdplb_backends"], abi.Backend, abi.MAX_BACKENDS)
@@ -201,11 +232,17 @@ class DataPlane:
         wanted_keys = {(s.vip, s.port, s.proto): s for s in wanted}
         used_svc = {v.id for k, v in current.items() if k in wanted_keys}
 
-        for key, value in current.items():
-            if key not in wanted_keys:
-                self._remove_service(key, value, backends)
+        # Services that go: out of the table first, then their rings and backends (whose
+        # ids new services may take below).
+        staying = {k: v for k, v in current.items() if k in wanted_keys}
+        if len(staying) < len(current):
+            self._write_service_table(staying)
+            for key, value in current.items():
+                if key not in wanted_keys:
+                    self._remove_service(value, backends)
 
         free_svc = (i for i in range(abi.MAX_SERVICES) if i not in used_svc)
+        table: dict[tuple, abi.Service] = {}
         taken_be = {i for i, b in backends.items()
                     if any(v.id == b.service_id for k, v in current.items() if k in wanted_keys)}
         free_be = (i for i in range(abi.MAX_BACKENDS) if i not in taken_be)
@@ -222,9 +259,9 @@ class DataPlane:
             for be_id in retired:
                 self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), abi.Backend())
             flags = abi.ServiceFlags.ALLOWLIST if svc.clients else 0
-            value = abi.Service(id=svc_id, ring_size=svc.ring_size, flags=flags)
-            if existing is None or bytes(existing) != bytes(value):
-                self.lib.update(self.fds["xdplb_services"], self._service_key(*key), value)
+            table[key] = abi.Service(id=svc_id, ring_size=svc.ring_size, flags=flags)
+        if {k: bytes(v) for k, v in table.items()} != {k: bytes(v) for k, v in staying.items()}:
+            self._write_service_table(table)
         self._write_ports(wanted, snat_range)
 
     def next_hops(self) -> dict[str, NextHop]:
@@ -237,8 +274,7 @@ class DataPlane:
     def _service_key(vip, port, proto) -> abi.ServiceKey:
         return abi.ServiceKey(vip=be32(vip), port=socket.htons(port), proto=PROTOCOLS[proto])
 
-    def _remove_service(self, key, value: abi.Service, backends: dict[int, abi.Backend]) -> None:
-        self.lib.delete(self.fds["xdplb_services"], self._service_key(*key))
+    def _remove_service(self, value: abi.Service, backends: dict[int, abi.Backend]) -> None:
         self.lib.delete(self.fds["xdplb_rings"], ctypes.c_uint32(value.id))
         self._write_clients(value.id, [])
         for i, b in backends.items():

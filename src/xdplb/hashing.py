@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Python twin of bpf/hash.h (the flow hash), and the seeds of the Maglev permutations.
+"""Python twin of bpf/hash.h (the flow and service hashes), and the seeds of the Maglev
+permutations.
 
 The flow hash must give the same value as the data plane's, bit for bit: the packet
 tests compare the backend the program picks with the one predicted here.
@@ -9,38 +10,30 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 
-MASK = 0xFFFFFFFF
+M64 = (1 << 64) - 1
 
 
-def _rotl(x: int, r: int) -> int:
-    return ((x << r) | (x >> (32 - r))) & MASK
+def mix64(x: int) -> int:
+    """SplitMix64's finalizer."""
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & M64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
 
 
-def _mix(h: int, k: int) -> int:
-    k = (k * 0xCC9E2D51) & MASK
-    k = _rotl(k, 15)
-    k = (k * 0x1B873593) & MASK
-    h ^= k
-    h = _rotl(h, 13)
-    return (h * 5 + 0xE6546B64) & MASK
-
-
-def _finish(h: int, length: int) -> int:
-    h ^= length
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & MASK
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & MASK
-    return h ^ (h >> 16)
+def tuple_hash(addrs: int, rest: int, seed: int) -> int:
+    return mix64(addrs ^ (((rest + seed) * 0x9E3779B97F4A7C15) & M64)) >> 32
 
 
 def flow_hash(saddr: str, sport: int, daddr: str, dport: int, proto: int, seed: int) -> int:
-    h = seed & MASK
-    h = _mix(h, int(ipaddress.IPv4Address(saddr)))
-    h = _mix(h, int(ipaddress.IPv4Address(daddr)))
-    h = _mix(h, (sport << 16) | dport)
-    h = _mix(h, proto)
-    return _finish(h, 16)
+    addrs = int(ipaddress.IPv4Address(saddr)) << 32 | int(ipaddress.IPv4Address(daddr))
+    return tuple_hash(addrs, sport << 32 | dport << 16 | proto, seed)
+
+
+def service_hash(vip: str, port: int, proto: int) -> int:
+    """Home slot (before masking) of a service in the service table."""
+    return tuple_hash(int(ipaddress.IPv4Address(vip)), port << 8 | proto, 0)
 
 
 def backend_permutation(name: str, seed: int, size: int) -> tuple[int, int]:
