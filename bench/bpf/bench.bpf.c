@@ -23,6 +23,8 @@ struct bench_frame {
 	__u32 new_client_each_time; /* rewrite the IPv4 source so every run is a new flow */
 	__u32 first_client;         /* host byte order */
 	__be32 saddr;               /* the frame's own IPv4 source */
+	__u32 mem_mask;             /* bench_mem entries - 1 (a power of two) */
+	__u32 pad;
 	__u8 data[BENCH_MAX_FRAME];
 };
 
@@ -41,6 +43,14 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } bench_target SEC(".maps");
+
+/* As large as the flow table of the run: bench_dram reads one random line of it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64[8]);
+} bench_mem SEC(".maps");
 
 /* Iterations so far (per CPU; the benchmark pins itself to one CPU). */
 struct {
@@ -88,6 +98,30 @@ int bench_macswap(struct xdp_md *ctx)
 	__u8 tmp[ETH_ALEN];
 
 	if ((void *)(eth + 1) > end)
+		return XDP_ABORTED;
+	__builtin_memcpy(tmp, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, tmp, ETH_ALEN);
+	return XDP_TX;
+}
+
+/* The floor plus one read of a random cache line of a table as large as the flow table,
+ * waited for: the least a new flow can cost when its table does not fit in the caches. */
+SEC("xdp")
+int bench_dram(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u32 zero = 0, index;
+	struct bench_frame *f = bpf_map_lookup_elem(&bench_frame, &zero);
+	__u64 *n = bpf_map_lookup_elem(&bench_count, &zero), *line;
+	__u8 tmp[ETH_ALEN];
+
+	if (!f || !n || (void *)(eth + 1) > end)
+		return XDP_ABORTED;
+	index = (__u32)(*n * 0x9e3779b97f4a7c15ULL >> 32) & f->mem_mask;
+	line = bpf_map_lookup_elem(&bench_mem, &index);
+	if (!line || line[0] == 0xdeadbeef) /* never true: makes the program wait for the read */
 		return XDP_ABORTED;
 	__builtin_memcpy(tmp, eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
