@@ -7,6 +7,7 @@ Expected packets are built by scapy, which computes every checksum from scratch.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import pytest
 
 from xdplb import abi, clock, hashing
 from xdplb.libbpf import libbpf
+from xdplb.model import Backend, Service
 
 from . import packets as P
 from .conftest import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, service
@@ -98,6 +100,8 @@ CASES = [
          P.tcp(P.CLIENT, 40000, "10.0.0.3", 80, flags="S"), XDP_TX,
          P.tcp(P.SNAT, FIRST, P.BACKEND2, 80, flags="S", smac=P.LB_MAC, dmac=P.BACKEND2_MAC, ttl=63),
          services=[service(P.BACKEND), service(P.BACKEND2, vip="10.0.0.3")]),
+    Case("a retransmitted SYN follows the first one's rewrite (same SNAT port)",
+         syn(), XDP_TX, to_backend(FIRST, 80), before=[syn()]),
     Case("a SYN on a closed flow (client reusing its port) is balanced afresh, new SNAT port",
          syn(), XDP_TX, to_backend(FIRST + 1, 80),
          before=[syn(), P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="FA")]),
@@ -339,3 +343,31 @@ def test_idle_flows_expire_on_the_clock_the_control_plane_reads(harness):
     action, out = harness.run(ack)
     assert (action, out) == (XDP_PASS, ack)
     assert harness.dp.counters()["no_flow"] == 1
+
+
+def test_hundreds_of_services_each_reach_their_backend(harness):
+    """The service table holds them all (linear probing from service_hash, as the control
+    plane laid it out); removing some swaps in a table without them: they take no new
+    flows, and every established flow carries on."""
+    def many(n):
+        # Each on its own backend port: the harness starts every SNAT cursor at the first
+        # port, and services sharing one backend endpoint would share its ports.
+        return [Service(ipaddress.IPv4Address("10.0.2.0") + i // 2, 80 + i % 2, "tcp",
+                        [Backend(ipaddress.IPv4Address(P.BACKEND if i % 3 else P.BACKEND2), 8000 + i)], [], 13)
+                for i in range(n)]
+    services = many(300)
+    harness.configure(services)
+    for i, svc in enumerate(services):
+        action, out = harness.run(P.tcp(P.CLIENT, 41000 + i, str(svc.vip), svc.port, flags="S", smac=P.CLIENT_MAC))
+        assert action == XDP_TX and P.Ether(out)[P.IP].dst == str(svc.backends[0].addr), svc.name
+    # Every fourth goes; port 81 stays in use by the others, so packets for it are looked at.
+    kept = [svc for i, svc in enumerate(services) if i % 4 != 3]
+    harness.configure(kept)
+    for i, svc in enumerate(services):
+        ack = P.tcp(P.CLIENT, 41000 + i, str(svc.vip), svc.port, flags="A", smac=P.CLIENT_MAC)
+        action, out = harness.run(ack)
+        # Established flows keep going, those of removed services too (until they expire).
+        assert action == XDP_TX and P.Ether(out)[P.IP].dst == str(svc.backends[0].addr), svc.name
+        fresh = P.tcp(P.CLIENT2, 41000 + i, str(svc.vip), svc.port, flags="S", smac=P.CLIENT2_MAC)
+        action, out = harness.run(fresh)
+        assert action == (XDP_PASS if i % 4 == 3 else XDP_TX), svc.name

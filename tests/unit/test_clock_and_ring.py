@@ -1,12 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The tick arithmetic the control plane shares with the data plane, and the packed
-ring layout."""
+"""The tick arithmetic the control plane shares with the data plane, the packed ring
+layout and the service table layout."""
 from __future__ import annotations
+
+import ipaddress
+import socket
 
 import pytest
 
-from xdplb import abi, clock
-from xdplb.dataplane import pack_ring, unpack_ring
+from xdplb import abi, clock, hashing
+from xdplb.dataplane import be32, pack_ring, service_table, unpack_ring
+from xdplb.errors import XdplbError
 
 
 @pytest.mark.parametrize("hz", [100, 250, 300, 1000])
@@ -40,3 +44,32 @@ def test_ring_packs_four_slots_per_value_and_back():
     assert values[1] == 1 | 2 << 16 | 3 << 32 | abi.NO_BACKEND << 48
     assert unpack_ring(values, len(slots)) == slots
     assert len(pack_ring([0] * abi.RING_SLOTS)) == abi.RING_ENTRIES
+
+
+def _key(vip: ipaddress.IPv4Address, port: int = 80) -> abi.ServiceKey:
+    return abi.ServiceKey(vip=be32(vip), port=socket.htons(port), proto=socket.IPPROTO_TCP)
+
+
+def _same_home(count: int) -> list[ipaddress.IPv4Address]:
+    """Addresses whose service keys (port 80/tcp) share one home slot."""
+    home = hashing.service_hash("10.0.0.1", 80, socket.IPPROTO_TCP) % abi.SERVICE_SLOTS
+    found, addr = [], ipaddress.IPv4Address("10.0.0.1")
+    while len(found) < count:
+        if hashing.service_hash(str(addr), 80, socket.IPPROTO_TCP) % abi.SERVICE_SLOTS == home:
+            found.append(addr)
+        addr += 1
+    return found
+
+
+def test_service_table_probes_linearly_from_the_home_slot():
+    vips = _same_home(3)
+    slots = service_table([(_key(v), abi.Service(id=i, ring_size=13)) for i, v in enumerate(vips)])
+    home = hashing.service_hash(str(vips[0]), 80, socket.IPPROTO_TCP) % abi.SERVICE_SLOTS
+    assert [slots[(home + d) % abi.SERVICE_SLOTS].svc.id for d in range(3)] == [0, 1, 2]
+    assert sum(1 for s in slots if s.key.proto) == 3
+
+
+def test_service_table_refuses_a_key_beyond_the_probe_window():
+    vips = _same_home(abi.SERVICE_PROBES + 1)
+    with pytest.raises(XdplbError, match="collides"):
+        service_table([(_key(v), abi.Service(id=i)) for i, v in enumerate(vips)])
