@@ -68,9 +68,10 @@ def main() -> None:
              f"{info['clang']}, libbpf {info['libbpf']}, Python {info['python']}.",
              "Command: `make bench` (as root). Raw figures: `bench/results/latest.json`.", "",
              "## Per-packet cost (BPF_PROG_TEST_RUN)", "", *perpacket_table(pp), "",
-             "A new flow's cost depends on where the flow table lives. In a table that fits in the caches, "
-             "in steady state (every slot has been used, so a SYN scans its whole probe window and evicts "
-             "the least recently seen flow, as a full LRU map would), it is the cost of the code. In a "
+             "A new flow's cost depends on where the flow table lives. In a table that fits in the caches "
+             "and is full of live flows (so a SYN scans its whole probe window and evicts the least "
+             "recently seen flow, as a full LRU map would: the worst case for the probe logic), it is the "
+             "cost of the code. In a "
              "table larger than the caches a new flow reads at least one random cache line from memory "
              "(xdplb makes its two reads overlap); the row *floor + one random read* measures that read "
              "alone, in the same run, as a lower bound for any design.", "",

@@ -222,7 +222,7 @@ def run(repeat: int, runs: int, fill_sizes: list[int], cpu: int = 0) -> Results:
         if action != XDP_TX or Ether(out)[IP].dst not in BACKENDS:
             raise RuntimeError("steady-state new-flow runs did not forward to a backend")
         evicted = bench.dp.counters()["evicted"] - evicted
-        fig = Figure(f"new flow (TCP SYN), steady state in a table of {STEADY_FLOWS:,} flows (in cache)", ns,
+        fig = Figure(f"new flow (TCP SYN), table of {STEADY_FLOWS:,} flows, every slot live (in cache)", ns,
                      checked=f"{evicted / (repeat * runs):.1f} least recently seen entries evicted per SYN")
         fig.ratio = fig.median / statistics.median(floor)
         res.figures.insert(len(res.figures) - 2, fig)
