@@ -4,6 +4,7 @@ the CLI run as a subprocess the way a user types it, real clients."""
 from __future__ import annotations
 
 import http.client
+import json
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,16 @@ def in_ns(netns: str, fn):
     if t.error:
         raise t.error
     return t.result
+
+
+def lb_counters() -> dict:
+    """The LB's non-zero action counters: said by assertions about traffic, so a rare
+    failure shows what the data plane did."""
+    out = xdplb("-n", LB_NS, "stats", "eth0", "--json", "--interval", "0", check=False).stdout
+    try:
+        return {k: v for k, v in json.loads(out)[0]["counters"].items() if v}
+    except (ValueError, LookupError):
+        return {"stats": out.strip()}
 
 
 def get(host: str = VIP, port: int = 80, timeout: float = 5) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from xdplb.lab import stop_process as stop
 
-from .conftest import (BACKENDS, CLIENT2_NS, CLIENT_NS, LB_NS, NAMES, NsThread, VIP, get, in_ns,
+from .conftest import (BACKENDS, CLIENT2_NS, CLIENT_NS, LB_NS, NAMES, NsThread, VIP, get, in_ns, lb_counters,
                        keepalive_client, start_server, xdp_on, xdplb)
 
 PINS = Path("/sys/fs/bpf/xdplb")
@@ -46,7 +46,7 @@ def test_two_client_namespaces_at_once(attached):
         t.start()
     for t in threads:
         t.join(60)
-        assert t.error is None
+        assert t.error is None, lb_counters()
         assert len(t.result) == 100
 
 
