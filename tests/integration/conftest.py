@@ -63,13 +63,21 @@ def in_ns(netns: str, fn):
 
 
 def lb_counters() -> dict:
-    """The LB's non-zero action counters: said by assertions about traffic, so a rare
-    failure shows what the data plane did."""
+    """The LB's non-zero action counters and its veth's XDP drop and error counts: said by
+    assertions about traffic, so a rare failure shows what the data plane did and whether
+    the veth lost transmitted frames."""
     out = xdplb("-n", LB_NS, "stats", "eth0", "--json", "--interval", "0", check=False).stdout
     try:
-        return {k: v for k, v in json.loads(out)[0]["counters"].items() if v}
+        counters = {k: v for k, v in json.loads(out)[0]["counters"].items() if v}
     except (ValueError, LookupError):
-        return {"stats": out.strip()}
+        counters = {"stats": out.strip()}
+    nic = subprocess.run(["nsenter", f"--net=/run/netns/{LB_NS}", "ethtool", "-S", "eth0"],
+                         capture_output=True, text=True).stdout
+    for line in nic.splitlines():
+        name, _, value = line.strip().partition(": ")
+        if ("drop" in name or "error" in name) and value.strip() not in ("", "0"):
+            counters[f"eth0 {name}"] = value.strip()
+    return counters
 
 
 def get(host: str = VIP, port: int = 80, timeout: float = 5) -> str:
