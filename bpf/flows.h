@@ -64,14 +64,6 @@ static __always_inline int slot_expired(const struct xdplb_config *cfg, const st
 #define FLOW_PLACE_NONE 0xffffffffu
 #define FLOW_PLACE_EVICTS 1u
 
-/* The slot `probe` places after a hash's home slot, and its index. */
-static __always_inline struct xdplb_flow_slot *probe_slot(const struct xdplb_config *cfg, __u32 hash,
-							  __u32 probe, __u32 *index)
-{
-	*index = (hash + probe) & cfg->flow_mask;
-	return bpf_map_lookup_elem(&xdplb_flows, index);
-}
-
 /* Tracks the best slot for a new key while a window is scanned: the first free one
  * (never used, expired or dead), else the least recently seen (as an LRU map would). */
 struct place_search {
@@ -126,8 +118,8 @@ static __always_inline struct xdplb_flow_slot *flow_find(const struct xdplb_conf
 	place_search_init(&ps);
 #pragma clang loop unroll(disable)
 	for (__u32 probe = 0; probe < XDPLB_FLOW_PROBES; probe++) {
-		__u32 index, seq;
-		struct xdplb_flow_slot *s = probe_slot(cfg, hash, probe, &index);
+		__u32 index = (hash + probe) & cfg->flow_mask, seq;
+		struct xdplb_flow_slot *s = bpf_map_lookup_elem(&xdplb_flows, &index);
 
 		if (!s)
 			break;
@@ -192,8 +184,8 @@ static __always_inline int flow_store(const struct xdplb_config *cfg, const stru
 	place_search_init(&ps);
 #pragma clang loop unroll(disable)
 	for (__u32 probe = 0; probe < XDPLB_FLOW_PROBES; probe++) {
-		__u32 index, seq;
-		struct xdplb_flow_slot *s = probe_slot(cfg, hash, probe, &index);
+		__u32 index = (hash + probe) & cfg->flow_mask, seq;
+		struct xdplb_flow_slot *s = bpf_map_lookup_elem(&xdplb_flows, &index);
 
 		if (!s)
 			break;

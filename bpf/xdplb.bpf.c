@@ -326,8 +326,8 @@ enum plan_result {
 /* Starts a memory access without waiting for it (BPF has no prefetch instruction). */
 static __always_inline void prefetch_slot(const struct xdplb_config *cfg, __u32 hash)
 {
-	__u32 index;
-	struct xdplb_flow_slot *s = probe_slot(cfg, hash, 0, &index);
+	__u32 index = hash & cfg->flow_mask;
+	struct xdplb_flow_slot *s = bpf_map_lookup_elem(&xdplb_flows, &index);
 
 	if (s) {
 		__u32 seq = READ_ONCE_U32(s->seq);

@@ -10,6 +10,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from xdplb import abi, build
+from xdplb.libbpf import libbpf
 
 
 def dwarf_structs(path) -> dict[str, dict]:
@@ -89,3 +90,23 @@ def test_constants_match_header():
 def test_trace_tag_matches_header():
     text = (build.BPF_DIR / "xdplb_abi.h").read_text()
     assert f'#define XDPLB_TRACE_TAG "{abi.TRACE_TAG}"' in text
+
+
+def test_the_verifier_has_room_to_spare(bpf_object):
+    """The verifier walks every path of xdplb_main within a budget of 1M instructions;
+    other kernels walk differently, so the count here must stay far below it (a change
+    that multiplies paths shows up here first, not as a load failure elsewhere)."""
+    lib = libbpf()
+    obj = lib.open_object(str(bpf_object))
+    try:
+        prog = lib.lib.bpf_object__find_program_by_name(ctypes.c_void_p(obj), abi.PROGRAM_NAME.encode())
+        log = ctypes.create_string_buffer(1 << 20)
+        lib.lib.bpf_program__set_log_level.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        lib.lib.bpf_program__set_log_buf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+        lib.lib.bpf_program__set_log_level(prog, 4)  # statistics only
+        lib.lib.bpf_program__set_log_buf(prog, log, len(log))
+        lib.load_opened(obj)
+    finally:
+        lib.bpf_object__close(obj)
+    processed = int(re.search(r"processed (\d+) insns", log.value.decode()).group(1))
+    assert 0 < processed < 600_000, processed
