@@ -182,6 +182,8 @@ static __always_inline int flow_store(const struct xdplb_config *cfg, const stru
 	struct place_search ps;
 
 	place_search_init(&ps);
+	/* The first lines of each probe repeat flow_find's on purpose: a helper returning the
+	 * slot and its index through a pointer made the verifier walk half as much again. */
 #pragma clang loop unroll(disable)
 	for (__u32 probe = 0; probe < XDPLB_FLOW_PROBES; probe++) {
 		__u32 index = (hash + probe) & cfg->flow_mask, seq;
