@@ -115,7 +115,12 @@ def detach(ifname: str, force: bool = False) -> str:
                              "which is not xdplb's; leaving it (pass --force to remove it anyway)")
         loader.detach(link)
         return f"detached foreign XDP program {found.prog_id} from {ifname}"
-    found.dataplane.close()
+    try:
+        found.dataplane.remember_snat_ports()
+    except XdplbError:
+        pass  # an aid for the next attach; the detach matters more
+    finally:
+        found.dataplane.close()
     loader.detach(link)
     return f"detached xdplb (program {found.prog_id}, {found.mode} mode) from {ifname}"
 

@@ -17,7 +17,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from . import abi, clock, hashing, maglev
+from . import abi, clock, hashing, maglev, snatmemo
 from .errors import UsageError, XdplbError
 from .libbpf import BPF_ANY, Libbpf, MapInfo, libbpf
 from .model import PROTOCOL_NAMES, PROTOCOLS, Backend, Service, Settings
@@ -110,13 +110,15 @@ class Traffic:
 class DataPlane:
     """The maps of one attached (or about to be attached) program, by name."""
 
-    def __init__(self, fds: dict[str, int], lib: Libbpf | None = None):
+    def __init__(self, fds: dict[str, int], lib: Libbpf | None = None,
+                 memo: snatmemo.Memo | None = None):
         missing = set(abi.MAPS) - set(fds)
         if missing:
             raise XdplbError(f"the attached program lacks maps {sorted(missing)}: it was built "
                              "from another version; detach it and attach again")
         self.fds = fds
         self.lib = lib or libbpf()
+        self.memo = memo or snatmemo.Memo()
         self.ncpus = self.lib.libbpf_num_possible_cpus()
 
     def close(self) -> None:
@@ -228,6 +230,8 @@ class DataPlane:
             raise UsageError(f"{len(wanted)} services: at most {abi.MAX_SERVICES} per interface")
         current = self._service_entries()
         backends = self._backend_entries()
+        settings = self.read_settings()
+        protos = {v.id: proto for (_, _, proto), v in current.items()}
         running = {s.name: s for s in self.services()}
         wanted_keys = {(s.vip, s.port, s.proto): s for s in wanted}
         used_svc = {v.id for k, v in current.items() if k in wanted_keys}
@@ -239,6 +243,8 @@ class DataPlane:
             self._write_service_table(staying)
             for key, value in current.items():
                 if key not in wanted_keys:
+                    self._remember_snat_ports(settings, backends, protos,
+                                              [i for i, b in backends.items() if b.service_id == value.id])
                     self._remove_service(value, backends)
 
         free_svc = (i for i in range(abi.MAX_SERVICES) if i not in used_svc)
@@ -251,11 +257,12 @@ class DataPlane:
             svc_id = existing.id if existing else next(free_svc)
             if existing is None:
                 self._zero_stats("xdplb_svc_stats", svc_id)
-            ids, retired = self._write_backends(svc_id, svc, backends, next_hops, free_be)
+            ids, retired = self._write_backends(svc_id, svc, backends, next_hops, free_be, settings)
             self._write_clients(svc_id, svc.clients)
             before = running.get(svc.name)
             if rebuild_rings or before is None or _ring_inputs(before) != _ring_inputs(svc):
                 self._write_ring(svc_id, svc, ids, seed)
+            self._remember_snat_ports(settings, backends, protos, retired)
             for be_id in retired:
                 self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), abi.Backend())
             flags = abi.ServiceFlags.ALLOWLIST if svc.clients else 0
@@ -282,7 +289,8 @@ class DataPlane:
                 self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(i), abi.Backend())
 
     def _write_backends(self, svc_id: int, svc: Service, backends: dict[int, abi.Backend],
-                        next_hops: dict[str, NextHop], free_ids) -> tuple[list[int], list[int]]:
+                        next_hops: dict[str, NextHop], free_ids,
+                        settings: Settings) -> tuple[list[int], list[int]]:
         """Writes the service's new and changed backends; returns their ids in
         svc.backends order, and the ids of backends that left. Those keep forwarding
         their flows (the flow table holds their address); the caller retires their
@@ -298,7 +306,8 @@ class DataPlane:
                 except StopIteration:
                     raise UsageError(f"more than {abi.MAX_BACKENDS} backends on this interface") from None
                 self._zero_stats("xdplb_be_stats", be_id)
-                self._scatter_port_cursor(be_id)
+                self._start_port_cursor(be_id, snatmemo.key(settings.snat_addr, b.addr, b.port, svc.proto),
+                                        settings)
             hop = next_hops[str(b.addr)]
             value = abi.Backend(addr=be32(b.addr), port=socket.htons(b.port), weight=b.weight,
                                 service_id=svc_id, flags=abi.BackendFlags.IN_USE,
@@ -371,12 +380,36 @@ class DataPlane:
         return [ctype.from_buffer_copy(buf.raw[i * size:i * size + ctypes.sizeof(ctype)])
                 for i in range(self.ncpus)]
 
-    def _scatter_port_cursor(self, backend_id: int) -> None:
-        """Starts the SNAT port search for a new backend at a random place. After
-        a restart of the load balancer the backends still hold TIME_WAIT entries for the
-        ports used before; starting at the same place every time would hit them all."""
-        self.lib.update(self.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id),
-                        ctypes.c_uint32(secrets.randbelow(1 << 32)))
+    # ---- SNAT port cursors (see snatmemo) ------------------------------------------
+    def _start_port_cursor(self, backend_id: int, memo_key: str, settings: Settings) -> None:
+        """Starts a new backend's SNAT port search where the last program to use this
+        tuple space left off, else at a random place: a fixed start would walk into
+        the TIME_WAIT entries of the ports used before every restart."""
+        start = snatmemo.cursor_for(self.memo.recall(memo_key), settings.snat_port_min,
+                                    settings.snat_port_max, secrets.randbelow(1 << 32))
+        self.lib.update(self.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), ctypes.c_uint32(start))
+
+    def _remember_snat_ports(self, settings: Settings, backends: dict[int, abi.Backend],
+                             protos: dict[int, str], ids) -> None:
+        cursor = ctypes.c_uint32()
+        next_ports = {}
+        for i in ids:
+            b = backends.get(i)
+            if b is None or b.service_id not in protos:
+                continue
+            self.lib.lookup(self.fds["xdplb_port_cur"], ctypes.c_uint32(i), cursor)
+            k = snatmemo.key(settings.snat_addr, from_be32(b.addr), socket.ntohs(b.port), protos[b.service_id])
+            next_ports[k] = snatmemo.next_port(cursor.value, settings.snat_port_min, settings.snat_port_max)
+        try:
+            self.memo.remember(next_ports)
+        except OSError:
+            pass  # only an aid against TIME_WAIT collisions: never a reason to fail a change
+
+    def remember_snat_ports(self) -> None:
+        """Records where every backend's SNAT cursor stands (before a detach)."""
+        protos = {v.id: proto for (_, _, proto), v in self._service_entries().items()}
+        backends = self._backend_entries()
+        self._remember_snat_ports(self.read_settings(), backends, protos, list(backends))
 
     def _zero_stats(self, name: str, index: int) -> None:
         size = (ctypes.sizeof(abi.Traffic) + 7) // 8 * 8

@@ -150,20 +150,33 @@ def test_reattach_updates_in_place_and_keeps_connections(attached):
     assert len(set(r.backends)) == 1 and r.backends[0] != NAMES[BACKENDS[2]]
 
 
+def netstat(ns: str) -> dict:
+    text = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "cat", "/proc/net/netstat"], capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    out = {}
+    for names, values in zip(text[::2], text[1::2]):
+        prefix = names.split(":")[0]
+        out.update({f"{prefix}.{k}": int(v) for k, v in zip(names.split()[1:], values.split()[1:])})
+    return out
+
+
+def time_wait_ports(ns: str, peer: str) -> set[int]:
+    """The ports of `peer` that this namespace holds TIME_WAIT entries for."""
+    text = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "ss", "-Htan", "state", "time-wait"],
+                          capture_output=True, text=True, check=True).stdout
+    out = set()
+    for line in text.splitlines():
+        addr, _, port = line.split()[-1].rpartition(":")
+        if addr == peer:
+            out.add(int(port))
+    return out
+
+
 def test_thousands_of_short_connections_without_syn_retransmits(testlab):
     """Port allocation never lands a new flow on a backend's TIME_WAIT tuple (PAWS
     would drop the SYN and the client would retransmit after a second). Two clients
     take turns: their TCP timestamps come from different clocks, so a tuple of one
     reused for the other is what PAWS rejects. The range is one no other test uses."""
-    def netstat(ns: str) -> dict:
-        text = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/netstat"], capture_output=True,
-                              text=True, check=True).stdout.splitlines()
-        out = {}
-        for names, values in zip(text[::2], text[1::2]):
-            prefix = names.split(":")[0]
-            out.update({f"{prefix}.{k}": int(v) for k, v in zip(names.split()[1:], values.split()[1:])})
-        return out
-
     xdplb("-n", LB_NS, "attach", "eth0", "--backends", ",".join(BACKENDS[:2]), "--flows", "65536",
           "--snat-ports", "61000-65535")
     try:
@@ -192,3 +205,35 @@ def test_the_lbs_own_connections_and_balanced_flows_at_the_same_time(attached):
         t.join(120)
         assert t.error is None and len(t.result) == 300
     assert set(own.result) == {NAMES[BACKENDS[0]]}
+
+
+def test_a_new_program_gives_out_snat_ports_where_the_last_one_stopped(testlab):
+    """The backends still hold TIME_WAIT entries for the ports the previous program gave
+    out. Three attach, 20 connections, detach rounds, with the two clients taking turns
+    (their TCP timestamps come from different clocks, so a reused tuple is rejected by
+    PAWS): each backend's ports form one unbroken run across the rounds, every
+    connection is one new flow, and no SYN is rejected or retried."""
+    lo, hi = 5000, 5999  # a range no other test uses
+    backend_ns = {b: f"{LB_NS.rsplit('-', 1)[0]}-backend-{c}" for b, c in zip(BACKENDS[:2], "ab")}
+    tw_before = {b: time_wait_ports(ns, VIP) for b, ns in backend_ns.items()}
+    paws_before = sum(netstat(ns)["TcpExt.PAWSTimewait"] for ns in backend_ns.values())
+    retrans_before = {ns: netstat(ns)["TcpExt.TCPSynRetrans"] for ns in (CLIENT_NS, CLIENT2_NS)}
+    answered = collections.Counter()
+    for client in (CLIENT2_NS, CLIENT_NS, CLIENT2_NS):
+        xdplb("-n", LB_NS, "attach", "eth0", "--backends", ",".join(BACKENDS[:2]), "--flows", "65536",
+              "--snat-ports", f"{lo}-{hi}")
+        try:
+            names = in_ns(client, lambda: [get() for _ in range(20)])
+            assert lb_counters().get("new_flow") == 20, lb_counters()
+        finally:
+            xdplb("-n", LB_NS, "detach", "eth0")
+        answered.update(names)
+    assert sum(netstat(ns)["TcpExt.PAWSTimewait"] for ns in backend_ns.values()) == paws_before
+    for ns in (CLIENT_NS, CLIENT2_NS):
+        assert netstat(ns)["TcpExt.TCPSynRetrans"] == retrans_before[ns], ns
+    span = hi - lo + 1
+    for backend, ns in backend_ns.items():
+        ports = time_wait_ports(ns, VIP) - tw_before[backend]
+        assert len(ports) == answered[NAMES[backend]]
+        starts = [p for p in ports if lo + (p - lo - 1) % span not in ports]
+        assert len(starts) == 1, f"{backend}: ports {sorted(ports)} are not one run"

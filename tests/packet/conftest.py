@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from xdplb import abi
+from xdplb import abi, snatmemo
 from xdplb.dataplane import DataPlane
 from xdplb.libbpf import libbpf
 from xdplb.model import Backend, Service, Settings
@@ -59,7 +59,7 @@ def service(*backends: str, port: int = 80, proto: str = "tcp", vip: str = P.VIP
 
 
 @pytest.fixture
-def harness(bpf_object):
+def harness(bpf_object, tmp_path):
     # Per-CPU state (SNAT slices, counters) is predictable only on one CPU.
     saved = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})
@@ -68,7 +68,7 @@ def harness(bpf_object):
     fds = {name: os.dup(lib.map_fd(obj, name)) for name in abi.MAPS}
     prog_fd = os.dup(lib.prog_fd(obj, abi.PROGRAM_NAME))
     lib.bpf_object__close(obj)
-    dp = DataPlane(fds)
+    dp = DataPlane(fds, memo=snatmemo.Memo(tmp_path / "snat-cursors.json"))
     settings = Settings(snat_addr=ipaddress.IPv4Address(P.SNAT), snat_port_min=SNAT_PORTS[0],
                         snat_port_max=SNAT_PORTS[1])
     dp.write_settings(settings)

@@ -18,7 +18,7 @@ from xdplb.libbpf import libbpf
 from xdplb.model import Backend, Service
 
 from . import packets as P
-from .conftest import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, service
+from .conftest import SNAT_PORTS, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, service
 
 FIRST = 20000  # first SNAT port
 
@@ -305,6 +305,32 @@ def test_a_backend_added_again_skips_the_ports_its_old_flows_hold(harness):
     assert action == XDP_TX
     assert P.Ether(out)[P.TCP].sport == FIRST + 1 + 1000 // 8  # 20000-20999 in 8 jumps
     assert harness.dp.counters()["table_full"] == 0
+
+
+def test_a_backend_added_again_continues_its_snat_ports_where_it_stopped(harness):
+    """The backend still holds TIME_WAIT entries for the ports it was last given: a
+    fresh cursor would collide with them, so the removal leaves a note of where this
+    one stood, and the new backend entry starts there."""
+    harness.configure([service(P.BACKEND, P.BACKEND2)])
+    ports = []
+    for sport in range(44000, 44030):
+        action, out = harness.run(syn(sport=sport))
+        if P.Ether(out)[P.IP].dst == P.BACKEND:
+            ports.append(P.Ether(out)[P.TCP].sport)
+    assert ports == list(range(FIRST, FIRST + len(ports))) and ports
+    harness.dp.apply([service(P.BACKEND2)], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
+    harness.dp.apply([service(P.BACKEND2, P.BACKEND)], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
+    backend_id = harness.dp.backend_ids()[(0, f"{P.BACKEND}:80")]
+    cursor = ctypes.c_uint32()
+    harness.dp.lib.lookup(harness.dp.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), cursor)
+    assert FIRST + cursor.value % (SNAT_PORTS[1] - SNAT_PORTS[0] + 1) == ports[-1] + 1
+    for sport in range(45000, 45030):
+        action, out = harness.run(syn(sport=sport))
+        if P.Ether(out)[P.IP].dst == P.BACKEND:
+            assert (action, P.Ether(out)[P.TCP].sport) == (XDP_TX, ports[-1] + 1)
+            break
+    else:
+        pytest.fail("no new flow went to the re-added backend")
 
 
 def _client_slot(harness) -> int:

@@ -1,0 +1,80 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The SNAT cursor memo: what a detach leaves for the next attach."""
+from __future__ import annotations
+
+import ipaddress
+
+from xdplb import snatmemo
+
+SNAT = ipaddress.IPv4Address("10.0.0.2")
+BACKEND = ipaddress.IPv4Address("10.0.0.11")
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_recall_gives_back_what_was_remembered_until_the_horizon(tmp_path):
+    clock = Clock()
+    memo = snatmemo.Memo(tmp_path / "m.json", clock)
+    k = snatmemo.key(SNAT, BACKEND, 80, "tcp")
+    assert k == "10.0.0.2>10.0.0.11:80/tcp"
+    assert memo.recall(k) is None
+    memo.remember({k: 12345})
+    clock.t += snatmemo.HORIZON_S - 1
+    assert memo.recall(k) == 12345
+    assert memo.recall(snatmemo.key(SNAT, BACKEND, 80, "udp")) is None
+    clock.t += 2
+    assert memo.recall(k) is None
+
+
+def test_old_entries_are_pruned_and_new_ones_kept(tmp_path):
+    clock = Clock()
+    memo = snatmemo.Memo(tmp_path / "m.json", clock)
+    memo.remember({"old": 10000})
+    clock.t += snatmemo.HORIZON_S + 1
+    memo.remember({"new": 20000})
+    assert "old" not in (tmp_path / "m.json").read_text()
+    assert memo.recall("new") == 20000
+    memo.remember({"new": 20001})
+    assert memo.recall("new") == 20001
+
+
+def test_a_damaged_or_missing_file_means_no_memory(tmp_path):
+    path = tmp_path / "sub" / "m.json"
+    memo = snatmemo.Memo(path, Clock())
+    assert memo.recall("k") is None
+    path.parent.mkdir()
+    for text in ("{not json", "[1, 2]", '{"k": 5}', '{"k": {"port": "x", "at": 1}}'):
+        path.write_text(text)
+        assert memo.recall("k") is None
+    memo.remember({"k": 10001})  # and a damaged file does not stop a new note
+    assert memo.recall("k") == 10001
+
+
+def test_a_clock_that_went_back_means_no_memory(tmp_path):
+    """CLOCK_BOOTTIME restarts at boot, and so does /run; a note from the future is not
+    to be trusted."""
+    clock = Clock(5000.0)
+    memo = snatmemo.Memo(tmp_path / "m.json", clock)
+    memo.remember({"k": 10001})
+    clock.t = 10.0
+    assert memo.recall("k") is None
+
+
+def test_cursor_and_port_translate_both_ways():
+    lo, hi = 10000, 32767
+    span = hi - lo + 1
+    for port in (lo, lo + 1, 20000, hi):
+        cursor = snatmemo.cursor_for(port, lo, hi, fallback=7)
+        assert snatmemo.next_port(cursor, lo, hi) == port
+    assert snatmemo.next_port(span * 3 + 5, lo, hi) == lo + 5
+    assert snatmemo.next_port(2**32 - 1, lo, hi) == lo + (2**32 - 1) % span
+    # A port outside the (possibly changed) range, or none: the fallback.
+    assert snatmemo.cursor_for(None, lo, hi, fallback=7) == 7
+    assert snatmemo.cursor_for(40000, lo, hi, fallback=7) == 7
+    assert snatmemo.cursor_for(9999, lo, hi, fallback=7) == 7
