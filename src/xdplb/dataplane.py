@@ -96,6 +96,10 @@ def unpack_ring(values, size: int) -> list[int]:
     return [(values[slot // per] >> (16 * (slot % per))) & 0xFFFF for slot in range(size)]
 
 
+def _memo_key(s: Settings, addr, port: int, proto: str) -> str:
+    return snatmemo.key(s.snat_addr, s.snat_port_min, s.snat_port_max, addr, port, proto)
+
+
 def _ring_inputs(svc: Service) -> tuple:
     return svc.ring_size, sorted((b.endpoint, b.weight) for b in svc.backends)
 
@@ -306,8 +310,7 @@ class DataPlane:
                 except StopIteration:
                     raise UsageError(f"more than {abi.MAX_BACKENDS} backends on this interface") from None
                 self._zero_stats("xdplb_be_stats", be_id)
-                self._start_port_cursor(be_id, snatmemo.key(settings.snat_addr, b.addr, b.port, svc.proto),
-                                        settings)
+                self._start_port_cursor(be_id, _memo_key(settings, b.addr, b.port, svc.proto), settings)
             hop = next_hops[str(b.addr)]
             value = abi.Backend(addr=be32(b.addr), port=socket.htons(b.port), weight=b.weight,
                                 service_id=svc_id, flags=abi.BackendFlags.IN_USE,
@@ -398,7 +401,7 @@ class DataPlane:
             if b is None or b.service_id not in protos:
                 continue
             self.lib.lookup(self.fds["xdplb_port_cur"], ctypes.c_uint32(i), cursor)
-            k = snatmemo.key(settings.snat_addr, from_be32(b.addr), socket.ntohs(b.port), protos[b.service_id])
+            k = _memo_key(settings, from_be32(b.addr), socket.ntohs(b.port), protos[b.service_id])
             next_ports[k] = snatmemo.next_port(cursor.value, settings.snat_port_min, settings.snat_port_max)
         try:
             self.memo.remember(next_ports)

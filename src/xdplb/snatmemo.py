@@ -10,7 +10,8 @@ Continuing each backend's cursor where the last program stopped keeps re-attachi
 safe as running on.
 
 The memo is a small JSON file under /run (gone at reboot, like the reason for it), keyed
-by the tuple space a cursor walks: SNAT address, backend address and port, protocol.
+by the tuple space a cursor walks: SNAT address and port range, backend address and
+port, protocol.
 Entries older than HORIZON_S are of no use and are dropped.
 """
 from __future__ import annotations
@@ -25,8 +26,10 @@ PATH = Path("/run/xdplb/snat-cursors.json")
 HORIZON_S = 240.0  # 2 MSL of the most patient TCP stacks; Linux needs only 60
 
 
-def key(snat_addr, backend_addr, backend_port: int, proto: str) -> str:
-    return f"{snat_addr}>{backend_addr}:{backend_port}/{proto}"
+def key(snat_addr, port_min: int, port_max: int, backend_addr, backend_port: int, proto: str) -> str:
+    """The range is part of the key: a test or an operator switching to another range
+    and back finds the first range's place still noted."""
+    return f"{snat_addr}:{port_min}-{port_max}>{backend_addr}:{backend_port}/{proto}"
 
 
 def _now() -> float:

@@ -21,13 +21,14 @@ class Clock:
 def test_recall_gives_back_what_was_remembered_until_the_horizon(tmp_path):
     clock = Clock()
     memo = snatmemo.Memo(tmp_path / "m.json", clock)
-    k = snatmemo.key(SNAT, BACKEND, 80, "tcp")
-    assert k == "10.0.0.2>10.0.0.11:80/tcp"
+    k = snatmemo.key(SNAT, 10000, 32767, BACKEND, 80, "tcp")
+    assert k == "10.0.0.2:10000-32767>10.0.0.11:80/tcp"
     assert memo.recall(k) is None
     memo.remember({k: 12345})
     clock.t += snatmemo.HORIZON_S - 1
     assert memo.recall(k) == 12345
-    assert memo.recall(snatmemo.key(SNAT, BACKEND, 80, "udp")) is None
+    assert memo.recall(snatmemo.key(SNAT, 10000, 32767, BACKEND, 80, "udp")) is None
+    assert memo.recall(snatmemo.key(SNAT, 5000, 5999, BACKEND, 80, "tcp")) is None
     clock.t += 2
     assert memo.recall(k) is None
 
