@@ -96,7 +96,7 @@ class Bench:
         fds = {name: os.dup(lib.map_fd(obj, name)) for name in abi.MAPS}
         lib.bpf_object__close(obj)
         self.dp = DataPlane(fds)
-        self.dp.write_settings(Settings(snat_addr=ipaddress.IPv4Address(VIP), snat_port_min=SNAT_PORTS[0],
+        self.dp.write_settings(Settings(snat_addrs=[ipaddress.IPv4Address(VIP)], snat_port_min=SNAT_PORTS[0],
                                         snat_port_max=SNAT_PORTS[1]))
         hops = {b: hop or NextHop(LOOPBACK, f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", LB_MAC)
                 for i, b in enumerate(BACKENDS)}

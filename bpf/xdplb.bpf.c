@@ -219,23 +219,29 @@ static __always_inline void flow_set_deltas(struct xdplb_flow *to, const struct 
 						     from->dport, to->dport));
 }
 
-/* Finds a free SNAT port towards the backend and stores the backend-side entry with it.
- * Returns the port in network byte order, or 0 when every port tried is taken. */
-static __always_inline __be16 next_snat_port(const struct xdplb_config *cfg, __u32 *cursor)
+/* The next SNAT source of a backend's cursor: its address into *addr, its port
+ * (network order) returned. Consecutive flows alternate addresses, so every address
+ * of the pool is in use and a tuple comes round again only after count x span flows. */
+static __always_inline __be16 next_snat_source(const struct xdplb_config *cfg, __u32 *cursor, __be32 *addr)
 {
 	__u32 span = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
+	__u32 count = cfg->snat_addr_count ? cfg->snat_addr_count : 1;
+	__u32 c = __sync_fetch_and_add(cursor, 1);
 
-	return bpf_htons(cfg->snat_port_min + __sync_fetch_and_add(cursor, 1) % span);
+	*addr = cfg->snat_addrs[(c % count) & (XDPLB_MAX_SNAT_ADDRS - 1)];
+	return bpf_htons(cfg->snat_port_min + (c / count) % span);
 }
 
-/* Stores the backend-side entry with a free SNAT port towards the backend, starting
- * with the port planned (rev_key->dport, hashed into rev_hash). Returns the port in
- * network byte order, or 0 when every port tried is taken. */
+/* Stores the backend-side entry with a free SNAT source towards the backend, starting
+ * with the one planned (rev_key->daddr and dport, hashed into rev_hash). Returns the
+ * port in network byte order (the address is left in rev_key->daddr), or 0 when every
+ * source tried is taken. */
 static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __u32 backend_id,
 					      struct xdplb_flow_key *rev_key, __u32 rev_hash,
 					      struct xdplb_flow *rev, __u32 now)
 {
-	__u32 span = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1, *cursor;
+	__u32 cycle = ((__u32)cfg->snat_port_max - cfg->snat_port_min + 1) *
+		      (cfg->snat_addr_count ? cfg->snat_addr_count : 1), *cursor;
 	int evicted = 0;
 
 	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &backend_id);
@@ -246,8 +252,8 @@ static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __
 		if (i) {
 			/* Busy ports come in runs (a backend removed and added again finds its
 			 * old flows on the ports its new cursor starts at): jump past the run. */
-			__sync_fetch_and_add(cursor, span / XDPLB_SNAT_PORT_TRIES);
-			rev_key->dport = next_snat_port(cfg, cursor);
+			__sync_fetch_and_add(cursor, cycle / XDPLB_SNAT_PORT_TRIES);
+			rev_key->dport = next_snat_source(cfg, cursor, &rev_key->daddr);
 			rev_hash = flow_hash(rev_key, cfg->hash_seed);
 		}
 		flow_set_deltas(rev, rev_key);
@@ -368,9 +374,8 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 
 	/* Backend side: SNAT address and port -> client. */
 	plan->rev_key.saddr = backend->addr;
-	plan->rev_key.daddr = cfg->snat_addr;
 	plan->rev_key.sport = backend->port;
-	plan->rev_key.dport = next_snat_port(cfg, cursor);
+	plan->rev_key.dport = next_snat_source(cfg, cursor, &plan->rev_key.daddr);
 	plan->rev_key.proto = pkt->key.proto;
 	plan->rev_hash = flow_hash(&plan->rev_key, cfg->hash_seed);
 	plan->backend_id = backend_id;
@@ -391,7 +396,6 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	rev->flags = XDPLB_FLOW_REPLY;
 
 	/* Client side, but for its SNAT port: client -> backend. */
-	fwd->saddr = cfg->snat_addr;
 	fwd->daddr = backend->addr;
 	fwd->dport = backend->port;
 	fwd->ifindex = backend->ifindex;
@@ -442,6 +446,7 @@ __noinline int new_flow(struct xdp_md *ctx)
 
 	/* Backend side first: it owns the SNAT port, which the client side then uses. */
 	fwd->sport = claim_snat_port(cfg, plan->backend_id, &plan->rev_key, plan->rev_hash, rev, now);
+	fwd->saddr = plan->rev_key.daddr;
 	if (!fwd->sport) {
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
 		return drop(XDPLB_CNT_TABLE_FULL);

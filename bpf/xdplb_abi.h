@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define XDPLB_ABI_VERSION 3
+#define XDPLB_ABI_VERSION 4
 
 /* Limits. Map sizes derived from these are fixed at load time. */
 #define XDPLB_MAX_SERVICES 512
@@ -24,6 +24,10 @@
 #define XDPLB_SERVICE_PROBES 16
 #define XDPLB_MAX_BACKENDS 4096
 #define XDPLB_MAX_CLIENT_RULES 4096
+/* SNAT sources: one address gives a backend (port range) distinct tuples, which its
+ * TIME_WAIT entries hold for a minute; each further address adds as many. A power of
+ * two, so that an index can be masked into bounds. */
+#define XDPLB_MAX_SNAT_ADDRS 16
 /* Flow table slots: a power of two, resized at load time. A flow takes two slots (client
  * side and backend side); the default keeps 1M flows at half load. */
 #define XDPLB_FLOW_SLOTS_DEFAULT (4 * 1048576)
@@ -198,7 +202,10 @@ struct xdplb_config {
 	__u32 abi_version;
 	__u32 flags;      /* enum xdplb_config_flags */
 	__u32 hash_seed;  /* same seed on every node => same backend for a flow */
-	__be32 snat_addr; /* source address of packets sent to backends */
+	__u32 snat_addr_count; /* 1 to XDPLB_MAX_SNAT_ADDRS */
+	/* Sources of packets sent to backends: a backend's SNAT cursor c hands out address
+	 * c % count with port min + (c / count) % (max - min + 1). */
+	__be32 snat_addrs[XDPLB_MAX_SNAT_ADDRS];
 	__u16 snat_port_min;
 	__u16 snat_port_max;
 	__u32 flow_mask;  /* xdplb_flows slots - 1 */

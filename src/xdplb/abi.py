@@ -13,12 +13,13 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 # Network byte order fields are kept as raw bytes-in-an-integer: converted at the edge.
 be16, be32 = ctypes.c_uint16, ctypes.c_uint32
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_SERVICES = 512
 SERVICE_SLOTS = 4096
 SERVICE_PROBES = 16
 MAX_BACKENDS = 4096
 MAX_CLIENT_RULES = 4096
+MAX_SNAT_ADDRS = 16
 FLOW_SLOTS_DEFAULT = 4 * 1048576
 FLOW_PROBES = 8
 TICK_MIN_NS = 8_000_000
@@ -121,8 +122,8 @@ class FlowSlot(ctypes.Structure):
 
 
 class Config(ctypes.Structure):
-    _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_addr", be32),
-                ("snat_port_min", u16), ("snat_port_max", u16), ("flow_mask", u32),
+    _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_addr_count", u32),
+                ("snat_addrs", be32 * MAX_SNAT_ADDRS), ("snat_port_min", u16), ("snat_port_max", u16), ("flow_mask", u32),
                 ("tcp_timeout_s", u32), ("tcp_closing_timeout_s", u32), ("udp_timeout_s", u32),
                 ("tcp_expiry_ticks", u32), ("tcp_closing_expiry_ticks", u32), ("udp_expiry_ticks", u32),
                 ("tick_shift", u32), ("touch_ticks", u32)]

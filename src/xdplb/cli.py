@@ -117,7 +117,9 @@ def build():
 @click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "native", "generic"]),
               help="XDP mode; auto prefers native and falls back to generic.")
 @click.option("--clients", metavar="CIDR,...", help="Only these clients may use the service [default: all].")
-@click.option("--snat", metavar="ADDR", help="Source address towards backends [default: the interface's primary IPv4].")
+@click.option("--snat", metavar="ADDR[,ADDR...]",
+              help="Source addresses towards backends, up to 16; each adds a port range of "
+                   "connections per backend [default: the interface's primary IPv4].")
 @click.option("--snat-ports", metavar="LOW-HIGH", help="Source ports towards backends [default: 10000-32767].")
 @click.option("--flows", type=click.IntRange(1024, config.FLOWS_MAX), default=config.FLOWS_DEFAULT, show_default=True,
               help="Flow table capacity (connections); memory is reserved up front.")
@@ -141,7 +143,7 @@ def attach(ctx, iface, backends, vip, port, proto, mode, clients, snat, snat_por
         ifname=iface, backends=model.parse_backends(backends, port_n),
         vip=model.parse_address(vip, "VIP") if vip else None, port=port_n, proto=proto, mode=mode,
         clients=model.parse_networks(clients) if clients else [], force=force,
-        snat_addr=model.parse_address(snat, "SNAT address") if snat else None,
+        snat_addrs=model.parse_snat_addresses(snat) if snat else None,
         snat_ports=model.parse_port_range(snat_ports) if snat_ports else None, flows=flows, seed=seed)
     attachment, notes, loaded = control.attach(req)
     for note in notes:
@@ -174,7 +176,7 @@ def _print_status(entry: dict) -> None:
         click.echo(f"{entry['interface']}: xdplb is not attached")
         return
     click.echo(f"{entry['interface']}: xdplb program {entry['program_id']}, {entry['mode']} mode, "
-               f"SNAT {entry['snat']['address']} ports {entry['snat']['ports']}"
+               f"SNAT {','.join(entry['snat']['addresses'])} ports {entry['snat']['ports']}"
                f"{', tracing' if entry['trace'] else ''}")
     for s in entry["services"]:
         click.echo(f"  service {s['vip']}:{s['port']}/{s['proto']} (clients: {', '.join(s['clients'])}): "

@@ -56,15 +56,15 @@ class InterfaceConfig:
     name: str
     mode: str = "auto"
     flows: int = FLOWS_DEFAULT
-    snat: ipaddress.IPv4Address | None = None
+    snat: list[ipaddress.IPv4Address] | None = None
     snat_ports: tuple[int, int] = (10000, 32767)
     seed: int = Settings.hash_seed
     timeouts: dict = field(default_factory=lambda: {"tcp": 900, "tcp_closing": 120, "udp": 300})
     services: list[Service] = field(default_factory=list)
     health: dict[str, CheckSpec] = field(default_factory=dict)  # service name -> check (serve)
 
-    def settings(self, default_snat: ipaddress.IPv4Address) -> Settings:
-        return Settings(snat_addr=self.snat or default_snat, snat_port_min=self.snat_ports[0],
+    def settings(self, default_snat: list[ipaddress.IPv4Address]) -> Settings:
+        return Settings(snat_addrs=list(self.snat or default_snat), snat_port_min=self.snat_ports[0],
                         snat_port_max=self.snat_ports[1], hash_seed=self.seed,
                         tcp_timeout_s=self.timeouts["tcp"], tcp_closing_timeout_s=self.timeouts["tcp_closing"],
                         udp_timeout_s=self.timeouts["udp"])
@@ -136,7 +136,13 @@ def check(text: str) -> tuple[list[InterfaceConfig], list[str]]:
         iface.mode = mode
         iface.flows = c.integer(f"{where}.flows", table.get("flows", FLOWS_DEFAULT), 1024, FLOWS_MAX) or FLOWS_DEFAULT
         if "snat" in table:
-            iface.snat = c.parse(f"{where}.snat", model.parse_address, str(table["snat"]), "SNAT address")
+            snat = table["snat"]
+            if isinstance(snat, list) and all(isinstance(a, str) for a in snat):
+                snat = ",".join(snat)
+            if not isinstance(snat, str):
+                c.fail(f"{where}.snat", 'must be an address or a list of them, as "10.0.0.2" or ["10.0.0.2", "10.0.0.3"]')
+            else:
+                iface.snat = c.parse(f"{where}.snat", model.parse_snat_addresses, snat)
         if "snat_ports" in table:
             iface.snat_ports = c.parse(f"{where}.snat_ports", model.parse_port_range,
                                        str(table["snat_ports"])) or iface.snat_ports
@@ -239,7 +245,8 @@ def dump(interfaces: list[InterfaceConfig]) -> str:
         lines.append(f"mode = {_toml_value(iface.mode)}")
         lines.append(f"flows = {iface.flows}")
         if iface.snat:
-            lines.append(f"snat = {_toml_value(str(iface.snat))}")
+            addrs = [str(a) for a in iface.snat]
+            lines.append(f"snat = {_toml_value(addrs[0] if len(addrs) == 1 else addrs)}")
         lines.append(f"snat_ports = {_toml_value(f'{iface.snat_ports[0]}-{iface.snat_ports[1]}')}")
         lines.append(f"seed = {iface.seed}")
         lines.append(f"timeouts = {_toml_value(iface.timeouts)}")
@@ -293,7 +300,7 @@ def diff_services(ifname: str, running: list[Service], wanted: list[Service]) ->
 
 def diff_settings(ifname: str, old: Settings, new: Settings) -> list[str]:
     out = []
-    pairs = [("snat", str(old.snat_addr), str(new.snat_addr)),
+    pairs = [("snat", ",".join(map(str, old.snat_addrs)), ",".join(map(str, new.snat_addrs))),
              ("snat_ports", f"{old.snat_port_min}-{old.snat_port_max}", f"{new.snat_port_min}-{new.snat_port_max}"),
              ("seed", old.hash_seed, new.hash_seed), ("timeouts.tcp", old.tcp_timeout_s, new.tcp_timeout_s),
              ("timeouts.tcp_closing", old.tcp_closing_timeout_s, new.tcp_closing_timeout_s),

@@ -25,7 +25,7 @@ class AttachRequest:
     mode: str = "auto"
     clients: list = field(default_factory=list)
     force: bool = False
-    snat_addr: ipaddress.IPv4Address | None = None
+    snat_addrs: list[ipaddress.IPv4Address] | None = None
     snat_ports: tuple[int, int] | None = None
     flows: int = config.FLOWS_DEFAULT
     seed: int | None = None
@@ -51,16 +51,19 @@ def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
     if not link.up:
         raise UsageError(f"{req.ifname} is down; bring it up with: ip link set {req.ifname} up")
     addresses = netlink.ipv4_addresses(link.index)
-    if not addresses and (req.vip is None or req.snat_addr is None):
+    if not addresses and (req.vip is None or not req.snat_addrs):
         raise UsageError(f"{req.ifname} has no IPv4 address; give --vip and --snat, or add one (ip addr add)")
     vip = req.vip or addresses[0].ip
     service = Service(vip, req.port, req.proto, req.backends, req.clients)
 
+    local = netlink.local_ipv4_addresses()
+    snat_notes = [f"note: SNAT address {a} is not an address of this host: backends must route it here"
+                  for a in req.snat_addrs or [] if a not in local]
     found = loader.open_attached(link)
     loader.remove_stale_pins(req.ifname, found.prog_id if isinstance(found, loader.Attachment) else 0)
     if isinstance(found, loader.Attachment):
         try:
-            return _update(found, req, service), [], False
+            return _update(found, req, service), snat_notes, False
         except BaseException:
             found.dataplane.close()
             raise
@@ -68,7 +71,7 @@ def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
         raise XdplbError(f"{req.ifname} already has XDP program {found.prog_id} ({found.name or 'unnamed'}), "
                          "which is not xdplb's; detach it first or pass --force to replace it")
 
-    settings = Settings(snat_addr=req.snat_addr or (addresses[0].ip if addresses else vip))
+    settings = Settings(snat_addrs=req.snat_addrs or [addresses[0].ip if addresses else vip])
     if req.snat_ports:
         settings.snat_port_min, settings.snat_port_max = req.snat_ports
     if req.seed is not None:
@@ -77,7 +80,7 @@ def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
     hops = _next_hops([service])
     attachment, notes = loader.load_and_attach(link, req.mode, req.force, flow_slots(req.flows), settings,
                                                [service], hops)
-    return attachment, notes, True
+    return attachment, snat_notes + notes, True
 
 
 def _update(found: loader.Attachment, req: AttachRequest, service: Service) -> loader.Attachment:
@@ -86,8 +89,8 @@ def _update(found: loader.Attachment, req: AttachRequest, service: Service) -> l
                          f"detach it first to change the mode to {req.mode}")
     dp = found.dataplane
     settings = dp.read_settings()
-    if req.snat_addr:
-        settings.snat_addr = req.snat_addr
+    if req.snat_addrs:
+        settings.snat_addrs = req.snat_addrs
     if req.snat_ports:
         settings.snat_port_min, settings.snat_port_max = req.snat_ports
         loader.check_snat_range(*req.snat_ports)
@@ -145,7 +148,7 @@ def describe(ifname: str, attachment: loader.Attachment) -> dict:
                          "backends": backends})
     return {
         "interface": ifname, "program_id": attachment.prog_id, "mode": attachment.mode,
-        "snat": {"address": str(settings.snat_addr),
+        "snat": {"addresses": [str(a) for a in settings.snat_addrs],
                  "ports": f"{settings.snat_port_min}-{settings.snat_port_max}"},
         "timeouts": {"tcp": settings.tcp_timeout_s, "tcp_closing": settings.tcp_closing_timeout_s,
                      "udp": settings.udp_timeout_s},
@@ -334,7 +337,7 @@ def export(ifname: str | None) -> str:
         dp = found.dataplane
         s = dp.read_settings()
         interfaces.append(config.InterfaceConfig(
-            name=name, mode=found.mode, flows=dp.flow_capacity(), snat=s.snat_addr,
+            name=name, mode=found.mode, flows=dp.flow_capacity(), snat=s.snat_addrs,
             snat_ports=(s.snat_port_min, s.snat_port_max), seed=s.hash_seed,
             timeouts={"tcp": s.tcp_timeout_s, "tcp_closing": s.tcp_closing_timeout_s, "udp": s.udp_timeout_s},
             services=dp.services()))
@@ -396,7 +399,7 @@ def reconcile(desired: list[config.InterfaceConfig], dry_run: bool, path: str = 
             if isinstance(found, loader.Attachment):
                 dp = found.dataplane
                 old = dp.read_settings()
-                new = iface.settings(iface.snat or old.snat_addr)
+                new = iface.settings(iface.snat or old.snat_addrs)
                 new.trace = old.trace
                 change = config.diff_settings(iface.name, old, new) + \
                     config.diff_services(iface.name, dp.services(), iface.services)
@@ -410,7 +413,7 @@ def reconcile(desired: list[config.InterfaceConfig], dry_run: bool, path: str = 
                 if default_snat is None and iface.snat is None:
                     raise UsageError(f"interfaces.{iface.name}: no IPv4 address to use as SNAT source; "
                                      "set snat = \"ADDR\"")
-                new = iface.settings(iface.snat or default_snat)
+                new = iface.settings(iface.snat or [default_snat])
                 lines.append(f"{iface.name}: attach ({iface.mode} mode, {len(iface.services)} services)")
                 lines += config.diff_services(iface.name, [], iface.services)
                 if not dry_run:

@@ -97,7 +97,12 @@ def unpack_ring(values, size: int) -> list[int]:
 
 
 def _memo_key(s: Settings, addr, port: int, proto: str) -> str:
-    return snatmemo.key(s.snat_addr, s.snat_port_min, s.snat_port_max, addr, port, proto)
+    return snatmemo.key(s.snat_addrs, s.snat_port_min, s.snat_port_max, addr, port, proto)
+
+
+def snat_cycle(s: Settings) -> int:
+    """How many flows a backend's SNAT cursor hands out before a source comes round again."""
+    return len(s.snat_addrs) * (s.snat_port_max - s.snat_port_min + 1)
 
 
 def _ring_inputs(svc: Service) -> tuple:
@@ -141,7 +146,8 @@ class DataPlane:
 
         cfg = abi.Config(
             abi_version=abi.ABI_VERSION, flags=abi.ConfigFlags.TRACE if s.trace else 0,
-            hash_seed=s.hash_seed, snat_addr=be32(s.snat_addr), snat_port_min=s.snat_port_min,
+            hash_seed=s.hash_seed, snat_addr_count=len(s.snat_addrs),
+            snat_addrs=(abi.be32 * abi.MAX_SNAT_ADDRS)(*map(be32, s.snat_addrs)), snat_port_min=s.snat_port_min,
             snat_port_max=s.snat_port_max, flow_mask=self.flow_slot_count() - 1,
             tcp_timeout_s=s.tcp_timeout_s, tcp_closing_timeout_s=s.tcp_closing_timeout_s,
             udp_timeout_s=s.udp_timeout_s, tcp_expiry_ticks=expiry(s.tcp_timeout_s),
@@ -153,7 +159,7 @@ class DataPlane:
         cfg = abi.Config()
         self.lib.lookup(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
         return Settings(
-            snat_addr=from_be32(cfg.snat_addr), snat_port_min=cfg.snat_port_min,
+            snat_addrs=[from_be32(a) for a in cfg.snat_addrs[:cfg.snat_addr_count]], snat_port_min=cfg.snat_port_min,
             snat_port_max=cfg.snat_port_max, hash_seed=cfg.hash_seed,
             tcp_timeout_s=cfg.tcp_timeout_s, tcp_closing_timeout_s=cfg.tcp_closing_timeout_s,
             udp_timeout_s=cfg.udp_timeout_s, trace=bool(cfg.flags & abi.ConfigFlags.TRACE))
@@ -388,23 +394,23 @@ class DataPlane:
         """Starts a new backend's SNAT port search where the last program to use this
         tuple space left off, else at a random place: a fixed start would walk into
         the TIME_WAIT entries of the ports used before every restart."""
-        start = snatmemo.cursor_for(self.memo.recall(memo_key), settings.snat_port_min,
-                                    settings.snat_port_max, secrets.randbelow(1 << 32))
+        place = self.memo.recall(memo_key)
+        start = place if place is not None and place < snat_cycle(settings) else secrets.randbelow(1 << 32)
         self.lib.update(self.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), ctypes.c_uint32(start))
 
     def _remember_snat_ports(self, settings: Settings, backends: dict[int, abi.Backend],
                              protos: dict[int, str], ids) -> None:
         cursor = ctypes.c_uint32()
-        next_ports = {}
+        places = {}
         for i in ids:
             b = backends.get(i)
             if b is None or b.service_id not in protos:
                 continue
             self.lib.lookup(self.fds["xdplb_port_cur"], ctypes.c_uint32(i), cursor)
             k = _memo_key(settings, from_be32(b.addr), socket.ntohs(b.port), protos[b.service_id])
-            next_ports[k] = snatmemo.next_port(cursor.value, settings.snat_port_min, settings.snat_port_max)
+            places[k] = cursor.value % snat_cycle(settings)
         try:
-            self.memo.remember(next_ports)
+            self.memo.remember(places)
         except OSError:
             pass  # only an aid against TIME_WAIT collisions: never a reason to fail a change
 

@@ -44,7 +44,7 @@ class Service:
 @dataclass
 class Settings:
     """Settings of one interface's data plane (xdplb_config)."""
-    snat_addr: ipaddress.IPv4Address
+    snat_addrs: list[ipaddress.IPv4Address]  # 1 to abi.MAX_SNAT_ADDRS
     snat_port_min: int = 10000
     snat_port_max: int = 32767
     hash_seed: int = 0x5eed
@@ -62,6 +62,22 @@ def parse_port(text: str, what: str = "port") -> int:
     if not 1 <= port <= 65535:
         raise UsageError(f"bad {what} {text!r}: give a number from 1 to 65535")
     return port
+
+
+def parse_snat_addresses(text: str) -> list[ipaddress.IPv4Address]:
+    """ADDR[,ADDR...]: the SNAT pool."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise UsageError(f"bad SNAT addresses {text!r}: empty entry; give ADDR[,ADDR...]")
+        addr = parse_address(item, "SNAT address")
+        if addr in out:
+            raise UsageError(f"bad SNAT addresses {text!r}: {addr} listed twice")
+        out.append(addr)
+    if len(out) > abi.MAX_SNAT_ADDRS:
+        raise UsageError(f"{len(out)} SNAT addresses: at most {abi.MAX_SNAT_ADDRS}")
+    return out
 
 
 def parse_address(text: str, what: str = "address") -> ipaddress.IPv4Address:

@@ -77,6 +77,12 @@ def ipv4_addresses(index: int) -> list[ipaddress.IPv4Interface]:
     return out
 
 
+def local_ipv4_addresses() -> set[ipaddress.IPv4Address]:
+    """Every IPv4 address of this network namespace."""
+    with IPRoute() as ipr:
+        return {ipaddress.IPv4Address(m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr(family=socket.AF_INET)}
+
+
 def attach_xdp(index: int, prog_fd: int, mode: str, replace: bool) -> None:
     """Attaches; unless replace is set, fails with EBUSY if any program is there."""
     flags = MODES[mode] | (0 if replace else XDP_FLAGS_UPDATE_IF_NOEXIST)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from xdplb import lab
 from xdplb.lab import stop_process as stop
 
 from .conftest import (BACKENDS, CLIENT2_NS, CLIENT_NS, LB_NS, NAMES, NsThread, VIP, get, in_ns, lb_counters,
@@ -237,3 +238,35 @@ def test_a_new_program_gives_out_snat_ports_where_the_last_one_stopped(testlab):
         assert len(ports) == answered[NAMES[backend]]
         starts = [p for p in ports if lo + (p - lo - 1) % span not in ports]
         assert len(starts) == 1, f"{backend}: ports {sorted(ports)} are not one run"
+
+
+def test_a_pool_of_snat_addresses_is_used_in_turn(testlab):
+    """With two SNAT addresses every backend sees connections from both, alternately
+    (twice the tuples before a TIME_WAIT one comes round again), and each one works."""
+    extra = str(lab.SUBNET[250])
+    subprocess.run(["ip", "-n", LB_NS, "addr", "add", f"{extra}/24", "dev", "eth0"], check=True)
+    backend_ns = {b: f"{LB_NS.rsplit('-', 1)[0]}-backend-{c}" for b, c in zip(BACKENDS[:2], "ab")}
+    before = {(b, peer): time_wait_ports(ns, peer) for b, ns in backend_ns.items() for peer in (VIP, extra)}
+    try:
+        stray = str(lab.SUBNET[251])
+        out = xdplb("-n", LB_NS, "attach", "eth0", "--backends", ",".join(BACKENDS[:2]), "--flows", "65536",
+                    "--snat", f"{VIP},{stray}").stdout
+        try:
+            assert f"SNAT address {stray} is not an address of this host" in out
+            assert VIP + " is not" not in out
+            out = xdplb("-n", LB_NS, "attach", "eth0", "--backends", ",".join(BACKENDS[:2]),
+                        "--snat", f"{VIP},{extra}").stdout
+            assert "is not an address" not in out
+            status = json.loads(xdplb("-n", LB_NS, "status", "eth0", "--json").stdout)[0]
+            assert status["snat"]["addresses"] == [VIP, extra]
+            names = in_ns(CLIENT_NS, lambda: [get() for _ in range(40)])
+            assert lb_counters().get("new_flow") == 40
+        finally:
+            xdplb("-n", LB_NS, "detach", "eth0")
+    finally:
+        subprocess.run(["ip", "-n", LB_NS, "addr", "del", f"{extra}/24", "dev", "eth0"], check=True)
+    for backend, ns in backend_ns.items():
+        used = {peer: time_wait_ports(ns, peer) - before[(backend, peer)] for peer in (VIP, extra)}
+        served = names.count(NAMES[backend])
+        assert len(used[VIP]) + len(used[extra]) == served, used
+        assert abs(len(used[VIP]) - len(used[extra])) <= 1, used  # alternately

@@ -69,7 +69,7 @@ def harness(bpf_object, tmp_path):
     prog_fd = os.dup(lib.prog_fd(obj, abi.PROGRAM_NAME))
     lib.bpf_object__close(obj)
     dp = DataPlane(fds, memo=snatmemo.Memo(tmp_path / "snat-cursors.json"))
-    settings = Settings(snat_addr=ipaddress.IPv4Address(P.SNAT), snat_port_min=SNAT_PORTS[0],
+    settings = Settings(snat_addrs=[ipaddress.IPv4Address(P.SNAT)], snat_port_min=SNAT_PORTS[0],
                         snat_port_max=SNAT_PORTS[1])
     dp.write_settings(settings)
     hops = {

@@ -16,6 +16,7 @@ ROUTER_MAC = "02:00:00:00:00:99"
 
 VIP = "10.0.0.2"
 SNAT = "10.0.0.2"
+SNAT2 = "10.0.0.3"  # a second SNAT address, for pool tests
 CLIENT = "10.0.1.10"
 CLIENT2 = "10.0.1.11"
 BACKEND = "10.0.0.101"

@@ -7,6 +7,7 @@ Expected packets are built by scapy, which computes every checksum from scratch.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -331,6 +332,30 @@ def test_a_backend_added_again_continues_its_snat_ports_where_it_stopped(harness
             break
     else:
         pytest.fail("no new flow went to the re-added backend")
+
+
+def test_a_snat_pool_alternates_addresses_and_replies_find_their_flow(harness):
+    """Two SNAT addresses: consecutive flows to one backend take address 1, address 2,
+    then the next port on each, and a reply to either address reaches its client."""
+    pool = dataclasses.replace(harness.settings, snat_addrs=[ipaddress.IPv4Address(P.SNAT),
+                                                             ipaddress.IPv4Address(P.SNAT2)])
+    harness.dp.write_settings(pool)
+    harness.configure([service(P.BACKEND)])
+    sources = [(P.SNAT, FIRST), (P.SNAT2, FIRST), (P.SNAT, FIRST + 1), (P.SNAT2, FIRST + 1)]
+    for i, (addr, port) in enumerate(sources):
+        action, out = harness.run(syn(sport=41000 + i))
+        expected = P.tcp(addr, port, P.BACKEND, 80, flags="S", smac=P.LB_MAC, dmac=P.BACKEND_MAC, ttl=63)
+        assert (action, out) == (XDP_TX, expected), i
+    reply = P.tcp(P.BACKEND, 80, P.SNAT2, FIRST, flags="SA", smac=P.BACKEND_MAC, dmac=P.LB_MAC)
+    assert harness.run(reply) == (XDP_TX, to_client(41001))
+    reply = P.tcp(P.BACKEND, 80, P.SNAT, FIRST + 1, flags="SA", smac=P.BACKEND_MAC, dmac=P.LB_MAC)
+    assert harness.run(reply) == (XDP_TX, to_client(41002))
+    # A backend removed and added again goes on with the pool where it stopped.
+    harness.dp.apply([service(P.BACKEND2)], harness.hops, pool.hash_seed, SNAT_PORTS)
+    harness.dp.apply([service(P.BACKEND)], harness.hops, pool.hash_seed, SNAT_PORTS)
+    action, out = harness.run(syn(sport=41010))
+    assert (action, out) == (XDP_TX, P.tcp(P.SNAT, FIRST + 2, P.BACKEND, 80, flags="S", smac=P.LB_MAC,
+                                           dmac=P.BACKEND_MAC, ttl=63))
 
 
 def _client_slot(harness) -> int:

@@ -40,7 +40,7 @@ def ip(a):
 def test_a_good_file_becomes_the_model():
     (iface,) = config.parse(GOOD)
     assert (iface.name, iface.mode, iface.flows, iface.snat, iface.snat_ports, iface.seed) == \
-        ("eth0", "native", 65536, ip("10.0.0.2"), (40000, 50000), 7)
+        ("eth0", "native", 65536, [ip("10.0.0.2")], (40000, 50000), 7)
     assert iface.timeouts == {"tcp": 600, "tcp_closing": 120, "udp": 30}
     web, dns = iface.services
     assert web.backends == [Backend(ip("10.0.0.11"), 80, 1), Backend(ip("10.0.0.12"), 8080, 3)]
@@ -79,6 +79,21 @@ def test_dump_then_parse_round_trips():
     assert again == iface
 
 
+def test_a_snat_pool_is_a_list_and_round_trips():
+    (iface,) = config.parse(GOOD.replace('snat = "10.0.0.2"', 'snat = ["10.0.0.2", "10.0.0.3"]'))
+    assert iface.snat == [ip("10.0.0.2"), ip("10.0.0.3")]
+    assert 'snat = ["10.0.0.2", "10.0.0.3"]' in config.dump([iface])
+    (again,) = config.parse(config.dump([iface]))
+    assert again == iface
+    assert iface.settings([ip("10.9.9.9")]).snat_addrs == [ip("10.0.0.2"), ip("10.0.0.3")]
+    for bad, problem in (('snat = ["10.0.0.2", "10.0.0.2"]', "10.0.0.2 listed twice"),
+                         ("snat = 7", "must be an address or a list of them"),
+                         ("snat = [1, 2]", "must be an address or a list of them"),
+                         ("snat = []", "empty entry")):
+        with pytest.raises(config.ConfigError, match=problem):
+            config.parse(GOOD.replace('snat = "10.0.0.2"', bad))
+
+
 def test_service_diff_lines():
     old = [Service(ip("10.0.0.2"), 80, "tcp", [Backend(ip("10.0.0.11"), 80, 1), Backend(ip("10.0.0.12"), 80, 1)]),
            Service(ip("10.0.0.2"), 81, "tcp", [])]
@@ -95,6 +110,8 @@ def test_service_diff_lines():
 
 
 def test_settings_diff_lines():
-    a = Settings(snat_addr=ip("10.0.0.2"))
-    b = Settings(snat_addr=ip("10.0.0.2"), udp_timeout_s=30, hash_seed=1)
+    a = Settings(snat_addrs=[ip("10.0.0.2")])
+    b = Settings(snat_addrs=[ip("10.0.0.2")], udp_timeout_s=30, hash_seed=1)
     assert config.diff_settings("eth0", a, b) == ["eth0: ~ seed 24301 -> 1", "eth0: ~ timeouts.udp 300 -> 30"]
+    c = Settings(snat_addrs=[ip("10.0.0.2"), ip("10.0.0.3")])
+    assert config.diff_settings("eth0", a, c) == ["eth0: ~ snat 10.0.0.2 -> 10.0.0.2,10.0.0.3"]

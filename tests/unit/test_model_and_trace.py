@@ -35,6 +35,15 @@ def test_bad_backends_name_the_problem(text, message):
         model.parse_backends(text, 80)
 
 
+def test_snat_addresses():
+    assert model.parse_snat_addresses("10.0.0.2, 10.0.0.3") == [ipaddress.IPv4Address("10.0.0.2"),
+                                                               ipaddress.IPv4Address("10.0.0.3")]
+    for text, message in (("10.0.0.2,", "empty entry"), ("10.0.0.2,10.0.0.2", "listed twice"),
+                          (",".join(f"10.0.1.{i}" for i in range(17)), "17 SNAT addresses: at most 16")):
+        with pytest.raises(UsageError, match=message):
+            model.parse_snat_addresses(text)
+
+
 def test_port_range_and_networks():
     assert model.parse_port_range("10000-20000") == (10000, 20000)
     with pytest.raises(UsageError, match="too small"):

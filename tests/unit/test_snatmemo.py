@@ -21,14 +21,17 @@ class Clock:
 def test_recall_gives_back_what_was_remembered_until_the_horizon(tmp_path):
     clock = Clock()
     memo = snatmemo.Memo(tmp_path / "m.json", clock)
-    k = snatmemo.key(SNAT, 10000, 32767, BACKEND, 80, "tcp")
+    k = snatmemo.key([SNAT], 10000, 32767, BACKEND, 80, "tcp")
     assert k == "10.0.0.2:10000-32767>10.0.0.11:80/tcp"
+    pool = snatmemo.key([SNAT, ipaddress.IPv4Address("10.0.0.3")], 10000, 32767, BACKEND, 80, "tcp")
+    assert pool == "10.0.0.2,10.0.0.3:10000-32767>10.0.0.11:80/tcp"
     assert memo.recall(k) is None
     memo.remember({k: 12345})
     clock.t += snatmemo.HORIZON_S - 1
     assert memo.recall(k) == 12345
-    assert memo.recall(snatmemo.key(SNAT, 10000, 32767, BACKEND, 80, "udp")) is None
-    assert memo.recall(snatmemo.key(SNAT, 5000, 5999, BACKEND, 80, "tcp")) is None
+    assert memo.recall(snatmemo.key([SNAT], 10000, 32767, BACKEND, 80, "udp")) is None
+    assert memo.recall(snatmemo.key([SNAT], 5000, 5999, BACKEND, 80, "tcp")) is None
+    assert memo.recall(pool) is None
     clock.t += 2
     assert memo.recall(k) is None
 
@@ -50,7 +53,8 @@ def test_a_damaged_or_missing_file_means_no_memory(tmp_path):
     memo = snatmemo.Memo(path, Clock())
     assert memo.recall("k") is None
     path.parent.mkdir()
-    for text in ("{not json", "[1, 2]", '{"k": 5}', '{"k": {"port": "x", "at": 1}}'):
+    for text in ("{not json", "[1, 2]", '{"k": 5}', '{"k": {"place": "x", "at": 1000}}',
+                 '{"k": {"place": -1, "at": 1000}}', '{"k": {"place": 3, "at": "x"}}'):
         path.write_text(text)
         assert memo.recall("k") is None
     memo.remember({"k": 10001})  # and a damaged file does not stop a new note
@@ -65,17 +69,3 @@ def test_a_clock_that_went_back_means_no_memory(tmp_path):
     memo.remember({"k": 10001})
     clock.t = 10.0
     assert memo.recall("k") is None
-
-
-def test_cursor_and_port_translate_both_ways():
-    lo, hi = 10000, 32767
-    span = hi - lo + 1
-    for port in (lo, lo + 1, 20000, hi):
-        cursor = snatmemo.cursor_for(port, lo, hi, fallback=7)
-        assert snatmemo.next_port(cursor, lo, hi) == port
-    assert snatmemo.next_port(span * 3 + 5, lo, hi) == lo + 5
-    assert snatmemo.next_port(2**32 - 1, lo, hi) == lo + (2**32 - 1) % span
-    # A port outside the (possibly changed) range, or none: the fallback.
-    assert snatmemo.cursor_for(None, lo, hi, fallback=7) == 7
-    assert snatmemo.cursor_for(40000, lo, hi, fallback=7) == 7
-    assert snatmemo.cursor_for(9999, lo, hi, fallback=7) == 7
