@@ -321,6 +321,22 @@ static __always_inline int forward(struct xdp_md *ctx, const struct xdplb_config
 	return transmit(ctx, flow);
 }
 
+/* A flow towards a backend keeps a copy of the backend's next hop, but a MAC or route
+ * that changes (a backend rebuilt with the same address, a neighbour that moved) is
+ * written by the control plane into the backend entry: while the entry still names
+ * the flow's backend, its next hop wins. A retired backend's flows keep their copy. */
+static __always_inline void follow_backend_hop(struct xdplb_flow *flow)
+{
+	__u32 id = flow->backend_id;
+	const struct xdplb_backend *be = bpf_map_lookup_elem(&xdplb_backends, &id);
+
+	if (!be || be->addr != flow->daddr || be->port != flow->dport)
+		return;
+	flow->ifindex = be->ifindex;
+	__builtin_memcpy(flow->dmac, be->dmac, ETH_ALEN);
+	__builtin_memcpy(flow->smac, be->smac, ETH_ALEN);
+}
+
 enum plan_result {
 	PLAN_OK,
 	PLAN_NOT_SYN,      /* TCP without a SYN opens nothing */
@@ -660,6 +676,8 @@ int xdplb_main(struct xdp_md *ctx)
 			touch(cfg, slot, &flow, pkt.key.proto, now);
 		if ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(flow.flags & XDPLB_FLOW_CLOSING))
 			slot->flow.flags |= XDPLB_FLOW_CLOSING;
+		if (!(flow.flags & XDPLB_FLOW_REPLY))
+			follow_backend_hop(&flow);
 		return forward(ctx, cfg, &pkt, &flow,
 			       (flow.flags & XDPLB_FLOW_REPLY) ? XDPLB_EV_REPLY : XDPLB_EV_FLOW);
 	}

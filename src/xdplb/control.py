@@ -32,12 +32,26 @@ class AttachRequest:
 
 
 def _next_hops(services: list[Service], known: dict | None = None) -> dict:
-    """Resolves the next hop of every backend not already known, before anything is
-    written (an unreachable backend stops the change before it starts)."""
+    """The next hop of every backend, before anything is written: what the kernel knows
+    now (so a change also carries a MAC that moved), else what the running program
+    was given, else resolved now (an unreachable new backend stops the change before
+    it starts)."""
+    addrs = [str(b.addr) for s in services for b in s.backends]
     hops = dict(known or {})
-    hops.update(netlink.resolve_next_hops([str(b.addr) for s in services for b in s.backends
-                                           if str(b.addr) not in hops]))
+    hops.update(netlink.next_hops_now(addrs))
+    hops.update(netlink.resolve_next_hops([a for a in addrs if a not in hops]))
     return hops
+
+
+def refresh_next_hops(ifname: str) -> list[str]:
+    """Rewrites the next hop of every backend whose MAC or route the kernel now sees
+    differently; returns a line per change."""
+    found = _attached(ifname)
+    try:
+        dp = found.dataplane
+        return [f"{ifname}: {line}" for line in dp.update_next_hops(netlink.next_hops_now(list(dp.next_hops())))]
+    finally:
+        found.dataplane.close()
 
 
 def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:

@@ -41,6 +41,10 @@ def mac_bytes(mac: str):
     return (ctypes.c_uint8 * 6)(*bytes.fromhex(mac.replace(":", "")))
 
 
+def _mac(raw) -> str:
+    return ":".join(f"{x:02x}" for x in raw)
+
+
 _IN_USE = int(abi.BackendFlags.IN_USE)
 _DEAD, _REPLY, _CLOSING = int(abi.FlowFlags.DEAD), int(abi.FlowFlags.REPLY), int(abi.FlowFlags.CLOSING)
 _FLAGS_OFFSET = abi.FlowSlot.flow.offset + abi.Flow.flags.offset
@@ -283,9 +287,25 @@ class DataPlane:
 
     def next_hops(self) -> dict[str, NextHop]:
         """The next hops the running backends were written with."""
-        return {str(from_be32(b.addr)): NextHop(b.ifindex, ":".join(f"{x:02x}" for x in b.dmac),
-                                                ":".join(f"{x:02x}" for x in b.smac))
+        return {str(from_be32(b.addr)): NextHop(b.ifindex, _mac(b.dmac), _mac(b.smac))
                 for b in self._backend_entries().values()}
+
+    def update_next_hops(self, hops: dict[str, NextHop]) -> list[str]:
+        """Rewrites the next hop of the backends whose address is in hops with another
+        one (their flows follow, see follow_backend_hop); returns a line per change."""
+        out = []
+        for i, b in self._backend_entries().items():
+            addr = str(from_be32(b.addr))
+            hop = hops.get(addr)
+            if hop is None:
+                continue
+            value = abi.Backend.from_buffer_copy(b)
+            value.ifindex, value.dmac, value.smac = hop.ifindex, mac_bytes(hop.dmac), mac_bytes(hop.smac)
+            if bytes(value) != bytes(b):
+                self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(i), value)
+                out.append(f"backend {addr}:{socket.ntohs(b.port)} next hop {_mac(b.dmac)} (if {b.ifindex}) "
+                           f"-> {hop.dmac} (if {hop.ifindex})")
+        return out
 
     @staticmethod
     def _service_key(vip, port, proto) -> abi.ServiceKey:

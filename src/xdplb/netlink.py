@@ -133,6 +133,31 @@ def _provoke_resolution(addr: str) -> None:
             pass
 
 
+def _interface_mac(ipr, index: int) -> str:
+    return ipr.link("get", index=index)[0].get_attr("IFLA_ADDRESS")
+
+
+def next_hops_now(addrs: list[str]) -> dict[str, NextHop]:
+    """What the kernel's route and neighbour tables say now about each address, for
+    those it knows; never waits and never fails (a refresh keeps what it cannot see)."""
+    with IPRoute() as ipr:
+        known = _neighbours(ipr)
+        macs: dict[int, str] = {}
+        out = {}
+        for addr in dict.fromkeys(addrs):
+            try:
+                route = ipr.route("get", dst=addr)[0]
+            except NetlinkError:
+                continue
+            oif, hop = route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY") or addr
+            if route["type"] == 2 or (oif, hop) not in known:  # local, or not resolved
+                continue
+            if oif not in macs:
+                macs[oif] = _interface_mac(ipr, oif)
+            out[addr] = NextHop(ifindex=oif, dmac=known[(oif, hop)], smac=macs[oif])
+        return out
+
+
 def resolve_next_hops(addrs: list[str]) -> dict[str, NextHop]:
     """Egress interface and MACs towards each address, from the kernel's route and
     neighbour tables, resolving neighbours the kernel does not know yet (all at once)."""
@@ -148,7 +173,7 @@ def resolve_next_hops(addrs: list[str]) -> dict[str, NextHop]:
             routes[addr] = (route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY") or addr)
         macs = {}
         for oif in {oif for oif, _ in routes.values()}:
-            macs[oif] = ipr.link("get", index=oif)[0].get_attr("IFLA_ADDRESS")
+            macs[oif] = _interface_mac(ipr, oif)
         known = _neighbours(ipr)
         missing = {hop for oif, hop in routes.values() if (oif, hop) not in known}
         deadline = time.monotonic() + NEIGH_WAIT_S

@@ -15,15 +15,19 @@ import queue
 import signal
 import sys
 import threading
+import time
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import config, control, loader
-from .errors import XdplbError
+from .errors import NotAttachedError, XdplbError
 from .health import Checker
 
 METRICS_DEFAULT = "127.0.0.1:9433"
+# How often the backends' next hops are compared with the kernel's neighbour table (a
+# netlink dump): a backend rebuilt with a new MAC is followed within this time.
+NEXT_HOP_REFRESH_S = 2.0
 
 
 def log(event: str, level: str = "info", **fields) -> None:
@@ -187,6 +191,16 @@ class Server:
             return
         log("reloaded", path=self.path)
 
+    def _refresh_next_hops(self) -> None:
+        with self.lock:
+            for iface in self.desired:
+                try:
+                    lines = control.refresh_next_hops(iface.name)
+                except NotAttachedError:
+                    continue  # detached by hand: nothing to follow
+                for line in lines:
+                    log("next_hop_changed", detail=line)
+
     def _upgrade_running(self) -> None:
         for iface in self.desired:
             found = loader.find(iface.name)
@@ -212,8 +226,12 @@ class Server:
         signal.signal(signal.SIGHUP, lambda *_: self.events.put(("reload",)))
         signal.signal(signal.SIGTERM, lambda *_: self.events.put(("stop",)))
         signal.signal(signal.SIGINT, lambda *_: self.events.put(("stop",)))
+        refresh_at = time.monotonic() + NEXT_HOP_REFRESH_S
         while True:
-            event = self.events.get()
+            try:
+                event = self.events.get(timeout=max(0.0, refresh_at - time.monotonic()))
+            except queue.Empty:
+                event = ("refresh",)
             try:
                 if event[0] == "stop":
                     break
@@ -221,6 +239,9 @@ class Server:
                     self._reload()
                 elif event[0] == "health":
                     self._health_changed(*event[1:])
+                elif event[0] == "refresh":
+                    refresh_at = time.monotonic() + NEXT_HOP_REFRESH_S
+                    self._refresh_next_hops()
             except XdplbError as exc:
                 log("error", level="error", reason=str(exc).replace("\n", " "))
         self.checker.stop()

