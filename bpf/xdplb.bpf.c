@@ -219,14 +219,18 @@ static __always_inline void flow_set_deltas(struct xdplb_flow *to, const struct 
 						     from->dport, to->dport));
 }
 
+static __always_inline __u32 snat_addr_count(const struct xdplb_config *cfg)
+{
+	return cfg->snat_addr_count ? cfg->snat_addr_count : 1;
+}
+
 /* The next SNAT source of a backend's cursor: its address into *addr, its port
  * (network order) returned. Consecutive flows alternate addresses, so every address
  * of the pool is in use and a tuple comes round again only after count x span flows. */
 static __always_inline __be16 next_snat_source(const struct xdplb_config *cfg, __u32 *cursor, __be32 *addr)
 {
 	__u32 span = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
-	__u32 count = cfg->snat_addr_count ? cfg->snat_addr_count : 1;
-	__u32 c = __sync_fetch_and_add(cursor, 1);
+	__u32 count = snat_addr_count(cfg), c = __sync_fetch_and_add(cursor, 1);
 
 	*addr = cfg->snat_addrs[(c % count) & (XDPLB_MAX_SNAT_ADDRS - 1)];
 	return bpf_htons(cfg->snat_port_min + (c / count) % span);
@@ -240,8 +244,7 @@ static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __
 					      struct xdplb_flow_key *rev_key, __u32 rev_hash,
 					      struct xdplb_flow *rev, __u32 now)
 {
-	__u32 cycle = ((__u32)cfg->snat_port_max - cfg->snat_port_min + 1) *
-		      (cfg->snat_addr_count ? cfg->snat_addr_count : 1), *cursor;
+	__u32 cycle = ((__u32)cfg->snat_port_max - cfg->snat_port_min + 1) * snat_addr_count(cfg), *cursor;
 	int evicted = 0;
 
 	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &backend_id);

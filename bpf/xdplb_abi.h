@@ -202,10 +202,6 @@ struct xdplb_config {
 	__u32 abi_version;
 	__u32 flags;      /* enum xdplb_config_flags */
 	__u32 hash_seed;  /* same seed on every node => same backend for a flow */
-	__u32 snat_addr_count; /* 1 to XDPLB_MAX_SNAT_ADDRS */
-	/* Sources of packets sent to backends: a backend's SNAT cursor c hands out address
-	 * c % count with port min + (c / count) % (max - min + 1). */
-	__be32 snat_addrs[XDPLB_MAX_SNAT_ADDRS];
 	__u16 snat_port_min;
 	__u16 snat_port_max;
 	__u32 flow_mask;  /* xdplb_flows slots - 1 */
@@ -222,6 +218,10 @@ struct xdplb_config {
 	/* Entries are re-stamped at most this often (about 1 s), to keep their cache line
 	 * clean; the entry of the other direction is refreshed at the same time. */
 	__u32 touch_ticks;
+	/* Sources of packets sent to backends (last: only new flows read them): a backend's
+	 * SNAT cursor c hands out address c % count with port min + (c / count) % span. */
+	__u32 snat_addr_count; /* 1 to XDPLB_MAX_SNAT_ADDRS */
+	__be32 snat_addrs[XDPLB_MAX_SNAT_ADDRS];
 };
 
 /* Key of xdplb_clients (LPM trie): prefixlen counts the 32 bits of service_id too. */

@@ -122,11 +122,12 @@ class FlowSlot(ctypes.Structure):
 
 
 class Config(ctypes.Structure):
-    _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_addr_count", u32),
-                ("snat_addrs", be32 * MAX_SNAT_ADDRS), ("snat_port_min", u16), ("snat_port_max", u16), ("flow_mask", u32),
+    _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_port_min", u16),
+                ("snat_port_max", u16), ("flow_mask", u32),
                 ("tcp_timeout_s", u32), ("tcp_closing_timeout_s", u32), ("udp_timeout_s", u32),
                 ("tcp_expiry_ticks", u32), ("tcp_closing_expiry_ticks", u32), ("udp_expiry_ticks", u32),
-                ("tick_shift", u32), ("touch_ticks", u32)]
+                ("tick_shift", u32), ("touch_ticks", u32), ("snat_addr_count", u32),
+                ("snat_addrs", be32 * MAX_SNAT_ADDRS)]
 
 
 class ClientKey(ctypes.Structure):

@@ -137,6 +137,16 @@ def _interface_mac(ipr, index: int) -> str:
     return ipr.link("get", index=index)[0].get_attr("IFLA_ADDRESS")
 
 
+def _path(ipr, addr: str) -> tuple[int, str, bool] | None:
+    """(egress ifindex, next hop address, whether addr is this host's own) towards addr;
+    None without a route."""
+    try:
+        route = ipr.route("get", dst=addr)[0]
+    except NetlinkError:
+        return None
+    return route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY") or addr, route["type"] == 2  # RTN_LOCAL
+
+
 def next_hops_now(addrs: list[str]) -> dict[str, NextHop]:
     """What the kernel's route and neighbour tables say now about each address, for
     those it knows; never waits and never fails (a refresh keeps what it cannot see)."""
@@ -145,13 +155,10 @@ def next_hops_now(addrs: list[str]) -> dict[str, NextHop]:
         macs: dict[int, str] = {}
         out = {}
         for addr in dict.fromkeys(addrs):
-            try:
-                route = ipr.route("get", dst=addr)[0]
-            except NetlinkError:
+            path = _path(ipr, addr)
+            if path is None or path[2] or path[:2] not in known:
                 continue
-            oif, hop = route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY") or addr
-            if route["type"] == 2 or (oif, hop) not in known:  # local, or not resolved
-                continue
+            oif, hop, _ = path
             if oif not in macs:
                 macs[oif] = _interface_mac(ipr, oif)
             out[addr] = NextHop(ifindex=oif, dmac=known[(oif, hop)], smac=macs[oif])
@@ -164,13 +171,12 @@ def resolve_next_hops(addrs: list[str]) -> dict[str, NextHop]:
     with IPRoute() as ipr:
         routes = {}
         for addr in dict.fromkeys(addrs):
-            try:
-                route = ipr.route("get", dst=addr)[0]
-            except NetlinkError:
-                raise XdplbError(f"no route to backend {addr}; add one (ip route) or fix the address") from None
-            if route["type"] == 2:  # RTN_LOCAL
+            path = _path(ipr, addr)
+            if path is None:
+                raise XdplbError(f"no route to backend {addr}; add one (ip route) or fix the address")
+            if path[2]:
                 raise UsageError(f"backend {addr} is an address of this host; give the backends' addresses")
-            routes[addr] = (route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY") or addr)
+            routes[addr] = path[:2]
         macs = {}
         for oif in {oif for oif, _ in routes.values()}:
             macs[oif] = _interface_mac(ipr, oif)
