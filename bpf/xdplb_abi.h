@@ -184,7 +184,8 @@ struct xdplb_flow {
 	__u16 service_id;
 	__u16 backend_id;
 	__u8 flags; /* enum xdplb_flow_flags */
-	__u8 pad[3];
+	__u8 hop_gen; /* low byte of xdplb_config.hop_gen when the next hop was copied */
+	__u8 pad[2];
 };
 
 /* One slot (one cache line) of xdplb_flows, an open-addressing table in an array.
@@ -218,6 +219,9 @@ struct xdplb_config {
 	/* Entries are re-stamped at most this often (about 1 s), to keep their cache line
 	 * clean; the entry of the other direction is refreshed at the same time. */
 	__u32 touch_ticks;
+	/* Bumped by the control plane after it rewrites a backend's next hop (a MAC that
+	 * moved): a flow copied from an older generation looks its backend up again. */
+	__u32 hop_gen;
 	/* Sources of packets sent to backends (last: only new flows read them): a backend's
 	 * SNAT cursor c hands out address c % count with port min + (c / count) % span. */
 	__u32 snat_addr_count; /* 1 to XDPLB_MAX_SNAT_ADDRS */

@@ -114,7 +114,7 @@ class Flow(ctypes.Structure):
     _fields_ = [("saddr", be32), ("daddr", be32), ("sport", be16), ("dport", be16),
                 ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6),
                 ("l3_csum_delta", u16), ("l4_csum_delta", u16), ("service_id", u16),
-                ("backend_id", u16), ("flags", u8), ("pad", u8 * 3)]
+                ("backend_id", u16), ("flags", u8), ("hop_gen", u8), ("pad", u8 * 2)]
 
 
 class FlowSlot(ctypes.Structure):
@@ -126,7 +126,7 @@ class Config(ctypes.Structure):
                 ("snat_port_max", u16), ("flow_mask", u32),
                 ("tcp_timeout_s", u32), ("tcp_closing_timeout_s", u32), ("udp_timeout_s", u32),
                 ("tcp_expiry_ticks", u32), ("tcp_closing_expiry_ticks", u32), ("udp_expiry_ticks", u32),
-                ("tick_shift", u32), ("touch_ticks", u32), ("snat_addr_count", u32),
+                ("tick_shift", u32), ("touch_ticks", u32), ("hop_gen", u32), ("snat_addr_count", u32),
                 ("snat_addrs", be32 * MAX_SNAT_ADDRS)]
 
 

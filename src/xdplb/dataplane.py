@@ -140,6 +140,11 @@ class DataPlane:
         self.fds = {}
 
     # ---- settings ----------------------------------------------------------------
+    def _config(self) -> abi.Config:
+        cfg = abi.Config()
+        self.lib.lookup(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+        return cfg
+
     def write_settings(self, s: Settings) -> None:
         jiffy = clock.jiffy_ns()
         shift = clock.tick_shift(jiffy)
@@ -156,12 +161,12 @@ class DataPlane:
             tcp_timeout_s=s.tcp_timeout_s, tcp_closing_timeout_s=s.tcp_closing_timeout_s,
             udp_timeout_s=s.udp_timeout_s, tcp_expiry_ticks=expiry(s.tcp_timeout_s),
             tcp_closing_expiry_ticks=expiry(s.tcp_closing_timeout_s), udp_expiry_ticks=expiry(s.udp_timeout_s),
-            tick_shift=shift, touch_ticks=touch)
+            tick_shift=shift, touch_ticks=touch,
+            hop_gen=self._config().hop_gen)  # not a setting: flows compare against it
         self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
 
     def read_settings(self) -> Settings:
-        cfg = abi.Config()
-        self.lib.lookup(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+        cfg = self._config()
         return Settings(
             snat_addrs=[from_be32(a) for a in cfg.snat_addrs[:cfg.snat_addr_count]], snat_port_min=cfg.snat_port_min,
             snat_port_max=cfg.snat_port_max, hash_seed=cfg.hash_seed,
@@ -169,8 +174,7 @@ class DataPlane:
             udp_timeout_s=cfg.udp_timeout_s, trace=bool(cfg.flags & abi.ConfigFlags.TRACE))
 
     def read_abi_version(self) -> int:
-        cfg = abi.Config()
-        self.lib.lookup(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+        cfg = self._config()
         return cfg.abi_version
 
     def set_trace(self, on: bool) -> None:
@@ -305,6 +309,10 @@ class DataPlane:
                 self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(i), value)
                 out.append(f"backend {addr}:{socket.ntohs(b.port)} next hop {_mac(b.dmac)} (if {b.ifindex}) "
                            f"-> {hop.dmac} (if {hop.ifindex})")
+        if out:  # after the entries: a flow that sees the new generation sees them too
+            cfg = self._config()
+            cfg.hop_gen = (cfg.hop_gen + 1) & 0xFFFFFFFF
+            self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
         return out
 
     @staticmethod
@@ -493,8 +501,7 @@ class DataPlane:
     def active_flows(self) -> dict[int, int]:
         """Per backend id: client-side flows neither closing nor idle past their timeout
         (the data plane's own notion of a live flow)."""
-        cfg = abi.Config()
-        self.lib.lookup(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+        cfg = self._config()
         now = clock.now_ticks(cfg.tick_shift)
         expiry = {socket.IPPROTO_TCP: cfg.tcp_expiry_ticks, socket.IPPROTO_UDP: cfg.udp_expiry_ticks}
         out: dict[int, int] = {}
