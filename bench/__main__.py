@@ -30,7 +30,8 @@ def machine() -> dict:
 
 def perpacket_table(res: perpacket.Results) -> list[str]:
     lines = [f"repeat = {res.repeat:,} per run, median of {res.runs} runs, pinned to CPU {res.cpu}; "
-             "every figure includes the reset harness.", "",
+             "every figure includes the reset harness. A ratio divides by the median of the floor's "
+             "runs made in alternation with that case's runs (one before each).", "",
              "| case | median ns | min-max ns | ratio to floor | checked |", "| --- | ---: | ---: | ---: | --- |"]
     for f in res.figures + res.fill:
         lines.append(f"| {f.name} | {f.median:.0f} | {min(f.runs_ns):.0f}-{max(f.runs_ns):.0f} | "
