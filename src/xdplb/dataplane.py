@@ -109,6 +109,11 @@ def snat_cycle(s: Settings) -> int:
     return len(s.snat_addrs) * (s.snat_port_max - s.snat_port_min + 1)
 
 
+def _protocols(entries: dict[tuple, abi.Service]) -> dict[int, str]:
+    """Service id -> protocol name, from _service_entries()."""
+    return {v.id: proto for (_, _, proto), v in entries.items()}
+
+
 def _ring_inputs(svc: Service) -> tuple:
     return svc.ring_size, sorted((b.endpoint, b.weight) for b in svc.backends)
 
@@ -174,8 +179,7 @@ class DataPlane:
             udp_timeout_s=cfg.udp_timeout_s, trace=bool(cfg.flags & abi.ConfigFlags.TRACE))
 
     def read_abi_version(self) -> int:
-        cfg = self._config()
-        return cfg.abi_version
+        return self._config().abi_version
 
     def set_trace(self, on: bool) -> None:
         s = self.read_settings()
@@ -249,7 +253,7 @@ class DataPlane:
         current = self._service_entries()
         backends = self._backend_entries()
         settings = self.read_settings()
-        protos = {v.id: proto for (_, _, proto), v in current.items()}
+        protos = _protocols(current)
         running = {s.name: s for s in self.services()}
         wanted_keys = {(s.vip, s.port, s.proto): s for s in wanted}
         used_svc = {v.id for k, v in current.items() if k in wanted_keys}
@@ -444,9 +448,8 @@ class DataPlane:
 
     def remember_snat_ports(self) -> None:
         """Records where every backend's SNAT cursor stands (before a detach)."""
-        protos = {v.id: proto for (_, _, proto), v in self._service_entries().items()}
         backends = self._backend_entries()
-        self._remember_snat_ports(self.read_settings(), backends, protos, list(backends))
+        self._remember_snat_ports(self.read_settings(), backends, _protocols(self._service_entries()), list(backends))
 
     def _zero_stats(self, name: str, index: int) -> None:
         size = (ctypes.sizeof(abi.Traffic) + 7) // 8 * 8
