@@ -101,12 +101,7 @@ def unpack_ring(values, size: int) -> list[int]:
 
 
 def _memo_key(s: Settings, addr, port: int, proto: str) -> str:
-    return snatmemo.key(s.snat_addrs, s.snat_port_min, s.snat_port_max, addr, port, proto)
-
-
-def snat_cycle(s: Settings) -> int:
-    """How many flows a backend's SNAT cursor hands out before a source comes round again."""
-    return len(s.snat_addrs) * (s.snat_port_max - s.snat_port_min + 1)
+    return snatmemo.key(s.snat_port_min, s.snat_port_max, addr, port, proto)
 
 
 def _protocols(entries: dict[tuple, abi.Service]) -> dict[int, str]:
@@ -426,23 +421,27 @@ class DataPlane:
         """Starts a new backend's SNAT port search where the last program to use this
         tuple space left off, else at a random place: a fixed start would walk into
         the TIME_WAIT entries of the ports used before every restart."""
-        place = self.memo.recall(memo_key)
-        start = place if place is not None and place < snat_cycle(settings) else secrets.randbelow(1 << 32)
+        port = self.memo.recall(memo_key)
+        if port is not None and settings.snat_port_min <= port <= settings.snat_port_max:
+            start = snatmemo.cursor_at(port, len(settings.snat_addrs), settings.snat_port_min)
+        else:
+            start = secrets.randbelow(1 << 32)
         self.lib.update(self.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), ctypes.c_uint32(start))
 
     def _remember_snat_ports(self, settings: Settings, backends: dict[int, abi.Backend],
                              protos: dict[int, str], ids) -> None:
         cursor = ctypes.c_uint32()
-        places = {}
+        ports = {}
         for i in ids:
             b = backends.get(i)
             if b is None or b.service_id not in protos:
                 continue
             self.lib.lookup(self.fds["xdplb_port_cur"], ctypes.c_uint32(i), cursor)
             k = _memo_key(settings, from_be32(b.addr), socket.ntohs(b.port), protos[b.service_id])
-            places[k] = cursor.value % snat_cycle(settings)
+            ports[k] = snatmemo.next_port(cursor.value, len(settings.snat_addrs), settings.snat_port_min,
+                                          settings.snat_port_max)
         try:
-            self.memo.remember(places)
+            self.memo.remember(ports)
         except OSError:
             pass  # only an aid against TIME_WAIT collisions: never a reason to fail a change
 

@@ -244,11 +244,13 @@ def test_a_new_program_gives_out_snat_ports_where_the_last_one_stopped(testlab):
 
 def test_a_pool_of_snat_addresses_is_used_in_turn(testlab):
     """With two SNAT addresses every backend sees connections from both, alternately
-    (twice the tuples before a TIME_WAIT one comes round again), and each one works."""
+    (twice the tuples before a TIME_WAIT one comes round again), and each one works;
+    switching to the pool does not walk into the TIME_WAIT left by the single address."""
     extra = str(lab.SUBNET[250])
     subprocess.run(["ip", "-n", LB_NS, "addr", "add", f"{extra}/24", "dev", "eth0"], check=True)
     backend_ns = {b: f"{LB_NS.rsplit('-', 1)[0]}-backend-{c}" for b, c in zip(BACKENDS[:2], "ab")}
     before = {(b, peer): time_wait_ports(ns, peer) for b, ns in backend_ns.items() for peer in (VIP, extra)}
+    paws_before = sum(netstat(ns)["TcpExt.PAWSTimewait"] for ns in backend_ns.values())
     try:
         stray = str(lab.SUBNET[251])
         out = xdplb("-n", LB_NS, "attach", "eth0", "--backends", ",".join(BACKENDS[:2]), "--flows", "65536",
@@ -267,6 +269,8 @@ def test_a_pool_of_snat_addresses_is_used_in_turn(testlab):
             xdplb("-n", LB_NS, "detach", "eth0")
     finally:
         subprocess.run(["ip", "-n", LB_NS, "addr", "del", f"{extra}/24", "dev", "eth0"], check=True)
+    # The pool went on with the ports earlier tests' single address left off at.
+    assert sum(netstat(ns)["TcpExt.PAWSTimewait"] for ns in backend_ns.values()) == paws_before
     for backend, ns in backend_ns.items():
         used = {peer: time_wait_ports(ns, peer) - before[(backend, peer)] for peer in (VIP, extra)}
         served = names.count(NAMES[backend])

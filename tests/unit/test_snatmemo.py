@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from xdplb import snatmemo
 
-SNAT = ipaddress.IPv4Address("10.0.0.2")
 BACKEND = ipaddress.IPv4Address("10.0.0.11")
 
 
@@ -21,17 +22,14 @@ class Clock:
 def test_recall_gives_back_what_was_remembered_until_the_horizon(tmp_path):
     clock = Clock()
     memo = snatmemo.Memo(tmp_path / "m.json", clock)
-    k = snatmemo.key([SNAT], 10000, 32767, BACKEND, 80, "tcp")
-    assert k == "10.0.0.2:10000-32767>10.0.0.11:80/tcp"
-    pool = snatmemo.key([SNAT, ipaddress.IPv4Address("10.0.0.3")], 10000, 32767, BACKEND, 80, "tcp")
-    assert pool == "10.0.0.2,10.0.0.3:10000-32767>10.0.0.11:80/tcp"
+    k = snatmemo.key(10000, 32767, BACKEND, 80, "tcp")
+    assert k == "10000-32767>10.0.0.11:80/tcp"
     assert memo.recall(k) is None
     memo.remember({k: 12345})
     clock.t += snatmemo.HORIZON_S - 1
     assert memo.recall(k) == 12345
-    assert memo.recall(snatmemo.key([SNAT], 10000, 32767, BACKEND, 80, "udp")) is None
-    assert memo.recall(snatmemo.key([SNAT], 5000, 5999, BACKEND, 80, "tcp")) is None
-    assert memo.recall(pool) is None
+    assert memo.recall(snatmemo.key(10000, 32767, BACKEND, 80, "udp")) is None
+    assert memo.recall(snatmemo.key(5000, 5999, BACKEND, 80, "tcp")) is None
     clock.t += 2
     assert memo.recall(k) is None
 
@@ -53,8 +51,8 @@ def test_a_damaged_or_missing_file_means_no_memory(tmp_path):
     memo = snatmemo.Memo(path, Clock())
     assert memo.recall("k") is None
     path.parent.mkdir()
-    for text in ("{not json", "[1, 2]", '{"k": 5}', '{"k": {"place": "x", "at": 1000}}',
-                 '{"k": {"place": -1, "at": 1000}}', '{"k": {"place": 3, "at": "x"}}'):
+    for text in ("{not json", "[1, 2]", '{"k": 5}', '{"k": {"port": "x", "at": 1000}}',
+                 '{"k": {"port": 70000, "at": 1000}}', '{"k": {"port": 10001, "at": "x"}}'):
         path.write_text(text)
         assert memo.recall("k") is None
     memo.remember({"k": 10001})  # and a damaged file does not stop a new note
@@ -69,3 +67,25 @@ def test_a_clock_that_went_back_means_no_memory(tmp_path):
     memo.remember({"k": 10001})
     clock.t = 10.0
     assert memo.recall("k") is None
+
+
+def sources(cursor: int, addrs: int, lo: int, hi: int, n: int) -> list[tuple[int, int]]:
+    """(address index, port) the data plane's next_snat_source hands out from cursor."""
+    return [((c % addrs), lo + (c // addrs) % (hi - lo + 1)) for c in range(cursor, cursor + n)]
+
+
+@pytest.mark.parametrize("addrs", [1, 2, 3, 16])
+def test_a_cursor_restarted_at_the_noted_port_reuses_no_source(addrs):
+    """Wherever the old cursor stopped (even partway through a port's turn), the new
+    one's sources come after every source the old one handed out, for every address."""
+    lo, hi = 10000, 10099
+    for start in range(0, 3 * addrs * 7, 7):
+        for used in (0, 1, addrs - 1, addrs, 5 * addrs + 1):
+            old = sources(start, addrs, lo, hi, used)
+            port = snatmemo.next_port(start + used, addrs, lo, hi)
+            new = sources(snatmemo.cursor_at(port, addrs, lo), addrs, lo, hi, 20 * addrs)
+            assert not set(old) & set(new)
+            assert new[0] == (0, port)
+    # A different pool size after the restart still starts on the noted port.
+    assert sources(snatmemo.cursor_at(10050, 4, lo), 4, lo, hi, 1) == [(0, 10050)]
+    assert snatmemo.next_port(2 * 100 * 3 - 1, 2, lo, hi) == lo  # wraps round the range
