@@ -118,8 +118,8 @@ def build():
               help="XDP mode; auto prefers native and falls back to generic.")
 @click.option("--clients", metavar="CIDR,...", help="Only these clients may use the service [default: all].")
 @click.option("--snat", metavar="ADDR[,ADDR...]",
-              help="Source addresses towards backends, up to 16; each adds a port range of "
-                   "connections per backend [default: the interface's primary IPv4].")
+              help="Source addresses towards backends, up to 16, used in turn (each adds a port "
+                   "range of tuples per backend) [default: the interface's primary IPv4].")
 @click.option("--snat-ports", metavar="LOW-HIGH", help="Source ports towards backends [default: 10000-32767].")
 @click.option("--flows", type=click.IntRange(1024, config.FLOWS_MAX), default=config.FLOWS_DEFAULT, show_default=True,
               help="Flow table capacity (connections); memory is reserved up front.")
