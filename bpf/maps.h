@@ -81,9 +81,10 @@ struct {
 	__type(value, struct xdplb_flow_slot);
 } xdplb_flows SEC(".maps");
 
-/* Per backend: the next SNAT port to try, as an offset into the range (shared by all
- * CPUs: the whole range serves a backend even when one CPU takes all new flows; two CPUs
- * that pick the same port are sorted out by the flow table's exclusive store). Cycling
+/* Per backend endpoint (xdplb_backend.cursor_id): the next SNAT source to try, see
+ * next_snat_source() (shared by all CPUs: the whole range serves a backend even when
+ * one CPU takes all new flows; two CPUs that pick the same port are sorted out by the
+ * flow table's exclusive store). Cycling
  * through the range (instead of hashing) delays reuse of a (SNAT addr, port, backend)
  * tuple as long as possible, which keeps backends' TIME_WAIT entries from rejecting
  * new SYNs. */
@@ -151,7 +152,7 @@ struct new_flow_plan {
 	struct xdplb_flow fwd;
 	struct xdplb_flow rev;
 	__u32 rev_hash; /* flow_hash(rev_key) */
-	__u32 backend_id;
+	__u32 cursor_id; /* the backend's SNAT cursor */
 };
 
 struct new_flow_scratch {

@@ -240,14 +240,14 @@ static __always_inline __be16 next_snat_source(const struct xdplb_config *cfg, _
  * with the one planned (rev_key->daddr and dport, hashed into rev_hash). Returns the
  * port in network byte order (the address is left in rev_key->daddr), or 0 when every
  * source tried is taken. */
-static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __u32 backend_id,
+static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __u32 cursor_id,
 					      struct xdplb_flow_key *rev_key, __u32 rev_hash,
 					      struct xdplb_flow *rev, __u32 now)
 {
 	__u32 cycle = ((__u32)cfg->snat_port_max - cfg->snat_port_min + 1) * snat_addr_count(cfg), *cursor;
 	int evicted = 0;
 
-	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &backend_id);
+	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &cursor_id);
 	if (!cursor)
 		return 0;
 #pragma clang loop unroll(disable)
@@ -393,11 +393,15 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	if (!backend)
 		return PLAN_NO_BACKEND;
 	scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
-	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &backend_id);
-	if (!scratch || !cursor || cfg->snat_port_max < cfg->snat_port_min)
+	if (!scratch || cfg->snat_port_max < cfg->snat_port_min)
 		return PLAN_NO_PORT;
 	plan = &scratch->plan;
 	__builtin_memset(plan, 0, sizeof(*plan));
+	/* The key lives in the scratch space: the stack of this call chain is full. */
+	plan->cursor_id = backend->cursor_id;
+	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &plan->cursor_id);
+	if (!cursor)
+		return PLAN_NO_PORT;
 	fwd = &plan->fwd;
 	rev = &plan->rev;
 
@@ -407,7 +411,6 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	plan->rev_key.dport = next_snat_source(cfg, cursor, &plan->rev_key.daddr);
 	plan->rev_key.proto = pkt->key.proto;
 	plan->rev_hash = flow_hash(&plan->rev_key, cfg->hash_seed);
-	plan->backend_id = backend_id;
 	/* After the cursor's locked add, which would wait for any load still in flight. */
 	prefetch_slot(cfg, plan->rev_hash);
 	prefetch_slot(cfg, pkt->hash);
@@ -475,7 +478,7 @@ __noinline int new_flow(struct xdp_md *ctx)
 	rev = &plan->rev;
 
 	/* Backend side first: it owns the SNAT port, which the client side then uses. */
-	fwd->sport = claim_snat_port(cfg, plan->backend_id, &plan->rev_key, plan->rev_hash, rev, now);
+	fwd->sport = claim_snat_port(cfg, plan->cursor_id, &plan->rev_key, plan->rev_hash, rev, now);
 	fwd->saddr = plan->rev_key.daddr;
 	if (!fwd->sport) {
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);

@@ -156,6 +156,10 @@ struct xdplb_backend {
 	__u32 ifindex; /* egress interface towards the backend */
 	__u8 dmac[6];  /* next hop's MAC */
 	__u8 smac[6];  /* egress interface's MAC */
+	/* Index into xdplb_port_cur. Entries with the same address, port and protocol (one
+	 * backend in several services) share it: one cursor walks their one tuple space. */
+	__u16 cursor_id;
+	__u16 pad;
 };
 
 /* A packet's 5-tuple as it arrives: the key of a flow table slot. */

@@ -102,7 +102,8 @@ class ServiceSlot(ctypes.Structure):
 
 class Backend(ctypes.Structure):
     _fields_ = [("addr", be32), ("port", be16), ("weight", u16), ("service_id", u16),
-                ("flags", u16), ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6)]
+                ("flags", u16), ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6), ("cursor_id", u16),
+                ("pad", u16)]
 
 
 class FlowKey(ctypes.Structure):

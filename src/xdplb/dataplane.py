@@ -120,6 +120,30 @@ class Traffic:
     new_flows: int = 0
 
 
+class _Cursors:
+    """SNAT cursor ids during one apply: one per tuple space (backend address, port and
+    protocol), shared by every backend entry with that endpoint, so that a backend in
+    two services gets its sources from one sequence. Ids in use before the apply are
+    not handed out again within it."""
+
+    def __init__(self, staying: list[abi.Backend], protos: dict[int, str], taken: set[int]):
+        self.ids = {(b.addr, b.port, protos[b.service_id]): b.cursor_id for b in staying}
+        self.taken = set(taken)
+
+    def get(self, addr: int, port: int, proto: str) -> tuple[int, bool]:
+        """The cursor id for an endpoint, and whether it is new (to be started)."""
+        key = (addr, port, proto)
+        if key in self.ids:
+            return self.ids[key], False
+        try:
+            free = next(i for i in range(abi.MAX_BACKENDS) if i not in self.taken)
+        except StopIteration:
+            raise UsageError(f"more than {abi.MAX_BACKENDS} backend endpoints on this interface") from None
+        self.taken.add(free)
+        self.ids[key] = free
+        return free, True
+
+
 class DataPlane:
     """The maps of one attached (or about to be attached) program, by name."""
 
@@ -269,12 +293,13 @@ class DataPlane:
         taken_be = {i for i, b in backends.items()
                     if any(v.id == b.service_id for k, v in current.items() if k in wanted_keys)}
         free_be = (i for i in range(abi.MAX_BACKENDS) if i not in taken_be)
+        cursors = _Cursors([backends[i] for i in taken_be], protos, {b.cursor_id for b in backends.values()})
         for key, svc in wanted_keys.items():
             existing = current.get(key)
             svc_id = existing.id if existing else next(free_svc)
             if existing is None:
                 self._zero_stats("xdplb_svc_stats", svc_id)
-            ids, retired = self._write_backends(svc_id, svc, backends, next_hops, free_be, settings)
+            ids, retired = self._write_backends(svc_id, svc, backends, next_hops, free_be, cursors, settings)
             self._write_clients(svc_id, svc.clients)
             before = running.get(svc.name)
             if rebuild_rings or before is None or _ring_inputs(before) != _ring_inputs(svc):
@@ -326,7 +351,7 @@ class DataPlane:
                 self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(i), abi.Backend())
 
     def _write_backends(self, svc_id: int, svc: Service, backends: dict[int, abi.Backend],
-                        next_hops: dict[str, NextHop], free_ids,
+                        next_hops: dict[str, NextHop], free_ids, cursors: _Cursors,
                         settings: Settings) -> tuple[list[int], list[int]]:
         """Writes the service's new and changed backends; returns their ids in
         svc.backends order, and the ids of backends that left. Those keep forwarding
@@ -343,11 +368,14 @@ class DataPlane:
                 except StopIteration:
                     raise UsageError(f"more than {abi.MAX_BACKENDS} backends on this interface") from None
                 self._zero_stats("xdplb_be_stats", be_id)
-                self._start_port_cursor(be_id, _memo_key(settings, b.addr, b.port, svc.proto), settings)
+            cursor_id, fresh = cursors.get(be32(b.addr), socket.htons(b.port), svc.proto)
+            if fresh:
+                self._start_port_cursor(cursor_id, _memo_key(settings, b.addr, b.port, svc.proto), settings)
             hop = next_hops[str(b.addr)]
             value = abi.Backend(addr=be32(b.addr), port=socket.htons(b.port), weight=b.weight,
                                 service_id=svc_id, flags=abi.BackendFlags.IN_USE,
-                                ifindex=hop.ifindex, dmac=mac_bytes(hop.dmac), smac=mac_bytes(hop.smac))
+                                ifindex=hop.ifindex, dmac=mac_bytes(hop.dmac), smac=mac_bytes(hop.smac),
+                                cursor_id=cursor_id)
             if be_id not in backends or bytes(backends[be_id]) != bytes(value):
                 self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), value)
             ids.append(be_id)
@@ -417,8 +445,8 @@ class DataPlane:
                 for i in range(self.ncpus)]
 
     # ---- SNAT port cursors (see snatmemo) ------------------------------------------
-    def _start_port_cursor(self, backend_id: int, memo_key: str, settings: Settings) -> None:
-        """Starts a new backend's SNAT port search where the last program to use this
+    def _start_port_cursor(self, cursor_id: int, memo_key: str, settings: Settings) -> None:
+        """Starts a new endpoint's SNAT source search where the last program to use this
         tuple space left off, else at a random place: a fixed start would walk into
         the TIME_WAIT entries of the ports used before every restart."""
         port = self.memo.recall(memo_key)
@@ -426,7 +454,7 @@ class DataPlane:
             start = snatmemo.cursor_at(port, len(settings.snat_addrs), settings.snat_port_min)
         else:
             start = secrets.randbelow(1 << 32)
-        self.lib.update(self.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), ctypes.c_uint32(start))
+        self.lib.update(self.fds["xdplb_port_cur"], ctypes.c_uint32(cursor_id), ctypes.c_uint32(start))
 
     def _remember_snat_ports(self, settings: Settings, backends: dict[int, abi.Backend],
                              protos: dict[int, str], ids) -> None:
@@ -436,7 +464,7 @@ class DataPlane:
             b = backends.get(i)
             if b is None or b.service_id not in protos:
                 continue
-            self.lib.lookup(self.fds["xdplb_port_cur"], ctypes.c_uint32(i), cursor)
+            self.lib.lookup(self.fds["xdplb_port_cur"], ctypes.c_uint32(b.cursor_id), cursor)
             k = _memo_key(settings, from_be32(b.addr), socket.ntohs(b.port), protos[b.service_id])
             ports[k] = snatmemo.next_port(cursor.value, len(settings.snat_addrs), settings.snat_port_min,
                                           settings.snat_port_max)
@@ -444,6 +472,10 @@ class DataPlane:
             self.memo.remember(ports)
         except OSError:
             pass  # only an aid against TIME_WAIT collisions: never a reason to fail a change
+
+    def cursor_id(self, backend_id: int) -> int:
+        """The SNAT cursor (index into xdplb_port_cur) a backend entry uses."""
+        return self._backend_entries()[backend_id].cursor_id
 
     def remember_snat_ports(self) -> None:
         """Records where every backend's SNAT cursor stands (before a detach)."""

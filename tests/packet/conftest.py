@@ -47,7 +47,8 @@ class Harness:
         # apply() starts SNAT port searches at random places; the fixtures expect the
         # first port of the range, so start every search there.
         for backend_id in self.dp.backend_ids().values():
-            libbpf().update(self.dp.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), ctypes.c_uint32(0))
+            libbpf().update(self.dp.fds["xdplb_port_cur"], ctypes.c_uint32(self.dp.cursor_id(backend_id)),
+                            ctypes.c_uint32(0))
 
 
 def service(*backends: str, port: int = 80, proto: str = "tcp", vip: str = P.VIP, clients=(),

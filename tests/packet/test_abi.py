@@ -98,15 +98,13 @@ def test_the_verifier_has_room_to_spare(bpf_object):
     that multiplies paths shows up here first, not as a load failure elsewhere)."""
     lib = libbpf()
     obj = lib.open_object(str(bpf_object))
-    try:
-        prog = lib.lib.bpf_object__find_program_by_name(ctypes.c_void_p(obj), abi.PROGRAM_NAME.encode())
-        log = ctypes.create_string_buffer(1 << 20)
-        lib.lib.bpf_program__set_log_level.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-        lib.lib.bpf_program__set_log_buf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-        lib.lib.bpf_program__set_log_level(prog, 4)  # statistics only
-        lib.lib.bpf_program__set_log_buf(prog, log, len(log))
-        lib.load_opened(obj)
-    finally:
-        lib.bpf_object__close(obj)
+    prog = lib.lib.bpf_object__find_program_by_name(ctypes.c_void_p(obj), abi.PROGRAM_NAME.encode())
+    log = ctypes.create_string_buffer(1 << 20)
+    lib.lib.bpf_program__set_log_level.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.lib.bpf_program__set_log_buf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.lib.bpf_program__set_log_level(prog, 4)  # statistics only
+    lib.lib.bpf_program__set_log_buf(prog, log, len(log))
+    lib.load_opened(obj)  # a rejection raises with the log (and closes the object itself)
+    lib.bpf_object__close(obj)
     processed = int(re.search(r"processed (\d+) insns", log.value.decode()).group(1))
     assert 0 < processed < 600_000, processed

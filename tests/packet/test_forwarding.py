@@ -290,7 +290,8 @@ def test_new_backends_start_their_snat_search_at_random_places(harness):
     cursors = set()
     for backend_id in harness.dp.backend_ids().values():
         value = ctypes.c_uint32()
-        harness.dp.lib.lookup(harness.dp.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), value)
+        harness.dp.lib.lookup(harness.dp.fds["xdplb_port_cur"], ctypes.c_uint32(harness.dp.cursor_id(backend_id)),
+                              value)
         cursors.add(value.value)
     assert len(cursors) > 1
 
@@ -324,7 +325,8 @@ def test_a_backend_added_again_continues_its_snat_ports_where_it_stopped(harness
     harness.dp.apply([service(P.BACKEND2, P.BACKEND)], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
     backend_id = harness.dp.backend_ids()[(0, f"{P.BACKEND}:80")]
     cursor = ctypes.c_uint32()
-    harness.dp.lib.lookup(harness.dp.fds["xdplb_port_cur"], ctypes.c_uint32(backend_id), cursor)
+    harness.dp.lib.lookup(harness.dp.fds["xdplb_port_cur"], ctypes.c_uint32(harness.dp.cursor_id(backend_id)),
+                          cursor)
     assert FIRST + cursor.value % (SNAT_PORTS[1] - SNAT_PORTS[0] + 1) == ports[-1] + 1
     for sport in range(45000, 45030):
         action, out = harness.run(syn(sport=sport))
@@ -357,6 +359,23 @@ def test_a_snat_pool_alternates_addresses_and_replies_find_their_flow(harness):
     action, out = harness.run(syn(sport=41010))
     assert (action, out) == (XDP_TX, P.tcp(P.SNAT, FIRST + 2, P.BACKEND, 80, flags="S", smac=P.LB_MAC,
                                            dmac=P.BACKEND_MAC, ttl=63))
+
+
+def test_a_backend_in_two_services_takes_its_sources_from_one_cursor(harness):
+    """Same backend address and port behind two VIP ports: one tuple space, so one
+    SNAT sequence (two cursors would hand out the same ports and reuse each other's
+    TIME_WAIT tuples after a restart). UDP to the same endpoint is another space."""
+    harness.configure([service(P.BACKEND), service(P.BACKEND, port=81), service(P.BACKEND, proto="udp")])
+    ids = harness.dp.backend_ids()
+    tcp_cursors = {harness.dp.cursor_id(ids[(svc, f"{P.BACKEND}:80")]) for svc in (0, 1)}
+    assert len(tcp_cursors) == 1 and harness.dp.cursor_id(ids[(2, f"{P.BACKEND}:80")]) not in tcp_cursors
+    assert harness.run(syn(sport=42000)) == (XDP_TX, to_backend(FIRST, 80))
+    to_81 = P.tcp(P.CLIENT, 42001, P.VIP, 81, flags="S", smac=P.CLIENT_MAC)
+    assert harness.run(to_81) == (XDP_TX, to_backend(FIRST + 1, 80))
+    # The service on port 80 goes; the one on 81 keeps the shared sequence.
+    harness.dp.apply([service(P.BACKEND, port=81)], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
+    to_81 = P.tcp(P.CLIENT, 42002, P.VIP, 81, flags="S", smac=P.CLIENT_MAC)
+    assert harness.run(to_81) == (XDP_TX, to_backend(FIRST + 2, 80))
 
 
 def test_flows_follow_a_backends_new_next_hop(harness):
