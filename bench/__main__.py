@@ -77,7 +77,8 @@ def main() -> None:
              "(xdplb makes its two reads overlap); the row *floor + one random read* measures that read "
              "alone, in the same run, as a lower bound for any design. This is a shared virtual machine: "
              "a row whose min-max range is far wider than its neighbours' had runs disturbed by another "
-             "tenant (the floor runs next to them were not), and its minimum is the better estimate.", "",
+             "tenant. Its ratio holds if the floor runs next to them were disturbed alike; its minimum "
+             "is the better estimate of the time.", "",
              "## Live throughput (BPF_F_TEST_XDP_LIVE_FRAMES into a veth)", "",
              "Frames sent out of a veth with XDP_TX by BPF_PROG_TEST_RUN in live-frames mode (batch 64), "
              "counted by an XDP program on the peer; one CPU. Median of the runs.", "",
