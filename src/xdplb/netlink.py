@@ -147,6 +147,14 @@ def _path(ipr, addr: str) -> tuple[int, str, bool] | None:
     return route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY") or addr, route["type"] == 2  # RTN_LOCAL
 
 
+def _next_hop(ipr, macs: dict[int, str], known: dict, oif: int, hop: str) -> NextHop:
+    """The next hop out of oif to hop, whose MAC the neighbour table knows; macs caches
+    the interfaces' own MACs."""
+    if oif not in macs:
+        macs[oif] = _interface_mac(ipr, oif)
+    return NextHop(ifindex=oif, dmac=known[(oif, hop)], smac=macs[oif])
+
+
 def next_hops_now(addrs: list[str]) -> dict[str, NextHop]:
     """What the kernel's route and neighbour tables say now about each address, for
     those it knows; never waits and never fails (a refresh keeps what it cannot see)."""
@@ -158,10 +166,7 @@ def next_hops_now(addrs: list[str]) -> dict[str, NextHop]:
             path = _path(ipr, addr)
             if path is None or path[2] or path[:2] not in known:
                 continue
-            oif, hop, _ = path
-            if oif not in macs:
-                macs[oif] = _interface_mac(ipr, oif)
-            out[addr] = NextHop(ifindex=oif, dmac=known[(oif, hop)], smac=macs[oif])
+            out[addr] = _next_hop(ipr, macs, known, *path[:2])
         return out
 
 
@@ -177,9 +182,6 @@ def resolve_next_hops(addrs: list[str]) -> dict[str, NextHop]:
             if path[2]:
                 raise UsageError(f"backend {addr} is an address of this host; give the backends' addresses")
             routes[addr] = path[:2]
-        macs = {}
-        for oif in {oif for oif, _ in routes.values()}:
-            macs[oif] = _interface_mac(ipr, oif)
         known = _neighbours(ipr)
         missing = {hop for oif, hop in routes.values() if (oif, hop) not in known}
         deadline = time.monotonic() + NEIGH_WAIT_S
@@ -189,11 +191,12 @@ def resolve_next_hops(addrs: list[str]) -> dict[str, NextHop]:
             time.sleep(0.05)
             known = _neighbours(ipr)
             missing = {hop for oif, hop in routes.values() if (oif, hop) not in known}
-        out = {}
+        out: dict[str, NextHop] = {}
+        macs: dict[int, str] = {}
         for addr, (oif, hop) in routes.items():
             if (oif, hop) not in known:
                 name = ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME")
                 raise XdplbError(f"backend {addr}: no ARP answer from {hop} on {name}; "
                                  f"check that it is up and reachable (ping {hop})")
-            out[addr] = NextHop(ifindex=oif, dmac=known[(oif, hop)], smac=macs[oif])
+            out[addr] = _next_hop(ipr, macs, known, oif, hop)
         return out
