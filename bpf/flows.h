@@ -45,6 +45,10 @@ static __always_inline __u32 flow_expiry_ticks(const struct xdplb_config *cfg, _
 {
 	if (proto != IPPROTO_TCP)
 		return cfg->udp_expiry_ticks;
+	/* A handshake nobody completes (a SYN flood, spoofed or not) or a reset flow holds
+	 * its SNAT source only briefly. */
+	if (flags & (XDPLB_FLOW_HANDSHAKE | XDPLB_FLOW_RESET))
+		return cfg->tcp_syn_expiry_ticks;
 	return (flags & XDPLB_FLOW_CLOSING) ? cfg->tcp_closing_expiry_ticks : cfg->tcp_expiry_ticks;
 }
 
@@ -170,16 +174,54 @@ static __always_inline int flow_claim(const struct flow_place *place, const stru
 
 enum flow_store_mode {
 	FLOW_STORE_ANY,       /* replace a live entry of the same key */
-	FLOW_STORE_EXCLUSIVE, /* fail if a live entry has the key */
+	FLOW_STORE_EXCLUSIVE, /* fail if a live entry has the key (unless syn may take it over) */
 };
 
+/* What flow_store did besides storing. */
+enum flow_store_outcome {
+	FLOW_STORE_EVICTED = 1 << 0, /* a live flow (another key) had to go */
+	FLOW_STORE_REUSED = 1 << 1,  /* a closed flow of the same key was taken over */
+};
+
+/* Whether a new SYN may take over the live backend-side entry s (same tuple: backend,
+ * SNAT source) of an earlier flow: the backend holds nothing for a reset flow, and for a
+ * flow closed on both sides it accepts the SYN the way a TIME_WAIT socket does (RFC 6191,
+ * Linux's tcp_timewait_state_process): a newer timestamp when both sides use them, else
+ * a sequence number past the old connection's. Half-closed or open flows are never
+ * taken. The record is written before the FIN flag is set (fetch-and-or, a full barrier
+ * on x86 and arm64); a claim that reads a record being updated can only see older
+ * values, which makes the check stricter, not looser. */
+static __always_inline int tuple_reusable(const struct xdplb_flow_slot *s, __u32 index,
+					  const struct syn_info *syn)
+{
+	const __u8 closed = XDPLB_FLOW_FIN_CLIENT | XDPLB_FLOW_FIN_BACKEND;
+	struct xdplb_flow_end *end;
+	__u8 flags = s->flow.flags;
+
+	if (flags & XDPLB_FLOW_RESET)
+		return 1;
+	if ((flags & closed) != closed)
+		return 0;
+	end = bpf_map_lookup_elem(&xdplb_flow_ends, &index);
+	if (!end)
+		return 0;
+	if ((flags & XDPLB_FLOW_END_TS) && syn->has_ts)
+		return (__s32)(syn->tsval - READ_ONCE_U32(end->ts_recent)) > 0;
+	return (__s32)(syn->seq - READ_ONCE_U32(end->rcv_nxt)) > 0;
+}
+
 /* Stores key -> flow. Returns 0, -EEXIST (exclusive and the key is live), or -EBUSY
- * (another CPU took the chosen slot first). Sets *evicted when a live flow had to go. */
+ * (another CPU took the chosen slot first); *outcome gets enum flow_store_outcome bits.
+ * An exclusive store takes over a live entry of the key that tuple_reusable() allows
+ * for syn (never a UDP entry: they carry no TCP state), copying the entry's flow into
+ * *displaced first. */
 static __always_inline int flow_store(const struct xdplb_config *cfg, const struct xdplb_flow_key *key,
 				      __u32 hash, const struct xdplb_flow *flow, __u32 now,
-				      enum flow_store_mode mode, int *evicted)
+				      enum flow_store_mode mode, const struct syn_info *syn,
+				      struct xdplb_flow *displaced, __u32 *outcome)
 {
 	struct place_search ps;
+	__u32 reused = 0;
 
 	place_search_init(&ps);
 	/* The first lines of each probe repeat flow_find's on purpose: a helper returning the
@@ -200,8 +242,13 @@ static __always_inline int flow_store(const struct xdplb_config *cfg, const stru
 			break;
 		}
 		if (flow_key_equal(&s->key, key) && !slot_expired(cfg, s, now)) {
-			if (mode == FLOW_STORE_EXCLUSIVE)
-				return -EEXIST;
+			if (mode == FLOW_STORE_EXCLUSIVE) {
+				if (!tuple_reusable(s, index, syn))
+					return -EEXIST;
+				/* Checked by the claim: a slot rewritten meanwhile changed its seq. */
+				*displaced = s->flow;
+				reused = FLOW_STORE_REUSED;
+			}
 			place_take(&ps, index, seq, 1, 0);
 			break;
 		}
@@ -210,7 +257,7 @@ static __always_inline int flow_store(const struct xdplb_config *cfg, const stru
 	}
 	if (flow_claim(&ps.best, key, flow, now))
 		return -EBUSY;
-	*evicted = ps.best.seq & FLOW_PLACE_EVICTS;
+	*outcome = (ps.best.seq & FLOW_PLACE_EVICTS ? FLOW_STORE_EVICTED : 0) | reused;
 	return 0;
 }
 

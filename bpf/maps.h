@@ -81,6 +81,16 @@ struct {
 	__type(value, struct xdplb_flow_slot);
 } xdplb_flows SEC(".maps");
 
+/* Beside xdplb_flows, slot for slot (sized with it at load time): what the backend of a
+ * closing flow knows of its client side, see struct xdplb_flow_end. Apart from the slots
+ * because only closing flows need it, and a slot is one full cache line. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XDPLB_FLOW_SLOTS_DEFAULT);
+	__type(key, __u32);
+	__type(value, struct xdplb_flow_end);
+} xdplb_flow_ends SEC(".maps");
+
 /* Per backend endpoint (xdplb_backend.cursor_id): the next SNAT source to try, see
  * next_snat_source() (shared by all CPUs: the whole range serves a backend even when
  * one CPU takes all new flows; two CPUs that pick the same port are sorted out by the
@@ -143,7 +153,13 @@ struct new_flow_request {
 	struct xdplb_service svc;
 	struct flow_place place; /* where the client side goes (see flow_find) */
 	__u32 hash;              /* flow_hash of the packet's 5-tuple */
-	__u32 planned;           /* plan_new_flow() ran for this packet and succeeded */
+};
+
+/* What a SYN tells a backend in TIME_WAIT (see struct xdplb_flow_end). */
+struct syn_info {
+	__u32 tsval;
+	__u32 seq; /* host byte order */
+	__u32 has_ts;
 };
 
 /* The two entries of a new flow, built by plan_new_flow(). */
@@ -153,11 +169,20 @@ struct new_flow_plan {
 	struct xdplb_flow rev;
 	__u32 rev_hash; /* flow_hash(rev_key) */
 	__u32 cursor_id; /* the backend's SNAT cursor */
+	struct syn_info syn;
+	struct xdplb_flow displaced; /* the closed flow whose SNAT source was taken over */
+};
+
+/* A TCP timestamp option, as tcp_timestamps() found it. */
+struct tcp_ts {
+	__u32 tsval;
+	__u32 tsecr;
 };
 
 struct new_flow_scratch {
 	struct new_flow_request req;
 	struct new_flow_plan plan;
+	struct tcp_ts ts;
 };
 
 struct {

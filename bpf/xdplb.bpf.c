@@ -20,6 +20,8 @@
 #include "csum.h"
 #include "hash.h"
 #include "flows.h"
+#include "packet.h"
+#include "tcpstate.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -30,28 +32,6 @@ enum parse_result {
 	PARSE_ICMP,
 	PARSE_LATER_FRAGMENT, /* no L4 header to match on */
 };
-
-struct packet {
-	struct ethhdr *eth;
-	struct iphdr *ip;
-	struct tcphdr *tcp; /* NULL unless TCP */
-	union {
-		struct udphdr *udp;   /* NULL unless UDP (PARSE_L4) */
-		struct icmphdr *icmp; /* PARSE_ICMP */
-	};
-	struct xdplb_flow_key key;
-	__u32 hash; /* flow_hash(key): flow table index and Maglev slot */
-	struct flow_place place; /* where a new flow for key goes (see flow_find) */
-	__u8 tcp_flags;
-	__u8 first_fragment;
-	__u8 planned; /* plan_new_flow() ran for this packet and succeeded */
-};
-
-#define TCP_FLAG_FIN 0x01
-#define TCP_FLAG_SYN 0x02
-#define TCP_FLAG_RST 0x04
-#define TCP_FLAG_ACK 0x10
-#define TCP_FLAGS_OFFSET 13
 
 static __always_inline void count(__u32 counter)
 {
@@ -236,35 +216,78 @@ static __always_inline __be16 next_snat_source(const struct xdplb_config *cfg, _
 	return bpf_htons(cfg->snat_port_min + (c / count) % span);
 }
 
-/* Stores the backend-side entry with a free SNAT source towards the backend, starting
- * with the one planned (rev_key->daddr and dport, hashed into rev_hash). Returns the
- * port in network byte order (the address is left in rev_key->daddr), or 0 when every
- * source tried is taken. */
-static __always_inline __be16 claim_snat_port(const struct xdplb_config *cfg, __u32 cursor_id,
-					      struct xdplb_flow_key *rev_key, __u32 rev_hash,
-					      struct xdplb_flow *rev, __u32 now)
+/* A closed flow whose SNAT source a new flow took over: its client side, if it still
+ * leads to that source, is retired, so that a late segment of the old connection is
+ * answered by the kernel instead of reaching the backend inside the new one. */
+static __always_inline void retire_displaced(const struct xdplb_config *cfg, const struct xdplb_flow *old,
+					     const struct xdplb_flow_key *rev_key, __u32 now)
 {
-	__u32 cycle = ((__u32)cfg->snat_port_max - cfg->snat_port_min + 1) * snat_addr_count(cfg), *cursor;
-	int evicted = 0;
+	struct xdplb_flow_key client = {};
+	struct xdplb_flow copy;
+	struct xdplb_flow_slot *s;
 
-	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &cursor_id);
-	if (!cursor)
+	flow_partner_key(old, rev_key->proto, &client);
+	s = flow_find(cfg, &client, flow_hash(&client, cfg->hash_seed), &copy, now, NULL);
+	if (s && copy.saddr == rev_key->daddr && copy.sport == rev_key->dport &&
+	    copy.daddr == rev_key->saddr && copy.dport == rev_key->sport)
+		flow_flags_update(s, &client, XDPLB_FLOW_DEAD, 0);
+}
+
+/* One try of claim_snat_source(): the planned source (try 0) or the cursor's next one.
+ * Returns 1 if the backend-side entry is stored with it. A global function, so the
+ * verifier walks the flow table's probe loop once, not once per try. */
+__noinline int try_snat_source(__u32 attempt, __u32 now)
+{
+	__u32 zero = 0, cycle, outcome = 0, *cursor;
+	struct new_flow_scratch *scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
+	struct xdplb_config *cfg = bpf_map_lookup_elem(&xdplb_config, &zero);
+	struct xdplb_flow_key *rev_key;
+	struct new_flow_plan *plan;
+
+	if (!scratch || !cfg)
 		return 0;
+	plan = &scratch->plan;
+	rev_key = &plan->rev_key;
+	if (attempt) {
+		cursor = bpf_map_lookup_elem(&xdplb_port_cur, &plan->cursor_id);
+		if (!cursor)
+			return 0;
+		/* Busy ports come in runs (a backend removed and added again finds its old
+		 * flows on the ports its new cursor starts at): jump past the run. */
+		cycle = ((__u32)cfg->snat_port_max - cfg->snat_port_min + 1) * snat_addr_count(cfg);
+		__sync_fetch_and_add(cursor, cycle / XDPLB_SNAT_PORT_TRIES);
+		rev_key->dport = next_snat_source(cfg, cursor, &rev_key->daddr);
+		plan->rev_hash = flow_hash(rev_key, cfg->hash_seed);
+	}
+	flow_set_deltas(&plan->rev, rev_key);
+	if (flow_store(cfg, rev_key, plan->rev_hash, &plan->rev, now, FLOW_STORE_EXCLUSIVE, &plan->syn,
+		       &plan->displaced, &outcome))
+		return 0;
+	if (outcome & FLOW_STORE_EVICTED)
+		count(XDPLB_CNT_EVICTED);
+	if (outcome & FLOW_STORE_REUSED) {
+		count(XDPLB_CNT_SNAT_REUSED);
+		retire_displaced(cfg, &plan->displaced, rev_key, now);
+	}
+	return 1;
+}
+
+/* Stores the backend-side entry of the new flow planned in the per-CPU scratch space
+ * with a free SNAT source towards the backend, starting with the one planned
+ * (plan.rev_key's daddr and dport, hashed into plan.rev_hash). A source still held by a
+ * closed flow is taken when the backend would accept the SYN on it (see
+ * tuple_reusable). Returns the port in host byte order (the address is left in
+ * plan.rev_key.daddr), or 0 when every source tried is taken. */
+static __always_inline __u32 claim_snat_source(__u32 now)
+{
+	__u32 zero = 0;
+	struct new_flow_scratch *scratch;
+
 #pragma clang loop unroll(disable)
-	for (int i = 0; i < XDPLB_SNAT_PORT_TRIES; i++) {
-		if (i) {
-			/* Busy ports come in runs (a backend removed and added again finds its
-			 * old flows on the ports its new cursor starts at): jump past the run. */
-			__sync_fetch_and_add(cursor, cycle / XDPLB_SNAT_PORT_TRIES);
-			rev_key->dport = next_snat_source(cfg, cursor, &rev_key->daddr);
-			rev_hash = flow_hash(rev_key, cfg->hash_seed);
-		}
-		flow_set_deltas(rev, rev_key);
-		/* A live entry with this key means the port is in use towards this backend. */
-		if (!flow_store(cfg, rev_key, rev_hash, rev, now, FLOW_STORE_EXCLUSIVE, &evicted)) {
-			if (evicted)
-				count(XDPLB_CNT_EVICTED);
-			return rev_key->dport;
+	for (__u32 attempt = 0; attempt < XDPLB_SNAT_PORT_TRIES; attempt++) {
+		if (try_snat_source(attempt, now)) {
+			scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
+			return scratch ? bpf_ntohs(scratch->plan.rev_key.dport) : 0;
 		}
 	}
 	return 0;
@@ -426,6 +449,13 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	rev->service_id = svc->id;
 	rev->backend_id = backend_id;
 	rev->flags = XDPLB_FLOW_REPLY;
+	if (pkt->tcp) {
+		rev->flags |= XDPLB_FLOW_HANDSHAKE;
+		fwd->flags = XDPLB_FLOW_HANDSHAKE;
+		plan->syn.seq = bpf_ntohl(pkt->tcp->seq);
+		plan->syn.has_ts = tcp_timestamps(ctx, sizeof(struct ethhdr) + pkt->ip->ihl * 4);
+		plan->syn.tsval = scratch->ts.tsval;
+	}
 
 	/* Client side, but for its SNAT port: client -> backend. */
 	fwd->daddr = backend->addr;
@@ -439,27 +469,28 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	return PLAN_OK;
 }
 
-/* The new-flow path, as a global subprogram: the verifier checks it once, on its own,
- * instead of once for every way xdplb_main can reach it. The price: it takes only the
- * context (the request is in the per-CPU scratch space) and parses the headers again. */
-__noinline int new_flow(struct xdp_md *ctx)
+/* new_flow_plan()'s answer when the flow is planned (any other is an XDP action). */
+#define NEW_FLOW_PLANNED (-1)
+
+/* The new-flow path is three global subprograms, which the verifier checks once each, on
+ * their own, instead of once for every way xdplb_main can reach them: planning (for a
+ * packet the SYN path did not plan already), claiming a SNAT source, storing and
+ * forwarding. xdplb_main calls them in turn, which keeps the deepest call chain inside
+ * the 512 bytes of stack. The price: they take only the context and scalars (the
+ * request is in the per-CPU scratch space) and parse the headers again. */
+__noinline int new_flow_plan(struct xdp_md *ctx)
 {
-	__u32 zero = 0, now;
+	__u32 zero = 0;
 	struct new_flow_scratch *scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
 	struct xdplb_config *cfg = bpf_map_lookup_elem(&xdplb_config, &zero);
-	struct xdplb_flow *fwd, *rev;
-	struct new_flow_plan *plan;
 	struct packet pkt = {};
-	int evicted = 0;
 
 	if (!scratch || !cfg || parse_packet(ctx, &pkt) != PARSE_L4)
 		return pass(XDPLB_CNT_PASS);
 	pkt.hash = scratch->req.hash;
-	pkt.place = scratch->req.place;
-	now = now_ticks(cfg);
-	switch (scratch->req.planned ? PLAN_OK : plan_new_flow(ctx, cfg, &pkt, &scratch->req.svc)) {
+	switch (plan_new_flow(ctx, cfg, &pkt, &scratch->req.svc)) {
 	case PLAN_OK:
-		break;
+		return NEW_FLOW_PLANNED;
 	case PLAN_NOT_SYN:
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NO_FLOW, XDP_PASS);
 		return pass(XDPLB_CNT_NO_FLOW);
@@ -473,32 +504,49 @@ __noinline int new_flow(struct xdp_md *ctx)
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
 		return drop(XDPLB_CNT_TABLE_FULL);
 	}
+}
+
+/* Stores the client side of the planned flow with the SNAT port claim_snat_source()
+ * found (host byte order; 0: none) and forwards the packet. */
+__noinline int new_flow(struct xdp_md *ctx, __u32 snat_port)
+{
+	__u32 zero = 0, now;
+	struct new_flow_scratch *scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
+	struct xdplb_config *cfg = bpf_map_lookup_elem(&xdplb_config, &zero);
+	struct xdplb_flow *fwd, *rev;
+	struct new_flow_plan *plan;
+	struct packet pkt = {};
+	__u32 outcome = 0;
+
+	if (!scratch || !cfg || parse_packet(ctx, &pkt) != PARSE_L4)
+		return pass(XDPLB_CNT_PASS);
+	pkt.hash = scratch->req.hash;
+	pkt.place = scratch->req.place;
+	now = now_ticks(cfg);
+	if (!snat_port) {
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_SNAT_EXHAUSTED, XDP_DROP);
+		return drop(XDPLB_CNT_SNAT_EXHAUSTED);
+	}
 	plan = &scratch->plan;
 	fwd = &plan->fwd;
 	rev = &plan->rev;
-
-	/* Backend side first: it owns the SNAT port, which the client side then uses. */
-	fwd->sport = claim_snat_port(cfg, plan->cursor_id, &plan->rev_key, plan->rev_hash, rev, now);
+	fwd->sport = bpf_htons(snat_port);
 	fwd->saddr = plan->rev_key.daddr;
-	if (!fwd->sport) {
-		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
-		return drop(XDPLB_CNT_TABLE_FULL);
-	}
 	flow_set_deltas(fwd, &pkt.key);
 	/* The lookup that missed chose the slot already; if another CPU (or the backend
 	 * side just stored) took it since, search again. */
 	if (!flow_claim(&pkt.place, &pkt.key, fwd, now))
-		evicted = pkt.place.seq & FLOW_PLACE_EVICTS;
-	else if (flow_store(cfg, &pkt.key, pkt.hash, fwd, now, FLOW_STORE_ANY, &evicted)) {
+		outcome = pkt.place.seq & FLOW_PLACE_EVICTS ? FLOW_STORE_EVICTED : 0;
+	else if (flow_store(cfg, &pkt.key, pkt.hash, fwd, now, FLOW_STORE_ANY, NULL, NULL, &outcome)) {
 		/* Lost a race for the slot: free the SNAT port again. */
 		struct xdplb_flow_slot *s = flow_find(cfg, &plan->rev_key, plan->rev_hash, rev, now, NULL);
 
 		if (s)
-			s->flow.flags |= XDPLB_FLOW_DEAD;
+			flow_flags_update(s, &plan->rev_key, XDPLB_FLOW_DEAD, 0);
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
 		return drop(XDPLB_CNT_TABLE_FULL);
 	}
-	if (evicted)
+	if (outcome & FLOW_STORE_EVICTED)
 		count(XDPLB_CNT_EVICTED);
 	count(XDPLB_CNT_NEW_FLOW);
 	return forward(ctx, cfg, &pkt, fwd, XDPLB_EV_NEW_FLOW);
@@ -689,10 +737,15 @@ int xdplb_main(struct xdp_md *ctx)
 			trace(ctx, cfg, &pkt, &flow, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
 			return pass(XDPLB_CNT_TTL_EXPIRED);
 		}
-		if (ticks_since(now, slot->last_seen) > (__s32)cfg->touch_ticks)
+		/* A backend repeating its SYN-ACK to a client that never answers (a spoofed
+		 * SYN) does not keep the half-open flow, and its SNAT source, alive. */
+		if (ticks_since(now, slot->last_seen) > (__s32)cfg->touch_ticks &&
+		    (flow.flags & (XDPLB_FLOW_REPLY | XDPLB_FLOW_HANDSHAKE)) !=
+			    (XDPLB_FLOW_REPLY | XDPLB_FLOW_HANDSHAKE))
 			touch(cfg, slot, &flow, pkt.key.proto, now);
-		if ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(flow.flags & XDPLB_FLOW_CLOSING))
-			slot->flow.flags |= XDPLB_FLOW_CLOSING;
+		if (pkt.tcp && ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) ||
+				(flow.flags & (XDPLB_FLOW_HANDSHAKE | XDPLB_FLOW_FIN_BACKEND))))
+			track_tcp_state(ctx, cfg, &pkt, slot, &flow);
 		follow_backend_hop(cfg, &flow);
 		return forward(ctx, cfg, &pkt, &flow,
 			       (flow.flags & XDPLB_FLOW_REPLY) ? XDPLB_EV_REPLY : XDPLB_EV_FLOW);
@@ -719,6 +772,12 @@ int xdplb_main(struct xdp_md *ctx)
 	}
 	scratch->req.place = pkt.place;
 	scratch->req.hash = pkt.hash;
-	scratch->req.planned = pkt.planned;
-	return new_flow(ctx);
+	if (!pkt.planned) {
+		int action = new_flow_plan(ctx);
+
+		if (action != NEW_FLOW_PLANNED)
+			return action;
+	}
+	/* Backend side first: it owns the SNAT port, which the client side then uses. */
+	return new_flow(ctx, claim_snat_source(now));
 }

@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define XDPLB_ABI_VERSION 4
+#define XDPLB_ABI_VERSION 5
 
 /* Limits. Map sizes derived from these are fixed at load time. */
 #define XDPLB_MAX_SERVICES 512
@@ -52,8 +52,9 @@
  * a trace line without a flow. Backend ids are below XDPLB_MAX_BACKENDS. */
 #define XDPLB_NO_BACKEND 0xffff
 
-/* How many SNAT ports a new flow tries before giving up (the rest are in use). */
-#define XDPLB_SNAT_PORT_TRIES 8
+/* How many SNAT sources a new flow tries before giving up (the rest are in use, or in
+ * a backend's TIME_WAIT that this SYN would not get past). */
+#define XDPLB_SNAT_PORT_TRIES 16
 
 /* xdplb_ports values: which kinds of traffic use a destination port. */
 enum xdplb_port_flags {
@@ -78,10 +79,17 @@ enum xdplb_backend_flags {
 };
 
 /* xdplb_flow.flags */
+/* Both entries of a TCP flow carry the same state bits (the data plane sets them on both
+ * when a FIN, a RST or the end of the handshake passes). */
 enum xdplb_flow_flags {
-	XDPLB_FLOW_REPLY = 1 << 0,   /* backend -> client direction */
-	XDPLB_FLOW_CLOSING = 1 << 1, /* FIN or RST seen: shorter timeout */
-	XDPLB_FLOW_DEAD = 1 << 2,    /* reset by the control plane: free for reuse */
+	XDPLB_FLOW_REPLY = 1 << 0,       /* backend -> client direction */
+	XDPLB_FLOW_CLOSING = 1 << 1,     /* FIN or RST seen: shorter timeout */
+	XDPLB_FLOW_DEAD = 1 << 2,        /* reset by the control plane: free for reuse */
+	XDPLB_FLOW_HANDSHAKE = 1 << 3,   /* SYN sent, not yet acknowledged by the client */
+	XDPLB_FLOW_RESET = 1 << 4,       /* RST seen: the backend holds nothing for the tuple */
+	XDPLB_FLOW_FIN_CLIENT = 1 << 5,  /* the client sent a FIN */
+	XDPLB_FLOW_FIN_BACKEND = 1 << 6, /* the backend sent a FIN: xdplb_flow_ends is valid */
+	XDPLB_FLOW_END_TS = 1 << 7,      /* the backend's closing segments carry timestamps */
 };
 
 /* Indexes of xdplb_counters: what happened to packets, and why. */
@@ -100,6 +108,8 @@ enum xdplb_counter {
 	XDPLB_CNT_ICMP_TRANSLATED,   /* ICMP errors about a flow, translated */
 	XDPLB_CNT_NO_FLOW,           /* TCP non-SYN of an unknown flow: passed (kernel resets) */
 	XDPLB_CNT_EVICTED,           /* live flows pushed out by new ones (table too small) */
+	XDPLB_CNT_SNAT_EXHAUSTED,    /* SYN with no SNAT source the backend would accept: dropped */
+	XDPLB_CNT_SNAT_REUSED,       /* a closed flow's SNAT source given to a newer SYN */
 	XDPLB_CNT_MAX,
 };
 
@@ -115,6 +125,7 @@ enum xdplb_trace_event {
 	XDPLB_EV_TABLE_FULL,
 	XDPLB_EV_NO_FLOW,
 	XDPLB_EV_ICMP,
+	XDPLB_EV_SNAT_EXHAUSTED,
 };
 
 /* Every trace line starts with this tag and carries exactly these fields, in order:
@@ -202,6 +213,17 @@ struct xdplb_flow_slot {
 	struct xdplb_flow flow;
 };
 
+/* What the backend knows of a closing flow's client side, kept (in xdplb_flow_ends, at
+ * the index of the flow's backend-side slot) from the backend's FIN on: the newest
+ * timestamp it has from the client (the TSecr it echoes) and the next sequence number it
+ * expects (its ACK). A backend in TIME_WAIT accepts a new SYN on the same tuple only with
+ * a newer timestamp, or without timestamps a higher sequence number (RFC 6191): the
+ * data plane checks the same before it gives the tuple's SNAT source to a new flow. */
+struct xdplb_flow_end {
+	__u32 ts_recent;
+	__u32 rcv_nxt;
+};
+
 /* Value of the one-entry xdplb_config. Timeouts of 0 mean "never expire". */
 struct xdplb_config {
 	__u32 abi_version;
@@ -214,11 +236,13 @@ struct xdplb_config {
 	__u32 tcp_timeout_s;
 	__u32 tcp_closing_timeout_s;
 	__u32 udp_timeout_s;
+	__u32 tcp_syn_timeout_s; /* a handshake not completed, or a flow after a RST */
 	/* The same in ticks, plus touch_ticks: a slot idle for longer than this is free.
 	 * The slack covers entries that are only re-stamped every touch_ticks. */
 	__u32 tcp_expiry_ticks;
 	__u32 tcp_closing_expiry_ticks;
 	__u32 udp_expiry_ticks;
+	__u32 tcp_syn_expiry_ticks;
 	__u32 tick_shift; /* tick = jiffies >> tick_shift */
 	/* Entries are re-stamped at most this often (about 1 s), to keep their cache line
 	 * clean; the entry of the other direction is refreshed at the same time. */

@@ -13,7 +13,7 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 # Network byte order fields are kept as raw bytes-in-an-integer: converted at the edge.
 be16, be32 = ctypes.c_uint16, ctypes.c_uint32
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_SERVICES = 512
 SERVICE_SLOTS = 4096
 SERVICE_PROBES = 16
@@ -28,7 +28,7 @@ NO_BACKEND = 0xFFFF
 RING_SLOTS = 65537
 RING_SLOTS_PER_ENTRY = 4
 RING_ENTRIES = (RING_SLOTS + RING_SLOTS_PER_ENTRY - 1) // RING_SLOTS_PER_ENTRY
-SNAT_PORT_TRIES = 8
+SNAT_PORT_TRIES = 16
 TRACE_TAG = "xdplb1"
 PROGRAM_NAME = "xdplb_main"
 
@@ -55,6 +55,11 @@ class FlowFlags(enum.IntFlag):
     REPLY = 1 << 0
     CLOSING = 1 << 1
     DEAD = 1 << 2
+    HANDSHAKE = 1 << 3
+    RESET = 1 << 4
+    FIN_CLIENT = 1 << 5
+    FIN_BACKEND = 1 << 6
+    END_TS = 1 << 7
 
 
 class Counter(enum.IntEnum):
@@ -72,7 +77,9 @@ class Counter(enum.IntEnum):
     ICMP_TRANSLATED = 11
     NO_FLOW = 12
     EVICTED = 13
-    MAX = 14
+    SNAT_EXHAUSTED = 14
+    SNAT_REUSED = 15
+    MAX = 16
 
 
 class TraceEvent(enum.IntEnum):
@@ -86,6 +93,7 @@ class TraceEvent(enum.IntEnum):
     TABLE_FULL = 7
     NO_FLOW = 8
     ICMP = 9
+    SNAT_EXHAUSTED = 10
 
 
 class ServiceKey(ctypes.Structure):
@@ -122,11 +130,17 @@ class FlowSlot(ctypes.Structure):
     _fields_ = [("seq", u32), ("last_seen", u32), ("key", FlowKey), ("flow", Flow)]
 
 
+class FlowEnd(ctypes.Structure):
+    _fields_ = [("ts_recent", u32), ("rcv_nxt", u32)]
+
+
 class Config(ctypes.Structure):
     _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_port_min", u16),
                 ("snat_port_max", u16), ("flow_mask", u32),
                 ("tcp_timeout_s", u32), ("tcp_closing_timeout_s", u32), ("udp_timeout_s", u32),
+                ("tcp_syn_timeout_s", u32),
                 ("tcp_expiry_ticks", u32), ("tcp_closing_expiry_ticks", u32), ("udp_expiry_ticks", u32),
+                ("tcp_syn_expiry_ticks", u32),
                 ("tick_shift", u32), ("touch_ticks", u32), ("hop_gen", u32), ("snat_addr_count", u32),
                 ("snat_addrs", be32 * MAX_SNAT_ADDRS)]
 
@@ -148,6 +162,7 @@ MAPS = {
     "xdplb_backends": (u32, Backend),
     "xdplb_rings": (u32, u32),  # inner maps: u32 -> u64, see dataplane.pack_ring
     "xdplb_flows": (u32, FlowSlot),
+    "xdplb_flow_ends": (u32, FlowEnd),  # sized like xdplb_flows
     "xdplb_port_cur": (u32, u32),
     "xdplb_clients": (ClientKey, u8),
     "xdplb_counters": (u32, u64),
@@ -158,6 +173,7 @@ MAPS = {
 STRUCTS = {
     "xdplb_service_key": ServiceKey, "xdplb_service": Service, "xdplb_service_slot": ServiceSlot,
     "xdplb_backend": Backend,
-    "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_config": Config,
+    "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_flow_end": FlowEnd,
+    "xdplb_config": Config,
     "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic,
 }

@@ -8,7 +8,7 @@ running state back out as one, and describing the difference between the two.
     snat = "10.0.0.2"             # default: the interface's primary IPv4 address
     snat_ports = "10000-32767"
     seed = 24301
-    timeouts = { tcp = 900, tcp_closing = 120, udp = 300 }
+    timeouts = { tcp = 900, tcp_closing = 120, udp = 300, tcp_syn = 5 }
 
     [[interfaces.eth0.services]]
     vip = "10.0.0.2"
@@ -39,7 +39,7 @@ MODES = ("auto", "native", "generic")
 INTERFACE_KEYS = {"mode", "flows", "snat", "snat_ports", "seed", "timeouts", "services"}
 SERVICE_KEYS = {"vip", "port", "proto", "clients", "backends", "ring_size", "health"}
 BACKEND_KEYS = {"address", "port", "weight"}
-TIMEOUT_KEYS = {"tcp", "tcp_closing", "udp"}
+TIMEOUT_KEYS = set(model.TIMEOUT_FIELDS)
 FLOWS_DEFAULT = 1_048_576
 FLOWS_MAX = 1 << 22  # 16M slots of 64 bytes: 1 GiB of flow table
 
@@ -59,15 +59,13 @@ class InterfaceConfig:
     snat: list[ipaddress.IPv4Address] | None = None
     snat_ports: tuple[int, int] = (10000, 32767)
     seed: int = Settings.hash_seed
-    timeouts: dict = field(default_factory=lambda: {"tcp": 900, "tcp_closing": 120, "udp": 300})
+    timeouts: dict = field(default_factory=lambda: Settings(snat_addrs=[]).timeouts())
     services: list[Service] = field(default_factory=list)
     health: dict[str, CheckSpec] = field(default_factory=dict)  # service name -> check (serve)
 
     def settings(self, default_snat: list[ipaddress.IPv4Address]) -> Settings:
         return Settings(snat_addrs=list(self.snat or default_snat), snat_port_min=self.snat_ports[0],
-                        snat_port_max=self.snat_ports[1], hash_seed=self.seed,
-                        tcp_timeout_s=self.timeouts["tcp"], tcp_closing_timeout_s=self.timeouts["tcp_closing"],
-                        udp_timeout_s=self.timeouts["udp"])
+                        snat_port_max=self.snat_ports[1], hash_seed=self.seed).with_timeouts(self.timeouts)
 
 
 class _Checker:
@@ -302,9 +300,8 @@ def diff_settings(ifname: str, old: Settings, new: Settings) -> list[str]:
     out = []
     pairs = [("snat", ",".join(map(str, old.snat_addrs)), ",".join(map(str, new.snat_addrs))),
              ("snat_ports", f"{old.snat_port_min}-{old.snat_port_max}", f"{new.snat_port_min}-{new.snat_port_max}"),
-             ("seed", old.hash_seed, new.hash_seed), ("timeouts.tcp", old.tcp_timeout_s, new.tcp_timeout_s),
-             ("timeouts.tcp_closing", old.tcp_closing_timeout_s, new.tcp_closing_timeout_s),
-             ("timeouts.udp", old.udp_timeout_s, new.udp_timeout_s)]
+             ("seed", old.hash_seed, new.hash_seed),
+             *[(f"timeouts.{key}", old.timeouts()[key], new.timeouts()[key]) for key in model.TIMEOUT_FIELDS]]
     for key, a, b in pairs:
         if a != b:
             out.append(f"{ifname}: ~ {key} {a} -> {b}")

@@ -164,8 +164,7 @@ def describe(ifname: str, attachment: loader.Attachment) -> dict:
         "interface": ifname, "program_id": attachment.prog_id, "mode": attachment.mode,
         "snat": {"addresses": [str(a) for a in settings.snat_addrs],
                  "ports": f"{settings.snat_port_min}-{settings.snat_port_max}"},
-        "timeouts": {"tcp": settings.tcp_timeout_s, "tcp_closing": settings.tcp_closing_timeout_s,
-                     "udp": settings.udp_timeout_s},
+        "timeouts": settings.timeouts(),
         "hash_seed": settings.hash_seed, "trace": settings.trace,
         "services": services, "counters": dp.counters(),
     }
@@ -353,7 +352,7 @@ def export(ifname: str | None) -> str:
         interfaces.append(config.InterfaceConfig(
             name=name, mode=found.mode, flows=dp.flow_capacity(), snat=s.snat_addrs,
             snat_ports=(s.snat_port_min, s.snat_port_max), seed=s.hash_seed,
-            timeouts={"tcp": s.tcp_timeout_s, "tcp_closing": s.tcp_closing_timeout_s, "udp": s.udp_timeout_s},
+            timeouts=s.timeouts(),
             services=dp.services()))
     return config.dump(interfaces)
 

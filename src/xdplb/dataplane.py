@@ -47,6 +47,7 @@ def _mac(raw) -> str:
 
 _IN_USE = int(abi.BackendFlags.IN_USE)
 _DEAD, _REPLY, _CLOSING = int(abi.FlowFlags.DEAD), int(abi.FlowFlags.REPLY), int(abi.FlowFlags.CLOSING)
+_HANDSHAKE = int(abi.FlowFlags.HANDSHAKE)
 _FLAGS_OFFSET = abi.FlowSlot.flow.offset + abi.Flow.flags.offset
 # last_seen, key.proto, flow.backend_id, flow.flags out of each 64-byte slot
 _SLOT_FIELDS = struct.Struct(
@@ -183,8 +184,9 @@ class DataPlane:
             snat_addrs=(abi.be32 * abi.MAX_SNAT_ADDRS)(*map(be32, s.snat_addrs)), snat_port_min=s.snat_port_min,
             snat_port_max=s.snat_port_max, flow_mask=self.flow_slot_count() - 1,
             tcp_timeout_s=s.tcp_timeout_s, tcp_closing_timeout_s=s.tcp_closing_timeout_s,
-            udp_timeout_s=s.udp_timeout_s, tcp_expiry_ticks=expiry(s.tcp_timeout_s),
-            tcp_closing_expiry_ticks=expiry(s.tcp_closing_timeout_s), udp_expiry_ticks=expiry(s.udp_timeout_s),
+            udp_timeout_s=s.udp_timeout_s, tcp_syn_timeout_s=s.tcp_syn_timeout_s,
+            tcp_expiry_ticks=expiry(s.tcp_timeout_s), tcp_closing_expiry_ticks=expiry(s.tcp_closing_timeout_s),
+            udp_expiry_ticks=expiry(s.udp_timeout_s), tcp_syn_expiry_ticks=expiry(s.tcp_syn_timeout_s),
             tick_shift=shift, touch_ticks=touch,
             hop_gen=self._config().hop_gen)  # not a setting: flows compare against it
         self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
@@ -195,7 +197,8 @@ class DataPlane:
             snat_addrs=[from_be32(a) for a in cfg.snat_addrs[:cfg.snat_addr_count]], snat_port_min=cfg.snat_port_min,
             snat_port_max=cfg.snat_port_max, hash_seed=cfg.hash_seed,
             tcp_timeout_s=cfg.tcp_timeout_s, tcp_closing_timeout_s=cfg.tcp_closing_timeout_s,
-            udp_timeout_s=cfg.udp_timeout_s, trace=bool(cfg.flags & abi.ConfigFlags.TRACE))
+            udp_timeout_s=cfg.udp_timeout_s, tcp_syn_timeout_s=cfg.tcp_syn_timeout_s,
+            trace=bool(cfg.flags & abi.ConfigFlags.TRACE))
 
     def read_abi_version(self) -> int:
         return self._config().abi_version
@@ -542,7 +545,7 @@ class DataPlane:
         for _, last_seen, proto, backend_id, flags in self._slots():
             if flags & (_REPLY | _CLOSING):
                 continue
-            ticks = expiry.get(proto, 0)
+            ticks = cfg.tcp_syn_expiry_ticks if flags & _HANDSHAKE else expiry.get(proto, 0)
             if ticks and clock.ticks_since(now, last_seen) > ticks:
                 continue
             out[backend_id] = out.get(backend_id, 0) + 1

@@ -187,7 +187,7 @@ def load_and_attach(link: netlink.Link, mode: str, replace: bool, flow_slots: in
     """Loads a fresh program, fills its maps, attaches it and pins it. On any failure
     nothing stays behind: not the program on the interface, not a pin."""
     lib = libbpf()
-    obj = lib.load_object(str(build.require_object()), {"xdplb_flows": flow_slots})
+    obj = lib.load_object(str(build.require_object()), {"xdplb_flows": flow_slots, "xdplb_flow_ends": flow_slots})
     attached = ""
     fds: dict[str, int] = {}
     try:

@@ -51,7 +51,22 @@ class Settings:
     tcp_timeout_s: int = 900
     tcp_closing_timeout_s: int = 120
     udp_timeout_s: int = 300
+    tcp_syn_timeout_s: int = 5
     trace: bool = False
+
+    def timeouts(self) -> dict[str, int]:
+        """The timeouts by their configuration key (the `timeouts` table)."""
+        return {key: getattr(self, name) for key, name in TIMEOUT_FIELDS.items()}
+
+    def with_timeouts(self, timeouts: dict[str, int]) -> "Settings":
+        for key, value in timeouts.items():
+            setattr(self, TIMEOUT_FIELDS[key], value)
+        return self
+
+
+# Configuration key of each timeout -> its Settings field (seconds; 0: never expire).
+TIMEOUT_FIELDS = {"tcp": "tcp_timeout_s", "tcp_closing": "tcp_closing_timeout_s", "udp": "udp_timeout_s",
+                  "tcp_syn": "tcp_syn_timeout_s"}
 
 
 def parse_port(text: str, what: str = "port") -> int:

@@ -65,7 +65,7 @@ def harness(bpf_object, tmp_path):
     saved = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})
     lib = libbpf()
-    obj = lib.load_object(str(bpf_object), {"xdplb_flows": FLOW_SLOTS})
+    obj = lib.load_object(str(bpf_object), {"xdplb_flows": FLOW_SLOTS, "xdplb_flow_ends": FLOW_SLOTS})
     fds = {name: os.dup(lib.map_fd(obj, name)) for name in abi.MAPS}
     prog_fd = os.dup(lib.prog_fd(obj, abi.PROGRAM_NAME))
     lib.bpf_object__close(obj)

@@ -31,12 +31,13 @@ def build(pkt) -> bytes:
 
 
 def tcp(src, sport, dst, dport, flags="S", smac=CLIENT_MAC, dmac=LB_MAC, ttl=64, seq=1000,
-        payload=b"", ip_id=1, options=None) -> bytes:
+        payload=b"", ip_id=1, options=None, ack=0, tcp_options=()) -> bytes:
+    """options: IPv4 options; tcp_options: scapy's TCP options, e.g. [("Timestamp", (tsval, tsecr))]."""
     ip = IP(src=src, dst=dst, ttl=ttl, id=ip_id, flags="DF")
     if options:
         ip.options = options
-    return build(Ether(src=smac, dst=dmac) / ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq,
-                                                       window=64240) / payload)
+    return build(Ether(src=smac, dst=dmac) / ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack,
+                                                       window=64240, options=list(tcp_options)) / payload)
 
 
 def udp(src, sport, dst, dport, smac=CLIENT_MAC, dmac=LB_MAC, ttl=64, payload=b"ping", ip_id=1,

@@ -41,7 +41,7 @@ def test_a_good_file_becomes_the_model():
     (iface,) = config.parse(GOOD)
     assert (iface.name, iface.mode, iface.flows, iface.snat, iface.snat_ports, iface.seed) == \
         ("eth0", "native", 65536, [ip("10.0.0.2")], (40000, 50000), 7)
-    assert iface.timeouts == {"tcp": 600, "tcp_closing": 120, "udp": 30}
+    assert iface.timeouts == {"tcp": 600, "tcp_closing": 120, "udp": 30, "tcp_syn": 5}
     web, dns = iface.services
     assert web.backends == [Backend(ip("10.0.0.11"), 80, 1), Backend(ip("10.0.0.12"), 8080, 3)]
     assert (dns.proto, dns.ring_size, dns.clients) == ("udp", 251, [ipaddress.IPv4Network("10.0.0.0/8")])
