@@ -21,6 +21,7 @@ BPF_ANY = 0
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 BPF_OBJ_NAME_LEN = 16
+PRINT_BUFFER_BYTES = 4 << 20  # room for a verifier log of the largest size libbpf asks for
 
 
 class TestRunOpts(ctypes.Structure):
@@ -137,13 +138,15 @@ class Libbpf:
         self._libc = ctypes.CDLL(None)
         self._libc.vsnprintf.argtypes = [c_char_p, ctypes.c_size_t, c_char_p, c_void_p]
         self.log: list[str] = []
+        self._print_buf = ctypes.create_string_buffer(PRINT_BUFFER_BYTES)
         self._print_fn = _PRINT_FN(self._on_print)  # kept alive as long as self
         self.lib.libbpf_set_print(self._print_fn)
 
     def _on_print(self, level: int, fmt: bytes, args: int) -> int:
-        buf = ctypes.create_string_buffer(4096)
-        self._libc.vsnprintf(buf, len(buf), fmt, args)
-        self.log.append(buf.value.decode(errors="replace"))
+        # One buffer for every message: the verifier's log comes as a single message of
+        # up to megabytes, and its last lines say why the program was rejected.
+        self._libc.vsnprintf(self._print_buf, len(self._print_buf), fmt, args)
+        self.log.append(self._print_buf.value.decode(errors="replace"))
         return 0
 
     @property
