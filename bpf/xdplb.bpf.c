@@ -523,13 +523,14 @@ __noinline int new_flow(struct xdp_md *ctx, __u32 snat_port)
 	pkt.hash = scratch->req.hash;
 	pkt.place = scratch->req.place;
 	now = now_ticks(cfg);
-	if (!snat_port) {
-		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_SNAT_EXHAUSTED, XDP_DROP);
-		return drop(XDPLB_CNT_SNAT_EXHAUSTED);
-	}
 	plan = &scratch->plan;
 	fwd = &plan->fwd;
 	rev = &plan->rev;
+	if (!snat_port) {
+		/* The trace names the backend whose sources ran out. */
+		trace(ctx, cfg, &pkt, fwd, XDPLB_EV_SNAT_EXHAUSTED, XDP_DROP);
+		return drop(XDPLB_CNT_SNAT_EXHAUSTED);
+	}
 	fwd->sport = bpf_htons(snat_port);
 	fwd->saddr = plan->rev_key.daddr;
 	flow_set_deltas(fwd, &pkt.key);

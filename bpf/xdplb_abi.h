@@ -53,8 +53,11 @@
 #define XDPLB_NO_BACKEND 0xffff
 
 /* How many SNAT sources a new flow tries before giving up (the rest are in use, or in
- * a backend's TIME_WAIT that this SYN would not get past). */
-#define XDPLB_SNAT_PORT_TRIES 16
+ * a backend's TIME_WAIT that this SYN would not get past). Clients' timestamp clocks
+ * have a random offset per connection (Linux 6.x), so a source in TIME_WAIT accepts
+ * about half of all SYNs: 32 tries leave a SYN without a source about once in 10^9
+ * while the pool is busy but not exhausted. */
+#define XDPLB_SNAT_PORT_TRIES 32
 
 /* xdplb_ports values: which kinds of traffic use a destination port. */
 enum xdplb_port_flags {
