@@ -227,6 +227,13 @@ struct xdplb_flow_end {
 	__u32 rcv_nxt;
 };
 
+/* Value of xdplb_svc_udp, by service id: a UDP service's own idle timeout (DNS-like
+ * services want seconds, not the interface's minutes). 0 means the interface's. */
+struct xdplb_svc_timeout {
+	__u32 udp_timeout_s;
+	__u32 udp_expiry_ticks; /* as xdplb_config.udp_expiry_ticks */
+};
+
 /* Value of the one-entry xdplb_config. Timeouts of 0 mean "never expire". */
 struct xdplb_config {
 	__u32 abi_version;

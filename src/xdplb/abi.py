@@ -134,6 +134,10 @@ class FlowEnd(ctypes.Structure):
     _fields_ = [("ts_recent", u32), ("rcv_nxt", u32)]
 
 
+class SvcTimeout(ctypes.Structure):
+    _fields_ = [("udp_timeout_s", u32), ("udp_expiry_ticks", u32)]
+
+
 class Config(ctypes.Structure):
     _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_port_min", u16),
                 ("snat_port_max", u16), ("flow_mask", u32),
@@ -164,6 +168,7 @@ MAPS = {
     "xdplb_flows": (u32, FlowSlot),
     "xdplb_flow_ends": (u32, FlowEnd),  # sized like xdplb_flows
     "xdplb_port_cur": (u32, u32),
+    "xdplb_svc_udp": (u32, SvcTimeout),
     "xdplb_clients": (ClientKey, u8),
     "xdplb_counters": (u32, u64),
     "xdplb_svc_stats": (u32, Traffic),
@@ -173,7 +178,7 @@ MAPS = {
 STRUCTS = {
     "xdplb_service_key": ServiceKey, "xdplb_service": Service, "xdplb_service_slot": ServiceSlot,
     "xdplb_backend": Backend,
-    "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_flow_end": FlowEnd,
+    "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_flow_end": FlowEnd, "xdplb_svc_timeout": SvcTimeout,
     "xdplb_config": Config,
     "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic,
 }

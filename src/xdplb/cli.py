@@ -281,17 +281,20 @@ def service():
 @click.option("--clients", metavar="CIDR,...", help="Only these clients may use it [default: all].")
 @click.option("--ring-size", type=int, default=model.RING_SIZE_DEFAULT, show_default=True,
               help="Maglev table size (a prime).")
+@click.option("--udp-timeout", type=int, default=0, metavar="SECONDS",
+              help="A UDP service's own idle timeout [default: the interface's timeouts.udp].")
 @click.pass_context
-def service_add(ctx, iface, service, clients, ring_size):
+def service_add(ctx, iface, service, clients, ring_size, udp_timeout):
     """Add a service with no backends yet (add them with: xdplb backend add).
 
     \b
     Example:
       xdplb service add eth0 10.0.0.2:443/tcp
+      xdplb service add eth0 10.0.0.2:53/udp --udp-timeout 30
     """
     _enter(ctx)
     _print_changes(control.service_add(iface, service, model.parse_networks(clients) if clients else [],
-                                       ring_size))
+                                       ring_size, udp_timeout))
 
 
 @service.command("del")
@@ -324,12 +327,13 @@ def service_list(ctx, iface, as_json):
     (entry,) = control.status(iface)
     services = entry.get("services", [])
     if as_json:
-        _echo_json([{k: s[k] for k in ("vip", "port", "proto", "clients", "ring_size")} |
+        _echo_json([{k: s[k] for k in ("vip", "port", "proto", "clients", "ring_size", "udp_timeout")} |
                     {"backends": len(s["backends"])} for s in services])
         return
     for s in services:
+        timeout = f"  udp timeout {s['udp_timeout']} s" if s["udp_timeout"] else ""
         click.echo(f"{s['vip']}:{s['port']}/{s['proto']}  backends {len(s['backends'])}  "
-                   f"clients {', '.join(s['clients'])}  ring {s['ring_size']}")
+                   f"clients {', '.join(s['clients'])}  ring {s['ring_size']}{timeout}")
     if not services:
         click.echo(f"no services on {iface}")
 
@@ -507,8 +511,13 @@ def _stats_table(entries: list[dict]) -> list[str]:
                 lines.append(f"    {b['address'] + ':' + str(b['port']):30} {b['weight']:>6} {b['active_flows']:>7} "
                              f"{b['new_flows']:>8} {b['packets']:>12} {b['bytes']:>14} "
                              f"{_rate(b['packets_per_s']):>9} {_rate(b['bytes_per_s']):>11}")
+        for use in e.get("snat_sources", []):
+            lines.append(f"  SNAT {use['snat']} -> {use['backend']}: {use['open']} open, "
+                         f"{use['time_wait']} closed (reusable by newer SYNs) of {use['capacity']} ports")
         nonzero = ", ".join(f"{k} {v}" for k, v in e["counters"].items() if v) or "none yet"
         lines.append(f"  counters: {nonzero}")
+        if e["counters"].get("snat_exhausted"):
+            lines.append(f"  note: {control.SNAT_EXHAUSTED_REMEDY}")
     return lines
 
 

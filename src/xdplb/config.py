@@ -15,6 +15,7 @@ running state back out as one, and describing the difference between the two.
     port = 80
     proto = "tcp"
     clients = ["10.0.0.0/8"]      # default: every client
+    # udp_timeout = 30            # UDP services only: their own idle timeout (seconds)
     backends = [
       { address = "10.0.0.11", port = 80, weight = 1 },
       { address = "10.0.0.12" },
@@ -37,9 +38,10 @@ from .model import Backend, Service, Settings
 
 MODES = ("auto", "native", "generic")
 INTERFACE_KEYS = {"mode", "flows", "snat", "snat_ports", "seed", "timeouts", "services"}
-SERVICE_KEYS = {"vip", "port", "proto", "clients", "backends", "ring_size", "health"}
+SERVICE_KEYS = {"vip", "port", "proto", "clients", "backends", "ring_size", "udp_timeout", "health"}
 BACKEND_KEYS = {"address", "port", "weight"}
 TIMEOUT_KEYS = set(model.TIMEOUT_FIELDS)
+MAX_TIMEOUT_S = 7 * 86400
 FLOWS_DEFAULT = 1_048_576
 FLOWS_MAX = 1 << 22  # 16M slots of 64 bytes: 1 GiB of flow table
 
@@ -149,7 +151,7 @@ def check(text: str) -> tuple[list[InterfaceConfig], list[str]]:
         if c.keys(f"{where}.timeouts", timeouts, TIMEOUT_KEYS):
             for key, value in timeouts.items():
                 if key in TIMEOUT_KEYS:
-                    iface.timeouts[key] = c.integer(f"{where}.timeouts.{key}", value, 0, 7 * 86400) or 0
+                    iface.timeouts[key] = c.integer(f"{where}.timeouts.{key}", value, 0, MAX_TIMEOUT_S) or 0
         services = table.get("services", [])
         if not isinstance(services, list):
             c.fail(f"{where}.services", "must be an array of tables ([[interfaces.NAME.services]])")
@@ -188,6 +190,11 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
                           model.RING_SIZE_MAX)
     if ring_size and not maglev.is_prime(ring_size):
         c.fail(f"{where}.ring_size", f"{ring_size} is not prime (Maglev needs a prime table size, like 65537)")
+    udp_timeout = 0
+    if "udp_timeout" in entry:
+        udp_timeout = c.integer(f"{where}.udp_timeout", entry["udp_timeout"], 1, MAX_TIMEOUT_S) or 0
+        if proto != "udp":
+            c.fail(f"{where}.udp_timeout", "applies to UDP services only: remove it, or set proto = \"udp\"")
     backends, endpoints = [], set()
     raw = entry.get("backends", [])
     if not isinstance(raw, list):
@@ -212,7 +219,7 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
         backends.append(backend)
     if vip is None or port is None or proto is None or ring_size is None:
         return None
-    return Service(vip, port, proto, backends, clients, ring_size)
+    return Service(vip, port, proto, backends, clients, ring_size, udp_timeout)
 
 
 def read(path: str) -> str:
@@ -256,6 +263,8 @@ def dump(interfaces: list[InterfaceConfig]) -> str:
                 lines.append(f"clients = {_toml_value([str(n) for n in svc.clients])}")
             if svc.ring_size != model.RING_SIZE_DEFAULT:
                 lines.append(f"ring_size = {svc.ring_size}")
+            if svc.udp_timeout_s:
+                lines.append(f"udp_timeout = {svc.udp_timeout_s}")
             lines.append("backends = [")
             for b in svc.backends:
                 lines.append(f"  {_toml_value({'address': str(b.addr), 'port': b.port, 'weight': b.weight})},")
@@ -293,6 +302,9 @@ def diff_services(ifname: str, running: list[Service], wanted: list[Service]) ->
             out.append(f"{ifname}: service {name}: ~ clients {fmt(old.clients)} -> {fmt(new.clients)}")
         if old.ring_size != new.ring_size:
             out.append(f"{ifname}: service {name}: ~ ring_size {old.ring_size} -> {new.ring_size}")
+        if old.udp_timeout_s != new.udp_timeout_s:
+            fmt = lambda t: f"{t} s" if t else "the interface's"  # noqa: E731
+            out.append(f"{ifname}: service {name}: ~ udp_timeout {fmt(old.udp_timeout_s)} -> {fmt(new.udp_timeout_s)}")
     return out
 
 

@@ -54,6 +54,15 @@ def refresh_next_hops(ifname: str) -> list[str]:
         found.dataplane.close()
 
 
+def counter(ifname: str, name: str) -> int:
+    """One of the data plane's counters (summed over CPUs)."""
+    found = _attached(ifname)
+    try:
+        return found.dataplane.counters()[name]
+    finally:
+        found.dataplane.close()
+
+
 def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
     """Attaches xdplb (or updates the running one in place). Returns the attachment
     (the caller closes its dataplane), notes for the user, and whether a new program
@@ -158,7 +167,8 @@ def describe(ifname: str, attachment: loader.Attachment) -> dict:
                              **asdict(dp.traffic("backend", bid))})
         services.append({"vip": str(s.vip), "port": s.port, "proto": s.proto, "id": sid,
                          "clients": [str(n) for n in s.clients] or ["any"],
-                         "ring_size": s.ring_size, **asdict(dp.traffic("service", sid)),
+                         "ring_size": s.ring_size, "udp_timeout": s.udp_timeout_s,
+                         **asdict(dp.traffic("service", sid)),
                          "backends": backends})
     return {
         "interface": ifname, "program_id": attachment.prog_id, "mode": attachment.mode,
@@ -233,15 +243,19 @@ def _find_service(services: list[Service], spec: str) -> Service:
     raise UsageError(f"no service {vip}:{port}/{proto} here (services: {names}); add it with: xdplb service add")
 
 
-def service_add(ifname: str, spec: str, clients: list, ring_size: int) -> list[str]:
+def service_add(ifname: str, spec: str, clients: list, ring_size: int, udp_timeout: int = 0) -> list[str]:
     vip, port, proto = parse_service(spec)
     if not maglev.is_prime(ring_size) or ring_size > model.RING_SIZE_MAX:
         raise UsageError(f"--ring-size {ring_size}: give a prime of at most {model.RING_SIZE_MAX}, like 65537")
+    if udp_timeout and proto != "udp":
+        raise UsageError(f"--udp-timeout applies to UDP services only; {spec} is {proto}: drop the option")
+    if not 0 <= udp_timeout <= config.MAX_TIMEOUT_S:
+        raise UsageError(f"--udp-timeout {udp_timeout}: give seconds from 1 to {config.MAX_TIMEOUT_S}")
 
     def change(services):
         if any((s.vip, s.port, s.proto) == (vip, port, proto) for s in services):
             raise UsageError(f"service {vip}:{port}/{proto} already exists; change its backends with: xdplb backend")
-        return services + [Service(vip, port, proto, [], clients, ring_size)]
+        return services + [Service(vip, port, proto, [], clients, ring_size, udp_timeout)]
     return change_services(ifname, change)
 
 
@@ -327,8 +341,14 @@ def _each_attached(ifname: str | None):
             found.dataplane.close()
 
 
+SNAT_EXHAUSTED_REMEDY = ("snat_exhausted counts SYNs dropped for want of a free SNAT source towards their "
+                         "backend: add SNAT addresses (--snat A,B / snat = [...]) or widen the port range "
+                         "(--snat-ports / snat_ports)")
+
+
 def stats(ifname: str | None) -> list[dict]:
-    """status() plus the number of active flows per service and backend."""
+    """status() plus the number of active flows per service and backend, and the SNAT
+    sources held towards each backend (of `capacity` per SNAT address)."""
     out = []
     for name, found in _each_attached(ifname):
         entry = describe(name, found)
@@ -337,6 +357,9 @@ def stats(ifname: str | None) -> list[dict]:
             for b in s["backends"]:
                 b["active_flows"] = active.get(b["id"], 0)
             s["active_flows"] = sum(b["active_flows"] for b in s["backends"])
+        settings = found.dataplane.read_settings()
+        capacity = settings.snat_port_max - settings.snat_port_min + 1
+        entry["snat_sources"] = [{**asdict(use), "capacity": capacity} for use in found.dataplane.snat_usage()]
         entry["sampled_at"] = time.monotonic()
         out.append(entry)
     return out

@@ -35,6 +35,7 @@ class Service:
     backends: list[Backend] = field(default_factory=list)
     clients: list[ipaddress.IPv4Network] = field(default_factory=list)  # empty: everyone
     ring_size: int = RING_SIZE_DEFAULT
+    udp_timeout_s: int = 0  # a UDP service's idle timeout; 0: the interface's timeouts.udp
 
     @property
     def name(self) -> str:

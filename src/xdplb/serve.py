@@ -75,6 +75,16 @@ class Metrics:
                                        labels=["interface", "service", "backend"]),
             "packets": CounterMetricFamily("xdplb_packets", "Packets by action or reason",
                                            labels=["interface", "reason"]),
+            "snat_exhausted": CounterMetricFamily("xdplb_snat_exhausted", "SYNs dropped: no free SNAT source",
+                                                  labels=["interface"]),
+            "snat_in_use": GaugeMetricFamily("xdplb_snat_ports_in_use",
+                                             "SNAT sources held by open flows, per SNAT address and backend",
+                                             labels=["interface", "snat", "backend"]),
+            "snat_time_wait": GaugeMetricFamily("xdplb_snat_ports_time_wait",
+                                                "SNAT sources of closed flows (reusable by a newer SYN)",
+                                                labels=["interface", "snat", "backend"]),
+            "snat_capacity": GaugeMetricFamily("xdplb_snat_ports_capacity", "SNAT ports per SNAT address",
+                                               labels=["interface"]),
         }
         for entry in self.server.snapshot():
             ifname = entry["interface"]
@@ -94,6 +104,12 @@ class Metrics:
                     fam["be_up"].add_metric(labels, 1 if self.server.checker.is_up((ifname, name, labels[2])) else 0)
             for reason, value in entry["counters"].items():
                 fam["packets"].add_metric([ifname, reason], value)
+            fam["snat_exhausted"].add_metric([ifname], entry["counters"].get("snat_exhausted", 0))
+            snat = entry.get("snat", {}).get("ports", "0-0").split("-")
+            fam["snat_capacity"].add_metric([ifname], int(snat[1]) - int(snat[0]) + 1)
+            for use in entry.get("snat_sources", []):
+                fam["snat_in_use"].add_metric([ifname, use["snat"], use["backend"]], use["open"])
+                fam["snat_time_wait"].add_metric([ifname, use["snat"], use["backend"]], use["time_wait"])
         yield from fam.values()
 
 
@@ -107,6 +123,7 @@ class Server:
         self.metrics = Metrics(self)
         self.checker = Checker(self._on_health, self._observe)
         self.lock = threading.Lock()  # maps are changed by one thread at a time
+        self.snat_exhausted: dict[str, int] = {}  # interface -> counter value last logged
 
     # ---- state ---------------------------------------------------------------------
     def _read(self) -> list[config.InterfaceConfig]:
@@ -201,6 +218,20 @@ class Server:
                 for line in lines:
                     log("next_hop_changed", detail=line)
 
+    def _watch_snat(self) -> None:
+        """Logs, once per refresh at most, SYNs dropped because a SNAT pool ran dry."""
+        with self.lock:
+            for iface in self.desired:
+                try:
+                    dropped = control.counter(iface.name, "snat_exhausted")
+                except NotAttachedError:
+                    continue
+                seen = self.snat_exhausted.setdefault(iface.name, dropped)
+                if dropped > seen:
+                    log("snat_exhausted", level="warning", interface=iface.name, dropped=dropped - seen,
+                        remedy=control.SNAT_EXHAUSTED_REMEDY)
+                    self.snat_exhausted[iface.name] = dropped
+
     def _upgrade_running(self) -> None:
         for iface in self.desired:
             found = loader.find(iface.name)
@@ -242,6 +273,7 @@ class Server:
                 elif event[0] == "refresh":
                     refresh_at = time.monotonic() + NEXT_HOP_REFRESH_S
                     self._refresh_next_hops()
+                    self._watch_snat()
             except XdplbError as exc:
                 log("error", level="error", reason=str(exc).replace("\n", " "))
         self.checker.stop()

@@ -228,3 +228,43 @@ def test_a_completed_handshake_gets_the_established_timeout(one_port):
     _stamp_all(h, clock.now_ticks(cfg.tick_shift) - cfg.tcp_syn_expiry_ticks - 5)
     assert h.run(new_syn(10**6, tsval=10**6))[0] == XDP_DROP
     assert list(h.dp.active_flows().values()) == [1]
+
+
+def test_snat_usage_counts_open_and_closed_sources_per_backend(harness):
+    """What `xdplb stats` and the metrics report: sources held by open flows, and by
+    closed ones whose backend may still be in TIME_WAIT; reset flows hold none."""
+    h = harness
+    h.configure([service(P.BACKEND)])
+    for sport in (41000, 41001, 41002):
+        run_all(h, [from_client("S", CLIENT_ISN, sport=sport)])
+    assert [(u.snat, u.backend, u.open, u.time_wait) for u in h.dp.snat_usage()] == [
+        (P.SNAT, f"{P.BACKEND}:80/tcp", 3, 0)]
+    first, second = 20000, 20001  # the harness starts the cursor at the first port
+    run_all(h, [
+        P.tcp(P.BACKEND, 80, P.SNAT, first, flags="FA", seq=1, ack=CLIENT_ISN + 1, smac=P.BACKEND_MAC, dmac=P.LB_MAC),
+        from_client("FA", CLIENT_ISN + 1, 2, sport=41000),
+        from_client("R", CLIENT_ISN + 1, sport=41001),
+    ])
+    assert second and [(u.open, u.time_wait) for u in h.dp.snat_usage()] == [(1, 1)]
+
+
+def test_a_udp_service_keeps_its_own_idle_timeout(harness):
+    """A DNS-like service forgets its flows after its udp_timeout; another UDP service on
+    the same interface keeps the interface's timeouts.udp."""
+    h = harness
+    dns = dataclasses.replace(service(P.BACKEND, port=53, proto="udp"), udp_timeout_s=10)
+    other = service(P.BACKEND2, port=5353, proto="udp")
+    h.configure([dns, other])
+    assert {s.port: s.udp_timeout_s for s in h.dp.services()} == {53: 10, 5353: 0}
+    cfg = abi.Config()
+    libbpf().lookup(h.dp.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+    q1, q2 = P.udp(P.CLIENT, 5000, P.VIP, 53), P.udp(P.CLIENT, 5000, P.VIP, 5353)
+    assert h.run(q1)[0] == XDP_TX and h.run(q2)[0] == XDP_TX
+    eleven_s = clock.to_ticks(11, clock.jiffy_ns(), cfg.tick_shift)
+    _stamp_all(h, clock.now_ticks(cfg.tick_shift) - eleven_s - clock.to_ticks(1, clock.jiffy_ns(), cfg.tick_shift))
+    assert h.dp.active_flows() == {h.dp.backend_ids()[(1, f"{P.BACKEND2}:80")]: 1}
+    h.run(q1)
+    h.run(q2)
+    assert h.dp.counters()["new_flow"] == 3  # the DNS query opened a new flow, the other did not
+    h.configure([dataclasses.replace(dns, udp_timeout_s=0), other])
+    assert {s.port: s.udp_timeout_s for s in h.dp.services()} == {53: 0, 5353: 0}

@@ -115,3 +115,29 @@ def test_settings_diff_lines():
     assert config.diff_settings("eth0", a, b) == ["eth0: ~ seed 24301 -> 1", "eth0: ~ timeouts.udp 300 -> 30"]
     c = Settings(snat_addrs=[ip("10.0.0.2"), ip("10.0.0.3")])
     assert config.diff_settings("eth0", a, c) == ["eth0: ~ snat 10.0.0.2 -> 10.0.0.2,10.0.0.3"]
+
+
+def test_a_udp_service_may_have_its_own_timeout_and_it_round_trips():
+    text = GOOD.replace("ring_size = 251", "ring_size = 251\nudp_timeout = 30").replace(
+        "timeouts = { tcp = 600, udp = 30 }", "timeouts = { tcp = 600, udp = 300, tcp_syn = 8 }")
+    (iface,) = config.parse(text)
+    assert [s.udp_timeout_s for s in iface.services] == [0, 30]
+    assert iface.timeouts["tcp_syn"] == 8 and iface.settings([ip("10.0.0.2")]).tcp_syn_timeout_s == 8
+    dumped = config.dump([iface])
+    assert "udp_timeout = 30" in dumped and "tcp_syn = 8" in dumped
+    assert config.parse(dumped) == [iface]
+
+
+def test_a_udp_timeout_on_a_tcp_service_is_refused_with_its_location():
+    text = GOOD.replace("port = 80\n", "port = 80\nudp_timeout = 30\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(text)
+    assert err.value.problems == [
+        'interfaces.eth0.services[0].udp_timeout: applies to UDP services only: remove it, or set proto = "udp"']
+
+
+def test_a_changed_udp_timeout_is_a_difference():
+    old = Service(ip("10.0.0.2"), 53, "udp")
+    new = Service(ip("10.0.0.2"), 53, "udp", udp_timeout_s=20)
+    assert config.diff_services("eth0", [old], [new]) == [
+        "eth0: service 10.0.0.2:53/udp: ~ udp_timeout the interface's -> 20 s"]
