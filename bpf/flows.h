@@ -42,14 +42,10 @@ static __always_inline int flow_key_equal(const struct xdplb_flow_key *a, const 
 }
 
 static __always_inline __u32 flow_expiry_ticks(const struct xdplb_config *cfg, __u8 proto, __u8 flags,
-					       __u32 service_id)
+					       __u16 udp_timeout_s)
 {
-	if (proto != IPPROTO_TCP) {
-		/* Looked up for UDP only: TCP's established path pays nothing for it. */
-		struct xdplb_svc_timeout *own = bpf_map_lookup_elem(&xdplb_svc_udp, &service_id);
-
-		return own && own->udp_expiry_ticks ? own->udp_expiry_ticks : cfg->udp_expiry_ticks;
-	}
+	if (proto != IPPROTO_TCP)
+		return udp_timeout_s ? udp_timeout_s * cfg->ticks_per_s + cfg->touch_ticks : cfg->udp_expiry_ticks;
 	/* A handshake nobody completes (a SYN flood, spoofed or not) or a reset flow holds
 	 * its SNAT source only briefly. */
 	if (flags & (XDPLB_FLOW_HANDSHAKE | XDPLB_FLOW_RESET))
@@ -65,7 +61,7 @@ static __always_inline int slot_expired(const struct xdplb_config *cfg, const st
 
 	if (s->flow.flags & XDPLB_FLOW_DEAD)
 		return 1;
-	expiry = flow_expiry_ticks(cfg, s->key.proto, s->flow.flags, s->flow.service_id);
+	expiry = flow_expiry_ticks(cfg, s->key.proto, s->flow.flags, s->flow.udp_timeout_s);
 	/* Signed: another CPU may have stamped the slot a tick after this CPU read the clock. */
 	return expiry && ticks_since(now, s->last_seen) > (__s32)expiry;
 }

@@ -105,14 +105,6 @@ struct {
 	__type(value, __u32);
 } xdplb_port_cur SEC(".maps");
 
-/* Per-service UDP idle timeouts, by service id (struct xdplb_svc_timeout). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, XDPLB_MAX_SERVICES);
-	__type(key, __u32);
-	__type(value, struct xdplb_svc_timeout);
-} xdplb_svc_udp SEC(".maps");
-
 /* Per-service client allow-lists (service id + CIDR). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

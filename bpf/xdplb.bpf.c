@@ -449,6 +449,8 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	rev->service_id = svc->id;
 	rev->backend_id = backend_id;
 	rev->flags = XDPLB_FLOW_REPLY;
+	if (pkt->key.proto == IPPROTO_UDP)
+		rev->udp_timeout_s = svc->udp_timeout_s; /* at most 65535: the control plane checks */
 	if (pkt->tcp) {
 		rev->flags |= XDPLB_FLOW_HANDSHAKE;
 		fwd->flags = XDPLB_FLOW_HANDSHAKE;
@@ -466,6 +468,7 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	fwd->service_id = svc->id;
 	fwd->backend_id = backend_id;
 	fwd->hop_gen = hop_gen;
+	fwd->udp_timeout_s = rev->udp_timeout_s;
 	return PLAN_OK;
 }
 
@@ -725,9 +728,14 @@ int xdplb_main(struct xdp_md *ctx)
 	if (pkt.tcp && (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN)
 		pkt.planned = plan_syn(ctx, cfg, &pkt);
 	slot = flow_find(cfg, &pkt.key, pkt.hash, &flow, now, &pkt.place);
-	/* Only the client side expires on lookup; a SYN on a closing flow is the client
-	 * reusing its port: balance it afresh. */
-	if (slot && !(!(flow.flags & XDPLB_FLOW_REPLY) && slot_expired(cfg, slot, now)) &&
+	/* The client side expires on lookup, and so does the backend side of a handshake the
+	 * client never completed: the backend's repeated SYN-ACK then reaches this host's
+	 * kernel, whose reset ends the backend's half-open connection before a new flow gets
+	 * the tuple. A SYN on a closing flow is the client reusing its port: balance it
+	 * afresh. */
+	if (slot &&
+	    !((!(flow.flags & XDPLB_FLOW_REPLY) || (flow.flags & XDPLB_FLOW_HANDSHAKE)) &&
+	      slot_expired(cfg, slot, now)) &&
 	    !((flow.flags & XDPLB_FLOW_CLOSING) && (pkt.tcp_flags & TCP_FLAG_SYN) &&
 	      !(pkt.tcp_flags & TCP_FLAG_ACK))) {
 		if (pkt.first_fragment) {

@@ -150,7 +150,9 @@ struct xdplb_service {
 	__u32 id;        /* index into xdplb_rings and xdplb_svc_stats */
 	__u32 ring_size; /* entries of this service's Maglev ring (a prime) */
 	__u32 flags;     /* enum xdplb_service_flags */
-	__u32 pad;
+	/* A UDP service's own idle timeout (DNS-like services want seconds, not the
+	 * interface's minutes), copied into each of its flows; 0: the interface's. */
+	__u32 udp_timeout_s;
 };
 
 /* One slot of the service table; key.proto 0 marks an empty slot, which ends a search. */
@@ -203,7 +205,7 @@ struct xdplb_flow {
 	__u16 backend_id;
 	__u8 flags; /* enum xdplb_flow_flags */
 	__u8 hop_gen; /* low byte of xdplb_config.hop_gen when the next hop was copied */
-	__u8 pad[2];
+	__u16 udp_timeout_s; /* the service's, when the flow was created (0: the interface's) */
 };
 
 /* One slot (one cache line) of xdplb_flows, an open-addressing table in an array.
@@ -227,13 +229,6 @@ struct xdplb_flow_end {
 	__u32 rcv_nxt;
 };
 
-/* Value of xdplb_svc_udp, by service id: a UDP service's own idle timeout (DNS-like
- * services want seconds, not the interface's minutes). 0 means the interface's. */
-struct xdplb_svc_timeout {
-	__u32 udp_timeout_s;
-	__u32 udp_expiry_ticks; /* as xdplb_config.udp_expiry_ticks */
-};
-
 /* Value of the one-entry xdplb_config. Timeouts of 0 mean "never expire". */
 struct xdplb_config {
 	__u32 abi_version;
@@ -254,6 +249,7 @@ struct xdplb_config {
 	__u32 udp_expiry_ticks;
 	__u32 tcp_syn_expiry_ticks;
 	__u32 tick_shift; /* tick = jiffies >> tick_shift */
+	__u32 ticks_per_s; /* rounded up: a flow never expires early */
 	/* Entries are re-stamped at most this often (about 1 s), to keep their cache line
 	 * clean; the entry of the other direction is refreshed at the same time. */
 	__u32 touch_ticks;

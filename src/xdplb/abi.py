@@ -101,7 +101,7 @@ class ServiceKey(ctypes.Structure):
 
 
 class Service(ctypes.Structure):
-    _fields_ = [("id", u32), ("ring_size", u32), ("flags", u32), ("pad", u32)]
+    _fields_ = [("id", u32), ("ring_size", u32), ("flags", u32), ("udp_timeout_s", u32)]
 
 
 class ServiceSlot(ctypes.Structure):
@@ -123,7 +123,7 @@ class Flow(ctypes.Structure):
     _fields_ = [("saddr", be32), ("daddr", be32), ("sport", be16), ("dport", be16),
                 ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6),
                 ("l3_csum_delta", u16), ("l4_csum_delta", u16), ("service_id", u16),
-                ("backend_id", u16), ("flags", u8), ("hop_gen", u8), ("pad", u8 * 2)]
+                ("backend_id", u16), ("flags", u8), ("hop_gen", u8), ("udp_timeout_s", u16)]
 
 
 class FlowSlot(ctypes.Structure):
@@ -134,10 +134,6 @@ class FlowEnd(ctypes.Structure):
     _fields_ = [("ts_recent", u32), ("rcv_nxt", u32)]
 
 
-class SvcTimeout(ctypes.Structure):
-    _fields_ = [("udp_timeout_s", u32), ("udp_expiry_ticks", u32)]
-
-
 class Config(ctypes.Structure):
     _fields_ = [("abi_version", u32), ("flags", u32), ("hash_seed", u32), ("snat_port_min", u16),
                 ("snat_port_max", u16), ("flow_mask", u32),
@@ -145,7 +141,7 @@ class Config(ctypes.Structure):
                 ("tcp_syn_timeout_s", u32),
                 ("tcp_expiry_ticks", u32), ("tcp_closing_expiry_ticks", u32), ("udp_expiry_ticks", u32),
                 ("tcp_syn_expiry_ticks", u32),
-                ("tick_shift", u32), ("touch_ticks", u32), ("hop_gen", u32), ("snat_addr_count", u32),
+                ("tick_shift", u32), ("ticks_per_s", u32), ("touch_ticks", u32), ("hop_gen", u32), ("snat_addr_count", u32),
                 ("snat_addrs", be32 * MAX_SNAT_ADDRS)]
 
 
@@ -168,7 +164,6 @@ MAPS = {
     "xdplb_flows": (u32, FlowSlot),
     "xdplb_flow_ends": (u32, FlowEnd),  # sized like xdplb_flows
     "xdplb_port_cur": (u32, u32),
-    "xdplb_svc_udp": (u32, SvcTimeout),
     "xdplb_clients": (ClientKey, u8),
     "xdplb_counters": (u32, u64),
     "xdplb_svc_stats": (u32, Traffic),
@@ -178,7 +173,7 @@ MAPS = {
 STRUCTS = {
     "xdplb_service_key": ServiceKey, "xdplb_service": Service, "xdplb_service_slot": ServiceSlot,
     "xdplb_backend": Backend,
-    "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_flow_end": FlowEnd, "xdplb_svc_timeout": SvcTimeout,
+    "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_flow_end": FlowEnd,
     "xdplb_config": Config,
     "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic,
 }

@@ -192,7 +192,7 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
         c.fail(f"{where}.ring_size", f"{ring_size} is not prime (Maglev needs a prime table size, like 65537)")
     udp_timeout = 0
     if "udp_timeout" in entry:
-        udp_timeout = c.integer(f"{where}.udp_timeout", entry["udp_timeout"], 1, MAX_TIMEOUT_S) or 0
+        udp_timeout = c.integer(f"{where}.udp_timeout", entry["udp_timeout"], 1, model.MAX_UDP_TIMEOUT_S) or 0
         if proto != "udp":
             c.fail(f"{where}.udp_timeout", "applies to UDP services only: remove it, or set proto = \"udp\"")
     backends, endpoints = [], set()

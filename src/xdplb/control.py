@@ -249,8 +249,8 @@ def service_add(ifname: str, spec: str, clients: list, ring_size: int, udp_timeo
         raise UsageError(f"--ring-size {ring_size}: give a prime of at most {model.RING_SIZE_MAX}, like 65537")
     if udp_timeout and proto != "udp":
         raise UsageError(f"--udp-timeout applies to UDP services only; {spec} is {proto}: drop the option")
-    if not 0 <= udp_timeout <= config.MAX_TIMEOUT_S:
-        raise UsageError(f"--udp-timeout {udp_timeout}: give seconds from 1 to {config.MAX_TIMEOUT_S}")
+    if not 0 <= udp_timeout <= model.MAX_UDP_TIMEOUT_S:
+        raise UsageError(f"--udp-timeout {udp_timeout}: give seconds from 1 to {model.MAX_UDP_TIMEOUT_S}")
 
     def change(services):
         if any((s.vip, s.port, s.proto) == (vip, port, proto) for s in services):

@@ -50,23 +50,22 @@ _DEAD, _REPLY, _CLOSING = int(abi.FlowFlags.DEAD), int(abi.FlowFlags.REPLY), int
 _HANDSHAKE, _RESET = int(abi.FlowFlags.HANDSHAKE), int(abi.FlowFlags.RESET)
 _CLOSED = int(abi.FlowFlags.FIN_CLIENT | abi.FlowFlags.FIN_BACKEND)
 _FLAGS_OFFSET = abi.FlowSlot.flow.offset + abi.Flow.flags.offset
-# last_seen, key.proto, flow.service_id, flow.backend_id, flow.flags out of each 64-byte slot
+# last_seen, key.proto, flow.service_id, flow.backend_id, flow.flags, flow.udp_timeout_s out
+# of each 64-byte slot
 assert abi.Flow.backend_id.offset == abi.Flow.service_id.offset + 2
+assert abi.Flow.udp_timeout_s.offset == abi.Flow.flags.offset + 2 == ctypes.sizeof(abi.Flow) - 2
 _SLOT_FIELDS = struct.Struct(
     f"<{abi.FlowSlot.last_seen.offset}xI"
     f"{abi.FlowSlot.key.offset + abi.FlowKey.proto.offset - abi.FlowSlot.last_seen.offset - 4}xB"
     f"{abi.FlowSlot.flow.offset + abi.Flow.service_id.offset - abi.FlowSlot.key.offset - abi.FlowKey.proto.offset - 1}xHH"
-    f"B{ctypes.sizeof(abi.FlowSlot) - _FLAGS_OFFSET - 1}x")
+    f"BxH")
 assert _SLOT_FIELDS.size == ctypes.sizeof(abi.FlowSlot)
-# last_seen, the key's saddr, daddr, sport, proto, flow.service_id and flow.flags: a
+# last_seen, the key's saddr, daddr, sport, proto, flow.flags and flow.udp_timeout_s: a
 # backend-side entry's key is (backend, SNAT address, backend port, SNAT port).
-_SERVICE_ID_OFFSET = abi.FlowSlot.flow.offset + abi.Flow.service_id.offset
 _SLOT_KEYS = struct.Struct(
     f"<{abi.FlowSlot.last_seen.offset}xI{abi.FlowSlot.key.offset - abi.FlowSlot.last_seen.offset - 4}x"
     f"IIH{abi.FlowKey.proto.offset - abi.FlowKey.dport.offset}xB"
-    f"{_SERVICE_ID_OFFSET - abi.FlowSlot.key.offset - abi.FlowKey.proto.offset - 1}xH"
-    f"{_FLAGS_OFFSET - _SERVICE_ID_OFFSET - 2}xB"
-    f"{ctypes.sizeof(abi.FlowSlot) - _FLAGS_OFFSET - 1}x")
+    f"{_FLAGS_OFFSET - abi.FlowSlot.key.offset - abi.FlowKey.proto.offset - 1}xBxH")
 assert _SLOT_KEYS.size == ctypes.sizeof(abi.FlowSlot)
 
 
@@ -77,10 +76,10 @@ def _expiry_for(seconds: int, shift: int) -> int:
     return clock.to_ticks(seconds, jiffy, shift) + clock.to_ticks(clock.TOUCH_S, jiffy, shift) if seconds else 0
 
 
-def _expiry_ticks(cfg: abi.Config, proto: int, flags: int, service_udp_ticks: int = 0) -> int:
+def _expiry_ticks(cfg: abi.Config, proto: int, flags: int, udp_timeout_s: int = 0) -> int:
     """The data plane's flow_expiry_ticks() (bpf/flows.h)."""
     if proto != socket.IPPROTO_TCP:
-        return service_udp_ticks or cfg.udp_expiry_ticks
+        return udp_timeout_s * cfg.ticks_per_s + cfg.touch_ticks if udp_timeout_s else cfg.udp_expiry_ticks
     if flags & (_HANDSHAKE | _RESET):
         return cfg.tcp_syn_expiry_ticks
     return cfg.tcp_closing_expiry_ticks if flags & _CLOSING else cfg.tcp_expiry_ticks
@@ -225,7 +224,7 @@ class DataPlane:
             udp_timeout_s=s.udp_timeout_s, tcp_syn_timeout_s=s.tcp_syn_timeout_s,
             tcp_expiry_ticks=expiry(s.tcp_timeout_s), tcp_closing_expiry_ticks=expiry(s.tcp_closing_timeout_s),
             udp_expiry_ticks=expiry(s.udp_timeout_s), tcp_syn_expiry_ticks=expiry(s.tcp_syn_timeout_s),
-            tick_shift=shift, touch_ticks=touch,
+            tick_shift=shift, ticks_per_s=clock.to_ticks(1, clock.jiffy_ns(), shift), touch_ticks=touch,
             hop_gen=self._config().hop_gen)  # not a setting: flows compare against it
         self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
 
@@ -284,13 +283,12 @@ class DataPlane:
     def services(self) -> list[Service]:
         backends = self._backend_entries()
         rules = self._client_rules()
-        udp = self._udp_timeouts()
         out = []
         for (vip, port, proto), value in sorted(self._service_entries().items()):
             members = sorted(Backend(from_be32(b.addr), socket.ntohs(b.port), b.weight)
                              for b in backends.values() if b.service_id == value.id)
             out.append(Service(vip, port, proto, members, sorted(rules.get(value.id, [])),
-                               value.ring_size, udp.get(value.id, 0)))
+                               value.ring_size, value.udp_timeout_s))
         return out
 
     def service_ids(self) -> dict[str, int]:
@@ -343,7 +341,6 @@ class DataPlane:
                 self._zero_stats("xdplb_svc_stats", svc_id)
             ids, retired = self._write_backends(svc_id, svc, backends, next_hops, free_be, cursors, settings)
             self._write_clients(svc_id, svc.clients)
-            self._write_udp_timeout(svc_id, svc.udp_timeout_s)
             before = running.get(svc.name)
             if rebuild_rings or before is None or _ring_inputs(before) != _ring_inputs(svc):
                 self._write_ring(svc_id, svc, ids, seed)
@@ -351,7 +348,7 @@ class DataPlane:
             for be_id in retired:
                 self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), abi.Backend())
             flags = abi.ServiceFlags.ALLOWLIST if svc.clients else 0
-            table[key] = abi.Service(id=svc_id, ring_size=svc.ring_size, flags=flags)
+            table[key] = abi.Service(id=svc_id, ring_size=svc.ring_size, flags=flags, udp_timeout_s=svc.udp_timeout_s)
         if {k: bytes(v) for k, v in table.items()} != {k: bytes(v) for k, v in staying.items()}:
             self._write_service_table(table)
         self._write_ports(wanted, snat_range)
@@ -389,7 +386,6 @@ class DataPlane:
     def _remove_service(self, value: abi.Service, backends: dict[int, abi.Backend]) -> None:
         self.lib.delete(self.fds["xdplb_rings"], ctypes.c_uint32(value.id))
         self._write_clients(value.id, [])
-        self._write_udp_timeout(value.id, 0)
         for i, b in backends.items():
             if b.service_id == value.id:
                 self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(i), abi.Backend())
@@ -467,23 +463,6 @@ class DataPlane:
         for addr, plen in wanted:
             key = abi.ClientKey(prefixlen=32 + plen, service_id=socket.htonl(svc_id), addr=be32(addr))
             self.lib.update(fd, key, ctypes.c_uint8(1))
-
-    def _udp_timeouts(self) -> dict[int, int]:
-        return {i: v.udp_timeout_s for i, v in self._svc_timeouts().items()}
-
-    def _udp_expiry(self) -> dict[int, int]:
-        return {i: v.udp_expiry_ticks for i, v in self._svc_timeouts().items()}
-
-    def _svc_timeouts(self) -> dict[int, abi.SvcTimeout]:
-        values = self.lib.array_values(self.fds["xdplb_svc_udp"], abi.SvcTimeout, abi.MAX_SERVICES)
-        return {i: v for i, v in enumerate(values) if v.udp_timeout_s}
-
-    def _write_udp_timeout(self, svc_id: int, seconds: int) -> None:
-        value = abi.SvcTimeout(udp_timeout_s=seconds, udp_expiry_ticks=_expiry_for(seconds, self._config().tick_shift))
-        current = abi.SvcTimeout()
-        self.lib.lookup(self.fds["xdplb_svc_udp"], ctypes.c_uint32(svc_id), current)
-        if bytes(current) != bytes(value):
-            self.lib.update(self.fds["xdplb_svc_udp"], ctypes.c_uint32(svc_id), value)
 
     def _write_ports(self, services: list[Service], snat_range: tuple[int, int]) -> None:
         lo, hi = snat_range
@@ -568,15 +547,16 @@ class DataPlane:
 
     def _slots(self):
         """(index, last_seen, proto, backend_id, flags) of every used slot."""
-        for index, last_seen, proto, _, backend_id, flags in self._slot_rows():
+        for index, last_seen, proto, backend_id, flags, _ in self._slot_rows():
             yield index, last_seen, proto, backend_id, flags
 
     def _slot_rows(self):
-        """(index, last_seen, proto, service_id, backend_id, flags) of every used slot."""
+        """(index, last_seen, proto, backend_id, flags, udp_timeout_s) of every used slot."""
         with self._flow_table() as table:
-            for index, (last_seen, proto, svc_id, backend_id, flags) in enumerate(_SLOT_FIELDS.iter_unpack(table)):
+            for index, (last_seen, proto, _, backend_id, flags, udp_timeout) in \
+                    enumerate(_SLOT_FIELDS.iter_unpack(table)):
                 if proto and not flags & _DEAD:
-                    yield index, last_seen, proto, svc_id, backend_id, flags
+                    yield index, last_seen, proto, backend_id, flags, udp_timeout
 
     def flow_count(self) -> int:
         """Entries in the flow table (two per flow), expired ones included."""
@@ -599,13 +579,12 @@ class DataPlane:
         entries of the flow table that have not expired."""
         cfg = self._config()
         now = clock.now_ticks(cfg.tick_shift)
-        udp = self._udp_expiry()
         counts: dict[tuple, list[int]] = {}
         with self._flow_table() as table:
-            for last_seen, saddr, daddr, sport, proto, svc_id, flags in _SLOT_KEYS.iter_unpack(table):
+            for last_seen, saddr, daddr, sport, proto, flags, udp_timeout in _SLOT_KEYS.iter_unpack(table):
                 if not proto or not flags & _REPLY or flags & (_DEAD | _RESET):
                     continue
-                ticks = _expiry_ticks(cfg, proto, flags, udp.get(svc_id, 0))
+                ticks = _expiry_ticks(cfg, proto, flags, udp_timeout)
                 if ticks and clock.ticks_since(now, last_seen) > ticks:
                     continue
                 key = (daddr, saddr, sport, proto)
@@ -623,12 +602,11 @@ class DataPlane:
         (the data plane's own notion of a live flow)."""
         cfg = self._config()
         now = clock.now_ticks(cfg.tick_shift)
-        udp = self._udp_expiry()
         out: dict[int, int] = {}
-        for _, last_seen, proto, svc_id, backend_id, flags in self._slot_rows():
+        for _, last_seen, proto, backend_id, flags, udp_timeout in self._slot_rows():
             if flags & (_REPLY | _CLOSING):
                 continue
-            ticks = _expiry_ticks(cfg, proto, flags, udp.get(svc_id, 0))
+            ticks = _expiry_ticks(cfg, proto, flags, udp_timeout)
             if ticks and clock.ticks_since(now, last_seen) > ticks:
                 continue
             out[backend_id] = out.get(backend_id, 0) + 1

@@ -14,6 +14,7 @@ PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 RING_SIZE_DEFAULT = 65537
 RING_SIZE_MAX = abi.RING_SLOTS  # every ring map has this many slots
 MAX_WEIGHT = 65535
+MAX_UDP_TIMEOUT_S = 65535  # a flow keeps its service's udp_timeout in 16 bits
 
 
 @dataclass(frozen=True, order=True)

@@ -203,7 +203,7 @@ def _stamp_all(h, ticks: int) -> None:
 def test_a_handshake_nobody_completes_frees_its_source_after_tcp_syn(one_port):
     """A spoofed SYN: the backend's SYN-ACKs go nowhere and are repeated, which must not
     keep the half-open flow alive; after timeouts.tcp_syn of silence from the client the
-    source is free."""
+    source is free, and the backend's next SYN-ACK is handed to the kernel."""
     h = one_port
     cfg = abi.Config()
     libbpf().lookup(h.dp.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
@@ -214,7 +214,10 @@ def test_a_handshake_nobody_completes_frees_its_source_after_tcp_syn(one_port):
     _stamp_all(h, now - cfg.tcp_syn_expiry_ticks + 5)
     assert h.run(new_syn(7, tsval=1))[0] == XDP_DROP  # not yet
     _stamp_all(h, now - cfg.tcp_syn_expiry_ticks - 5)
-    run_all(h, [from_backend("SA", BACKEND_ISN, CLIENT_ISN + 1, ts_options(1900, 100))])  # repeated SYN-ACK
+    # The backend repeats its SYN-ACK: it now goes to this host's kernel, whose reset ends
+    # the backend's half-open connection before a new flow gets the tuple.
+    repeated = from_backend("SA", BACKEND_ISN, CLIENT_ISN + 1, ts_options(1900, 100))
+    assert h.run(repeated) == (XDP_PASS, repeated)
     action, out = h.run(new_syn(7, tsval=1))
     assert (action, out) == (XDP_TX, expected_to_backend(7, 1))
     assert h.dp.counters()["snat_reused"] == 0  # expired, not taken over
@@ -266,5 +269,6 @@ def test_a_udp_service_keeps_its_own_idle_timeout(harness):
     h.run(q1)
     h.run(q2)
     assert h.dp.counters()["new_flow"] == 3  # the DNS query opened a new flow, the other did not
+    # A change applies to flows created after it.
     h.configure([dataclasses.replace(dns, udp_timeout_s=0), other])
     assert {s.port: s.udp_timeout_s for s in h.dp.services()} == {53: 0, 5353: 0}
