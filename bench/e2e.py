@@ -9,6 +9,7 @@ even when the client or the backends are the bottleneck (they share the 2 CPUs).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import subprocess
@@ -25,6 +26,7 @@ BACKEND_NS = [f"{PREFIX}-backend-a", f"{PREFIX}-backend-b"]
 BACKENDS = [str(lab.SUBNET[lab.BACKEND_BASE + i]) for i in range(2)]
 VIP = str(lab.LB_ADDR)
 HTTP_PORT, IPERF_PORT = 8080, 5201
+STATUS_PORT = 8081  # nginx stub_status, on each backend's loopback only (counts requests there)
 STATE = Path("/run/xdplb/bench")
 MODES = ["direct", "xdplb", "nftables", "haproxy"]
 TESTS = ["keepalive", "newconn", "iperf3"]
@@ -75,6 +77,7 @@ http {{
   access_log off;
   keepalive_requests 1000000;
   server {{ listen {HTTP_PORT} reuseport backlog=4096; location / {{ return 200 "hello from {name}\\n"; }} }}
+  server {{ listen 127.0.0.1:{STATUS_PORT}; location / {{ stub_status; }} }}
 }}
 """)
     return conf
@@ -122,10 +125,12 @@ table ip xdplb_bench {{
 }}
 """
 
+# The default timeouts: a closed flow is remembered (tcp_closing, 120 s) for as long as
+# the backend may hold its tuple in TIME_WAIT, which is what lets a newer SYN take its
+# SNAT source safely; a shorter tcp_closing hands sources back blindly.
 XDPLB_CONFIG = f"""
 [interfaces.eth0]
 flows = 262144
-timeouts = {{ tcp = 900, tcp_closing = 2, udp = 300 }}
 
 [[interfaces.eth0.services]]
 vip = "{VIP}"
@@ -228,17 +233,30 @@ def _iperf(target: str, seconds: int) -> Sample:
     return Sample(bps / 1e9)
 
 
-def run(seconds: int, rounds: int) -> Results:
+@contextlib.contextmanager
+def lab_with_servers():
+    """The lab with nginx and iperf3 on every backend, torn down on the way out even on
+    failure (servers by PID, xdplb detached, namespaces removed)."""
     lab.down(PREFIX)
-    lab.up(backends=2, clients=1, prefix=PREFIX)
     servers = []
     try:
+        lab.up(backends=2, clients=1, prefix=PREFIX)
         subprocess.run(["ip", "netns", "exec", CLIENT_NS, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"], check=True)
         for ns, name in zip(BACKEND_NS, ("backend-a", "backend-b")):
             servers.append(_start(ns, "nginx", "-c", str(_nginx_conf(ns, name))))
             servers.append(_start(ns, "iperf3", "-s", "-p", str(IPERF_PORT)))
         for b in BACKENDS:
             _wait_port(CLIENT_NS, b, HTTP_PORT)
+        yield
+    finally:
+        for proc in servers:
+            lab.stop_process(proc)
+        subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "detach", "eth0"], capture_output=True)
+        lab.down(PREFIX)
+
+
+def run(seconds: int, rounds: int) -> Results:
+    with lab_with_servers():
         res = Results(seconds, rounds)
         for _ in range(rounds):
             for mode in MODES:  # interleaved: drift hits every mode alike
@@ -250,11 +268,6 @@ def run(seconds: int, rounds: int) -> Results:
                     settle()
                     res.samples.setdefault((mode, "iperf3"), []).append(_iperf(m.target(), seconds))
         return res
-    finally:
-        for proc in servers:
-            lab.stop_process(proc)
-        subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "detach", "eth0"], capture_output=True)
-        lab.down(PREFIX)
 
 
 def table(res: Results) -> list[str]:

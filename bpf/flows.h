@@ -46,9 +46,12 @@ static __always_inline __u32 flow_expiry_ticks(const struct xdplb_config *cfg, _
 {
 	if (proto != IPPROTO_TCP)
 		return udp_timeout_s ? udp_timeout_s * cfg->ticks_per_s + cfg->touch_ticks : cfg->udp_expiry_ticks;
-	/* A handshake nobody completes (a SYN flood, spoofed or not) or a reset flow holds
-	 * its SNAT source only briefly. */
-	if (flags & (XDPLB_FLOW_HANDSHAKE | XDPLB_FLOW_RESET))
+	/* A handshake nobody completes (a SYN flood, spoofed or not) or a flow reset before
+	 * the backend closed holds its SNAT source only briefly. After the backend's FIN it
+	 * may sit in TIME_WAIT, which a reset does not always end (RFC 1337, or a reset
+	 * out of window): then the closing timeout and the record keep its tuple safe. */
+	if ((flags & XDPLB_FLOW_HANDSHAKE) ||
+	    (flags & (XDPLB_FLOW_RESET | XDPLB_FLOW_FIN_BACKEND)) == XDPLB_FLOW_RESET)
 		return cfg->tcp_syn_expiry_ticks;
 	return (flags & XDPLB_FLOW_CLOSING) ? cfg->tcp_closing_expiry_ticks : cfg->tcp_expiry_ticks;
 }
@@ -185,23 +188,22 @@ enum flow_store_outcome {
 };
 
 /* Whether a new SYN may take over the live backend-side entry s (same tuple: backend,
- * SNAT source) of an earlier flow: the backend holds nothing for a reset flow, and for a
- * flow closed on both sides it accepts the SYN the way a TIME_WAIT socket does (RFC 6191,
- * Linux's tcp_timewait_state_process): a newer timestamp when both sides use them, else
- * a sequence number past the old connection's. Half-closed or open flows are never
- * taken. The record is written before the FIN flag is set (fetch-and-or, a full barrier
+ * SNAT source) of an earlier flow that the backend closed (its FIN) and the client
+ * closed too (its FIN or a RST): the backend then accepts the SYN the way a TIME_WAIT
+ * socket does (RFC 6191, Linux's tcp_timewait_state_process), with a newer timestamp
+ * when both sides use them, else a sequence number past the old connection's. Open,
+ * half-closed and handshaking flows are never taken, nor a flow reset before the
+ * backend's FIN (the reset may not have reached or convinced the backend): it expires
+ * after timeouts.tcp_syn. The record is written before the FIN flag is set (fetch-and-or, a full barrier
  * on x86 and arm64); a claim that reads a record being updated can only see older
  * values, which makes the check stricter, not looser. */
 static __always_inline int tuple_reusable(const struct xdplb_flow_slot *s, __u32 index,
 					  const struct syn_info *syn)
 {
-	const __u8 closed = XDPLB_FLOW_FIN_CLIENT | XDPLB_FLOW_FIN_BACKEND;
 	struct xdplb_flow_end *end;
 	__u8 flags = s->flow.flags;
 
-	if (flags & XDPLB_FLOW_RESET)
-		return 1;
-	if ((flags & closed) != closed)
+	if (!(flags & XDPLB_FLOW_FIN_BACKEND) || !(flags & (XDPLB_FLOW_FIN_CLIENT | XDPLB_FLOW_RESET)))
 		return 0;
 	end = bpf_map_lookup_elem(&xdplb_flow_ends, &index);
 	if (!end)

@@ -89,7 +89,7 @@ enum xdplb_flow_flags {
 	XDPLB_FLOW_CLOSING = 1 << 1,     /* FIN or RST seen: shorter timeout */
 	XDPLB_FLOW_DEAD = 1 << 2,        /* reset by the control plane: free for reuse */
 	XDPLB_FLOW_HANDSHAKE = 1 << 3,   /* SYN sent, not yet acknowledged by the client */
-	XDPLB_FLOW_RESET = 1 << 4,       /* RST seen: the backend holds nothing for the tuple */
+	XDPLB_FLOW_RESET = 1 << 4,       /* RST seen: short timeout, unless the backend had closed */
 	XDPLB_FLOW_FIN_CLIENT = 1 << 5,  /* the client sent a FIN */
 	XDPLB_FLOW_FIN_BACKEND = 1 << 6, /* the backend sent a FIN: xdplb_flow_ends is valid */
 	XDPLB_FLOW_END_TS = 1 << 7,      /* the backend's closing segments carry timestamps */

@@ -48,7 +48,12 @@ def _mac(raw) -> str:
 _IN_USE = int(abi.BackendFlags.IN_USE)
 _DEAD, _REPLY, _CLOSING = int(abi.FlowFlags.DEAD), int(abi.FlowFlags.REPLY), int(abi.FlowFlags.CLOSING)
 _HANDSHAKE, _RESET = int(abi.FlowFlags.HANDSHAKE), int(abi.FlowFlags.RESET)
-_CLOSED = int(abi.FlowFlags.FIN_CLIENT | abi.FlowFlags.FIN_BACKEND)
+_FIN_CLIENT, _FIN_BACKEND = int(abi.FlowFlags.FIN_CLIENT), int(abi.FlowFlags.FIN_BACKEND)
+
+
+def _closed(flags: int) -> bool:
+    """Closed by the backend and then by the client: tuple_reusable()'s condition."""
+    return bool(flags & _FIN_BACKEND and flags & (_FIN_CLIENT | _RESET))
 _FLAGS_OFFSET = abi.FlowSlot.flow.offset + abi.Flow.flags.offset
 # last_seen, key.proto, flow.service_id, flow.backend_id, flow.flags, flow.udp_timeout_s out
 # of each 64-byte slot
@@ -80,7 +85,7 @@ def _expiry_ticks(cfg: abi.Config, proto: int, flags: int, udp_timeout_s: int = 
     """The data plane's flow_expiry_ticks() (bpf/flows.h)."""
     if proto != socket.IPPROTO_TCP:
         return udp_timeout_s * cfg.ticks_per_s + cfg.touch_ticks if udp_timeout_s else cfg.udp_expiry_ticks
-    if flags & (_HANDSHAKE | _RESET):
+    if flags & _HANDSHAKE or flags & (_RESET | _FIN_BACKEND) == _RESET:
         return cfg.tcp_syn_expiry_ticks
     return cfg.tcp_closing_expiry_ticks if flags & _CLOSING else cfg.tcp_expiry_ticks
 
@@ -582,13 +587,13 @@ class DataPlane:
         counts: dict[tuple, list[int]] = {}
         with self._flow_table() as table:
             for last_seen, saddr, daddr, sport, proto, flags, udp_timeout in _SLOT_KEYS.iter_unpack(table):
-                if not proto or not flags & _REPLY or flags & (_DEAD | _RESET):
+                if not proto or not flags & _REPLY or flags & _DEAD:
                     continue
                 ticks = _expiry_ticks(cfg, proto, flags, udp_timeout)
                 if ticks and clock.ticks_since(now, last_seen) > ticks:
                     continue
                 key = (daddr, saddr, sport, proto)
-                counts.setdefault(key, [0, 0])[1 if flags & _CLOSED == _CLOSED else 0] += 1
+                counts.setdefault(key, [0, 0])[1 if _closed(flags) else 0] += 1
         return sorted(SnatUse(str(from_be32(daddr)), f"{from_be32(saddr)}:{socket.ntohs(sport)}/{PROTOCOL_NAMES[proto]}",
                               held[0], held[1])
                       for (daddr, saddr, sport, proto), held in counts.items())

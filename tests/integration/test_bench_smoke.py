@@ -26,3 +26,8 @@ def test_bench_smoke_runs_every_section(bpf_object):
     assert {k.split("/")[0] for k in data["end_to_end"]} == {"direct", "xdplb", "nftables", "haproxy"}
     assert all(s[0]["value"] > 0 for s in data["end_to_end"].values())
     assert len(data["control_plane"]) >= 3
+    runs = data["sustained"]["runs"]
+    assert [r["mode"] for r in runs] == ["direct", "xdplb", "nftables"]
+    assert all(len(r["per_second"]) == data["sustained"]["seconds"] and r["mean_rps"] > 0 for r in runs), runs
+    assert all("TcpExtTCPSynRetrans" in r["client_tcp"] for r in runs)
+    assert "new_flow" in runs[1]["counters"]
