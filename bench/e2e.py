@@ -294,12 +294,20 @@ def table(res: Results) -> list[str]:
     return lines
 
 
-def plot(res: Results, path: Path) -> bool:
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None without matplotlib (the bench extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(res: Results, path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     labels = {"keepalive": "HTTP keep-alive (req/s)", "newconn": "HTTP new connection (req/s)",

@@ -229,11 +229,8 @@ def table(res: Results) -> list[str]:
 
 
 def plot(res: Results, path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = e2e.pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(10, 3.8))
     for r in res.runs:

@@ -223,6 +223,13 @@ def test_metrics_parse_and_count_what_clients_did(served):
     assert sum(flows) == 25
     assert m[("xdplb_backend_weight", backend_labels(A))] == 1
     assert m[("xdplb_packets_total", (("interface", "eth0"), ("reason", "new_flow")))] == 25
+    # Every connection took a SNAT source towards its backend, which its closed flow holds.
+    held = {(labels, name): v for (name, labels), v in m.items()
+            if name in ("xdplb_snat_ports_in_use", "xdplb_snat_ports_time_wait")}
+    assert sum(held.values()) == 25
+    assert {dict(labels)["backend"] for labels, _ in held} <= {f"{A}:80/tcp", f"{B}:80/tcp"}
+    assert m[("xdplb_snat_exhausted_total", (("interface", "eth0"),))] == 0
+    assert m[("xdplb_snat_ports_capacity", (("interface", "eth0"),))] > 0
     deadline = time.monotonic() + 5
     checks = 0
     while not checks and time.monotonic() < deadline:
