@@ -87,7 +87,7 @@ def end_to_end(runs: int, backends: int = 100) -> list[Timing]:
                           state=0x80)  # NUD_PERMANENT
         attach, change = [], []
         for r in range(runs):
-            attach.append(_cli("attach", "eth0", "--backends", ",".join(addrs), "--flows", "65536"))
+            attach.append(_cli("attach", "eth0", "--mode", "native", "--backends", ",".join(addrs), "--flows", "65536"))
             change.append(_cli("backend", "set", "eth0", f"{lab.LB_ADDR}:80", addrs[0], "--weight", str(2 + r)))
             _cli("detach", "eth0")
         return [Timing(f"xdplb attach with {backends} backends (CLI, end to end)", attach),

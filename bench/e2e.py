@@ -128,8 +128,11 @@ table ip xdplb_bench {{
 # The default timeouts: a closed flow is remembered (tcp_closing, 120 s) for as long as
 # the backend may hold its tuple in TIME_WAIT, which is what lets a newer SYN take its
 # SNAT source safely; a shorter tcp_closing hands sources back blindly.
+# Native mode: the lab gives the peer veths an XDP program and turns checksum offload off
+# (auto would choose generic on a veth).
 XDPLB_CONFIG = f"""
 [interfaces.eth0]
+mode = "native"
 flows = 262144
 
 [[interfaces.eth0.services]]

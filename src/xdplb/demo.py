@@ -52,7 +52,8 @@ def run_demo(backends: int = 2) -> None:
     _run(["lab", "up", "--backends", str(backends)])
     addresses = [h.address for h in lab.hosts(lab.DEFAULT_PREFIX, backends, 1) if h.role == "backend"]
     try:
-        _run(["-n", lb_ns, "attach", "eth0", "--backends", ",".join(addresses), "--flows", "65536"])
+        _run(["-n", lb_ns, "attach", "eth0", "--mode", "native", "--backends", ",".join(addresses),
+              "--flows", "65536"])
         click.echo(f"\nsending {REQUESTS} HTTP requests from {lab.DEFAULT_PREFIX}-client to "
                    f"http://{lab.LB_ADDR}/ (a new connection each)")
         start = time.monotonic()

@@ -22,9 +22,18 @@ from .libbpf import MapInfo, ProgInfo, libbpf
 from .model import Service, Settings
 
 PIN_ROOT = Path("/sys/fs/bpf/xdplb")
-VETH_NOTE = ("note: native XDP on a veth transmits (XDP_TX) only if the peer veth has an XDP "
-             "program too (a pass-through one is enough; `xdplb lab up` installs one); "
-             "otherwise use --mode generic")
+# Native XDP on a veth delivers correct frames only when two things hold that xdplb
+# cannot see from here: the peer veth runs an XDP program (else XDP_TX frames are
+# dropped), and no sender on the segment leaves checksums to offload (else native XDP sees
+# partial L4 checksums, which an incremental rewrite turns into wrong ones).
+VETH_NATIVE_WARNING = (
+    "warning: native XDP on a veth delivers only if the peer veth has an XDP program too (a "
+    "pass-through one is enough; `xdplb lab up` installs one) and the senders' checksum offload "
+    "is off (ethtool -K DEV tx off); otherwise balanced traffic is dropped or gets wrong "
+    "checksums: use --mode generic")
+VETH_AUTO_NOTE = ("mode: generic (auto: {name} is a veth, where native XDP needs an XDP program on "
+                  "the peer veth and senders without checksum offload; give --mode native where both "
+                  "hold, as in `xdplb lab up`)")
 
 
 @dataclass
@@ -162,7 +171,13 @@ def check_snat_range(lo: int, hi: int) -> None:
 
 def _attach_with_mode(link: netlink.Link, prog_fd: int, mode: str, replace: bool) -> tuple[str, list[str]]:
     notes = []
-    modes = ["native", "generic"] if mode == "auto" else [mode]
+    if mode == "auto" and replace and link.xdp_mode in ("native", "generic"):
+        # A program is replaced where it runs: the kernel holds one mode per interface.
+        modes, notes = [link.xdp_mode], [f"mode: {link.xdp_mode} (auto: the program it replaces runs so)"]
+    elif mode == "auto" and link.kind == "veth":
+        modes, notes = ["generic"], [VETH_AUTO_NOTE.format(name=link.name)]
+    else:
+        modes = ["native", "generic"] if mode == "auto" else [mode]
     last = None
     for m in modes:
         try:
@@ -172,10 +187,10 @@ def _attach_with_mode(link: netlink.Link, prog_fd: int, mode: str, replace: bool
             if exc.code == 16:  # EBUSY: something appeared meanwhile, or a mode clash
                 break
             continue
-        if mode == "auto":
+        if mode == "auto" and not notes:
             notes.append(f"mode: {m} (auto: {'the driver supports native XDP' if m == 'native' else 'no native XDP in this driver'})")
         if m == "native" and link.kind == "veth":
-            notes.append(VETH_NOTE)
+            notes.append(VETH_NATIVE_WARNING)
         return m, notes
     raise XdplbError(f"cannot attach XDP to {link.name} in {mode} mode: {os.strerror(last.code)}; "
                      f"try --mode generic" if mode != "generic" else

@@ -89,7 +89,8 @@ def test_attach_status_trace_detach_both_ways(testlab, how):
             return xdplb("-n", LB_NS, *args, check=check)
         return xdplb(*args, exec_in=LB_NS, check=check)
 
-    out = run("attach", "eth0", "--backends", ",".join(BACKENDS[:2]), "--flows", "65536").stdout
+    # As `xdplb lab up` says: the lab prepares its veths for native XDP.
+    out = run("attach", "eth0", "--mode", "native", "--backends", ",".join(BACKENDS[:2]), "--flows", "65536").stdout
     assert "attached to eth0" in out and "native mode" in out
     try:
         assert "prog/xdp" in xdp_on(LB_NS)
