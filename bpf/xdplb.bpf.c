@@ -96,14 +96,18 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 }
 
 /* A subprogram with its arguments in a per-CPU map, not on the stack: the deepest call
- * chain (main, new_flow, this) must fit in 512 bytes. */
-static __noinline void trace_line(struct xdp_md *ctx, const struct packet *pkt,
+ * chain (main, new_flow, this) must fit in 512 bytes. Prints only while the trace lease
+ * runs (see XDPLB_TRACE_LEASE_MAX_TICKS): the deadline is checked here, after the flag,
+ * so that tracing off stays one branch. */
+static __noinline void trace_line(struct xdp_md *ctx, const struct xdplb_config *cfg, const struct packet *pkt,
 				  const struct xdplb_flow *flow, __u32 event_action)
 {
 	static const char fmt[] = XDPLB_TRACE_TAG " %u %u %x %x %u %x %u %x %u %u %u %u";
+	__u32 zero = 0, left = cfg->trace_until - now_ticks(cfg);
 	struct trace_args *a;
-	__u32 zero = 0;
 
+	if (left == 0 || left > XDPLB_TRACE_LEASE_MAX_TICKS)
+		return;
 	a = bpf_map_lookup_elem(&xdplb_trace_args, &zero);
 	if (!a)
 		return;
@@ -128,7 +132,7 @@ static __always_inline void trace(struct xdp_md *ctx, const struct xdplb_config 
 				  __u32 event, __u32 action)
 {
 	if (cfg->flags & XDPLB_CFG_TRACE)
-		trace_line(ctx, pkt, flow, event << 8 | action);
+		trace_line(ctx, cfg, pkt, flow, event << 8 | action);
 }
 
 static __always_inline void account(__u32 id, void *stats_map, __u64 bytes, __u32 new_flow)
@@ -404,10 +408,12 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	struct new_flow_plan *plan;
 	struct xdplb_flow *fwd, *rev;
 
-	if (pkt->tcp && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_SYN)
-		return PLAN_NOT_SYN;
+	/* The allow-list first: a stray segment from outside it is not the kernel's to
+	 * answer either. */
 	if (!client_allowed(svc, pkt->key.saddr))
 		return PLAN_NOT_ALLOWED;
+	if (pkt->tcp && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_SYN)
+		return PLAN_NOT_SYN;
 	/* Before the backend entry: a next hop written after this read comes with a newer
 	 * generation, which the flow will then follow. */
 	hop_gen = READ_ONCE_U32(cfg->hop_gen);
@@ -498,8 +504,14 @@ __noinline int new_flow_plan(struct xdp_md *ctx)
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NO_FLOW, XDP_PASS);
 		return pass(XDPLB_CNT_NO_FLOW);
 	case PLAN_NOT_ALLOWED:
-		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_PASS);
-		return pass(XDPLB_CNT_NOT_ALLOWED);
+		/* Passing them would let the host's own stack answer (a reset, or a local
+		 * service on the VIP): dropped unless the service says otherwise. */
+		if (scratch->req.svc.flags & XDPLB_SVC_PASS_NOT_ALLOWED) {
+			trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_PASS);
+			return pass(XDPLB_CNT_NOT_ALLOWED);
+		}
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_DROP);
+		return drop(XDPLB_CNT_NOT_ALLOWED);
 	case PLAN_NO_BACKEND:
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NO_BACKEND, XDP_PASS);
 		return pass(XDPLB_CNT_NO_BACKEND);

@@ -68,12 +68,21 @@ enum xdplb_port_flags {
 
 /* xdplb_config.flags */
 enum xdplb_config_flags {
-	XDPLB_CFG_TRACE = 1 << 0,
+	XDPLB_CFG_TRACE = 1 << 0, /* trace while xdplb_config.trace_until lies ahead */
 };
+
+/* Tracing is a lease: `xdplb trace` sets XDPLB_CFG_TRACE with a deadline a few seconds
+ * ahead and renews it while it reads, so a reader that is killed, or loses its
+ * terminal, stops tracing within seconds without cleaning up. A deadline counts only
+ * if it is at most this many ticks ahead (8-16 s): a flag left behind by a killed
+ * reader does not come back on when 32-bit ticks wrap around. */
+#define XDPLB_TRACE_LEASE_MAX_TICKS 1024
 
 /* xdplb_service.flags */
 enum xdplb_service_flags {
 	XDPLB_SVC_ALLOWLIST = 1 << 0, /* only clients in xdplb_clients may use it */
+	/* Clients outside the allow-list pass to the kernel instead of being dropped. */
+	XDPLB_SVC_PASS_NOT_ALLOWED = 1 << 1,
 };
 
 /* xdplb_backend.flags */
@@ -106,7 +115,7 @@ enum xdplb_counter {
 	XDPLB_CNT_TABLE_FULL,        /* flow or SNAT port could not be stored: dropped */
 	XDPLB_CNT_FRAGMENT,          /* first fragment of a service packet: dropped */
 	XDPLB_CNT_TTL_EXPIRED,       /* TTL <= 1 for a service: passed to the kernel */
-	XDPLB_CNT_NOT_ALLOWED,       /* client not in the service's allow-list: passed */
+	XDPLB_CNT_NOT_ALLOWED,       /* client not in the service's allow-list: dropped (or passed) */
 	XDPLB_CNT_NEW_FLOW,          /* flows created */
 	XDPLB_CNT_ICMP_TRANSLATED,   /* ICMP errors about a flow, translated */
 	XDPLB_CNT_NO_FLOW,           /* TCP non-SYN of an unknown flow: passed (kernel resets) */
@@ -256,6 +265,8 @@ struct xdplb_config {
 	/* Bumped by the control plane after it rewrites a backend's next hop (a MAC that
 	 * moved): a flow copied from an older generation looks its backend up again. */
 	__u32 hop_gen;
+	/* While XDPLB_CFG_TRACE is set: trace until this tick (see XDPLB_TRACE_LEASE_MAX_TICKS). */
+	__u32 trace_until;
 	/* Sources of packets sent to backends (last: only new flows read them): a backend's
 	 * SNAT cursor c hands out address c % count with port min + (c / count) % span. */
 	__u32 snat_addr_count; /* 1 to XDPLB_MAX_SNAT_ADDRS */

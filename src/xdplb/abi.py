@@ -29,6 +29,7 @@ RING_SLOTS = 65537
 RING_SLOTS_PER_ENTRY = 4
 RING_ENTRIES = (RING_SLOTS + RING_SLOTS_PER_ENTRY - 1) // RING_SLOTS_PER_ENTRY
 SNAT_PORT_TRIES = 32
+TRACE_LEASE_MAX_TICKS = 1024
 TRACE_TAG = "xdplb1"
 PROGRAM_NAME = "xdplb_main"
 
@@ -45,6 +46,7 @@ class ConfigFlags(enum.IntFlag):
 
 class ServiceFlags(enum.IntFlag):
     ALLOWLIST = 1 << 0
+    PASS_NOT_ALLOWED = 1 << 1
 
 
 class BackendFlags(enum.IntFlag):
@@ -141,7 +143,8 @@ class Config(ctypes.Structure):
                 ("tcp_syn_timeout_s", u32),
                 ("tcp_expiry_ticks", u32), ("tcp_closing_expiry_ticks", u32), ("udp_expiry_ticks", u32),
                 ("tcp_syn_expiry_ticks", u32),
-                ("tick_shift", u32), ("ticks_per_s", u32), ("touch_ticks", u32), ("hop_gen", u32), ("snat_addr_count", u32),
+                ("tick_shift", u32), ("ticks_per_s", u32), ("touch_ticks", u32), ("hop_gen", u32),
+                ("trace_until", u32), ("snat_addr_count", u32),
                 ("snat_addrs", be32 * MAX_SNAT_ADDRS)]
 
 

@@ -8,9 +8,11 @@ import sys
 import time
 
 import click
+from click.core import ParameterSource
 
 from . import build as build_mod
 from . import config, control, lab as lab_mod, loader, model, namespaces, trace as trace_mod
+from .dataplane import flow_slots
 from .errors import UsageError, XdplbError
 
 
@@ -117,6 +119,8 @@ def build():
 @click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "native", "generic"]),
               help="XDP mode; auto prefers native and falls back to generic.")
 @click.option("--clients", metavar="CIDR,...", help="Only these clients may use the service [default: all].")
+@click.option("--not-allowed", type=click.Choice(["drop", "pass"]), default="drop", show_default=True,
+              help="What happens to clients outside --clients: dropped and counted, or passed to the kernel.")
 @click.option("--snat", metavar="ADDR[,ADDR...]",
               help="Source addresses towards backends, up to 16, used in turn (each adds a port "
                    "range of tuples per backend) [default: the interface's primary IPv4].")
@@ -126,7 +130,8 @@ def build():
 @click.option("--seed", type=click.IntRange(0, 0xFFFFFFFF), help="Hash seed; the same on every node of a cluster.")
 @click.option("--force", is_flag=True, help="Replace an XDP program that is not xdplb's.")
 @click.pass_context
-def attach(ctx, iface, backends, vip, port, proto, mode, clients, snat, snat_ports, flows, seed, force):
+def attach(ctx, iface, backends, vip, port, proto, mode, clients, not_allowed, snat, snat_ports, flows, seed,
+           force):
     """Balance VIP:PORT arriving on IFACE over the backends (full NAT).
 
     Running it again with other backends updates the running program in place:
@@ -142,9 +147,10 @@ def attach(ctx, iface, backends, vip, port, proto, mode, clients, snat, snat_por
     req = control.AttachRequest(
         ifname=iface, backends=model.parse_backends(backends, port_n),
         vip=model.parse_address(vip, "VIP") if vip else None, port=port_n, proto=proto, mode=mode,
-        clients=model.parse_networks(clients) if clients else [], force=force,
+        clients=model.parse_networks(clients) if clients else [], not_allowed=not_allowed, force=force,
         snat_addrs=model.parse_snat_addresses(snat) if snat else None,
         snat_ports=model.parse_port_range(snat_ports) if snat_ports else None, flows=flows, seed=seed)
+    _check_attach_options(ctx, req)
     attachment, notes, loaded = control.attach(req)
     for note in notes:
         click.echo(note)
@@ -154,6 +160,37 @@ def attach(ctx, iface, backends, vip, port, proto, mode, clients, snat, snat_por
     click.echo(f"xdplb {verb} {iface} (program {attachment.prog_id}, {attachment.mode} mode): "
                f"{svc.name} -> {', '.join(b.endpoint for b in svc.backends)}")
     attachment.dataplane.close()
+
+
+def _check_attach_options(ctx, req: control.AttachRequest) -> None:
+    """Refuses, before anything changes, what attach would otherwise take silently: a
+    service port among the SNAT ports (given, running or default), where the data plane
+    could not tell clients from backends' replies, and on an attached interface a --flows
+    other than its running capacity (the flow table is fixed while attached)."""
+    def port_clash(lo: int, hi: int, which: str) -> None:
+        if lo <= req.port <= hi:
+            raise UsageError(f"--port {req.port} is inside {which} {lo}-{hi}, where the backends' replies "
+                             f"arrive: give a port outside {lo}-{hi}, or --snat-ports LOW-HIGH without it")
+    if req.snat_ports:
+        port_clash(*req.snat_ports, "--snat-ports")
+    loader.ensure_root()
+    found = loader.find(req.ifname)
+    if found is None:
+        if not req.snat_ports:
+            port_clash(model.Settings.snat_port_min, model.Settings.snat_port_max, "the default SNAT ports")
+        return
+    try:
+        dp = found.dataplane
+        if not req.snat_ports:
+            running = dp.read_settings()
+            port_clash(running.snat_port_min, running.snat_port_max, f"the SNAT ports of {req.ifname}")
+        given = ctx.get_parameter_source("flows") in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        if given and flow_slots(req.flows) != dp.flow_slot_count():
+            raise UsageError(f"--flows {req.flows}: the flow table on {req.ifname} holds {dp.flow_capacity()} "
+                             "flows, fixed while attached; leave --flows out, or detach first to resize "
+                             "(drops established flows)")
+    finally:
+        found.dataplane.close()
 
 
 @main.command()
@@ -219,7 +256,8 @@ def status(ctx, iface, as_json):
 def trace(ctx, iface, raw, duration):
     """Print one line per load-balancing decision until Ctrl-C.
 
-    Tracing is switched on for the interface while this runs and off again after.
+    Tracing is on for the interface while this runs: a lease renewed every second,
+    so it also ends within seconds when this is killed or its terminal closes.
 
     \b
     Example:
@@ -240,12 +278,18 @@ def trace(ctx, iface, raw, duration):
             attachments.append(found)
         ifindex = attachments[0].link.index if len(attachments) == 1 else None
         trace_mod.tracefs()
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        for a in attachments:
-            a.dataplane.set_trace(True)
+        # A closed terminal (SIGHUP) ends tracing at once like Ctrl-C; SIGKILL leaves it
+        # to the lease.
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+        def renew():
+            for a in attachments:
+                a.dataplane.renew_trace()
+        renew()
         click.echo(f"tracing {', '.join(names)} (Ctrl-C to stop)", err=True)
         try:
-            for line in trace_mod.follow(ifindex, raw=raw, duration=duration):
+            for line in trace_mod.follow(ifindex, raw=raw, duration=duration, renew=renew):
                 click.echo(line)
                 sys.stdout.flush()
         except KeyboardInterrupt:
@@ -279,12 +323,14 @@ def service():
 @click.argument("iface", shell_complete=complete_iface)
 @SERVICE_ARG
 @click.option("--clients", metavar="CIDR,...", help="Only these clients may use it [default: all].")
+@click.option("--not-allowed", type=click.Choice(["drop", "pass"]), default="drop", show_default=True,
+              help="What happens to clients outside --clients: dropped and counted, or passed to the kernel.")
 @click.option("--ring-size", type=int, default=model.RING_SIZE_DEFAULT, show_default=True,
               help="Maglev table size (a prime).")
 @click.option("--udp-timeout", type=int, default=0, metavar="SECONDS",
               help="A UDP service's own idle timeout [default: the interface's timeouts.udp].")
 @click.pass_context
-def service_add(ctx, iface, service, clients, ring_size, udp_timeout):
+def service_add(ctx, iface, service, clients, not_allowed, ring_size, udp_timeout):
     """Add a service with no backends yet (add them with: xdplb backend add).
 
     \b
@@ -294,7 +340,7 @@ def service_add(ctx, iface, service, clients, ring_size, udp_timeout):
     """
     _enter(ctx)
     _print_changes(control.service_add(iface, service, model.parse_networks(clients) if clients else [],
-                                       ring_size, udp_timeout))
+                                       ring_size, udp_timeout, not_allowed))
 
 
 @service.command("del")
@@ -327,13 +373,15 @@ def service_list(ctx, iface, as_json):
     (entry,) = control.status(iface)
     services = entry.get("services", [])
     if as_json:
-        _echo_json([{k: s[k] for k in ("vip", "port", "proto", "clients", "ring_size", "udp_timeout")} |
+        _echo_json([{k: s[k] for k in ("vip", "port", "proto", "clients", "not_allowed", "ring_size",
+                                       "udp_timeout")} |
                     {"backends": len(s["backends"])} for s in services])
         return
     for s in services:
         timeout = f"  udp timeout {s['udp_timeout']} s" if s["udp_timeout"] else ""
+        passing = "  others passed" if s["not_allowed"] == "pass" else ""
         click.echo(f"{s['vip']}:{s['port']}/{s['proto']}  backends {len(s['backends'])}  "
-                   f"clients {', '.join(s['clients'])}  ring {s['ring_size']}{timeout}")
+                   f"clients {', '.join(s['clients'])}{passing}  ring {s['ring_size']}{timeout}")
     if not services:
         click.echo(f"no services on {iface}")
 
@@ -584,11 +632,9 @@ def serve(ctx, config_file, metrics, detach_on_exit):
     Example:
       xdplb -n xdplb-lb serve lb.toml --metrics 127.0.0.1:9433
     """
+    from .serve import Server, parse_metrics_address
+    parse_metrics_address(metrics)  # a usage error before anything else
     _enter(ctx)
-    from .serve import Server
-    host, sep, port = metrics.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"bad --metrics {metrics!r}: give HOST:PORT, like 127.0.0.1:9433")
     Server(config_file, metrics, detach_on_exit).run()
 
 
@@ -646,7 +692,8 @@ def lab_up(backends, clients, prefix):
     hosts = lab_mod.up(backends, clients, prefix)
     for h in hosts:
         click.echo(f"{h.namespace:22} {h.address:12} {h.role}")
-    click.echo(f"next: xdplb -n {prefix}-lb attach eth0 --backends "
+    # The lab gives the peer veth an XDP program and turns checksum offload off: native works.
+    click.echo(f"next: xdplb -n {prefix}-lb attach eth0 --mode native --backends "
                + ",".join(h.address for h in hosts if h.role == "backend"))
 
 

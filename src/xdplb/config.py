@@ -15,6 +15,7 @@ running state back out as one, and describing the difference between the two.
     port = 80
     proto = "tcp"
     clients = ["10.0.0.0/8"]      # default: every client
+    # not_allowed = "pass"        # clients outside `clients`: "drop" (default, counted) or "pass" to the kernel
     # udp_timeout = 30            # UDP services only: their own idle timeout (seconds)
     backends = [
       { address = "10.0.0.11", port = 80, weight = 1 },
@@ -38,10 +39,22 @@ from .model import Backend, Service, Settings
 
 MODES = ("auto", "native", "generic")
 INTERFACE_KEYS = {"mode", "flows", "snat", "snat_ports", "seed", "timeouts", "services"}
-SERVICE_KEYS = {"vip", "port", "proto", "clients", "backends", "ring_size", "udp_timeout", "health"}
+SERVICE_KEYS = {"vip", "port", "proto", "clients", "not_allowed", "backends", "ring_size", "udp_timeout", "health"}
 BACKEND_KEYS = {"address", "port", "weight"}
 TIMEOUT_KEYS = set(model.TIMEOUT_FIELDS)
 MAX_TIMEOUT_S = 7 * 86400
+# tcp and udp may be 0 (never expire). The other two bound how long a SNAT source stays
+# held by a flow that will never send again, so "never" would leak sources; a closed
+# flow must also be remembered as long as a Linux backend's TIME_WAIT (60 s), or its
+# source is handed out again without the check that the backend will accept the SYN.
+TIMEOUT_MIN_S = {"tcp": 0, "udp": 0, "tcp_syn": 1, "tcp_closing": 60}
+TIMEOUT_TOO_SHORT = {
+    "tcp_syn": "must be at least 1, not {value}: 0 (never expire) would hold the SNAT source of every "
+               "handshake a client never completes for ever; give 5 (the default) or more",
+    "tcp_closing": "must be at least 60, a Linux backend's TIME_WAIT, not {value}: a closed flow forgotten "
+                   "sooner hands out its SNAT source blindly, and 0 (never expire) holds it for ever; "
+                   "give 120 (the default) or at least 60",
+}
 FLOWS_DEFAULT = 1_048_576
 FLOWS_MAX = 1 << 22  # 16M slots of 64 bytes: 1 GiB of flow table
 
@@ -103,6 +116,14 @@ class _Checker:
             return None
         return value
 
+    def string(self, where: str, value, example: str):
+        """value if it is a string; TOML gives numbers as numbers, and str() of one would
+        read as something else (vip = 10 is not the address "10")."""
+        if not isinstance(value, str):
+            self.fail(where, f"must be a string like {example}, not {value!r}")
+            return None
+        return value
+
 
 def parse(text: str, path: str = "config") -> list[InterfaceConfig]:
     """Parses and validates a whole file; raises ConfigError listing every problem."""
@@ -143,15 +164,18 @@ def check(text: str) -> tuple[list[InterfaceConfig], list[str]]:
                 c.fail(f"{where}.snat", 'must be an address or a list of them, as "10.0.0.2" or ["10.0.0.2", "10.0.0.3"]')
             else:
                 iface.snat = c.parse(f"{where}.snat", model.parse_snat_addresses, snat)
+        snat_ports_known = True  # false: a bad snat_ports, already reported
         if "snat_ports" in table:
-            iface.snat_ports = c.parse(f"{where}.snat_ports", model.parse_port_range,
-                                       str(table["snat_ports"])) or iface.snat_ports
+            text = c.string(f"{where}.snat_ports", table["snat_ports"], '"10000-32767"')
+            parsed = c.parse(f"{where}.snat_ports", model.parse_port_range, text) if text is not None else None
+            snat_ports_known = parsed is not None
+            iface.snat_ports = parsed or iface.snat_ports
         iface.seed = c.integer(f"{where}.seed", table.get("seed", iface.seed), 0, 0xFFFFFFFF) or 0
         timeouts = table.get("timeouts", {})
         if c.keys(f"{where}.timeouts", timeouts, TIMEOUT_KEYS):
             for key, value in timeouts.items():
                 if key in TIMEOUT_KEYS:
-                    iface.timeouts[key] = c.integer(f"{where}.timeouts.{key}", value, 0, MAX_TIMEOUT_S) or 0
+                    iface.timeouts[key] = _timeout(c, f"{where}.timeouts.{key}", key, value)
         services = table.get("services", [])
         if not isinstance(services, list):
             c.fail(f"{where}.services", "must be an array of tables ([[interfaces.NAME.services]])")
@@ -159,18 +183,41 @@ def check(text: str) -> tuple[list[InterfaceConfig], list[str]]:
         seen = set()
         for i, entry in enumerate(services):
             svc = _service(c, f"{where}.services[{i}]", entry)
+            health = None
+            if isinstance(entry, dict) and "health" in entry:  # checked even if the service is not
+                health = parse_check(f"{where}.services[{i}].health", entry["health"], c.fail)
             if svc is None:
                 continue
-            if isinstance(entry, dict) and "health" in entry:
-                check = parse_check(f"{where}.services[{i}].health", entry["health"], c.fail)
-                if check is not None:
-                    iface.health[svc.name] = check
+            if health is not None:
+                iface.health[svc.name] = health
             if svc.name in seen:
                 c.fail(f"{where}.services[{i}]", f"service {svc.name} is listed twice")
             seen.add(svc.name)
+            if snat_ports_known:
+                _check_port_outside_snat(c, f"{where}.services[{i}].port", svc.port, iface.snat_ports,
+                                         "snat_ports" in table)
             iface.services.append(svc)
         out.append(iface)
     return out, c.problems
+
+
+def _timeout(c: _Checker, where: str, key: str, value) -> int:
+    seconds = c.integer(where, value, 0, MAX_TIMEOUT_S)
+    if seconds is None:
+        return 0
+    if seconds < TIMEOUT_MIN_S[key]:
+        c.fail(where, TIMEOUT_TOO_SHORT[key].format(value=seconds))
+    return seconds
+
+
+def _check_port_outside_snat(c: _Checker, where: str, port: int, snat_ports: tuple[int, int], given: bool) -> None:
+    """The data plane tells a backend's reply (to a SNAT port) from a client's packet
+    (to a service port) by the destination port alone: the two ranges must not meet."""
+    lo, hi = snat_ports
+    if lo <= port <= hi:
+        c.fail(where, f"{port} is inside snat_ports {lo}-{hi}{'' if given else ' (the default)'}, where the "
+                      f"backends' replies arrive: give a service port outside {lo}-{hi}, or set snat_ports "
+                      "to a range without it")
 
 
 def _service(c: _Checker, where: str, entry) -> Service | None:
@@ -179,13 +226,26 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
     for required in ("vip", "port", "backends"):
         if required not in entry:
             c.fail(where, f"missing key {required!r}")
-    vip = c.parse(f"{where}.vip", model.parse_address, str(entry["vip"]), "VIP") if "vip" in entry else None
+    vip = None
+    if "vip" in entry and c.string(f"{where}.vip", entry["vip"], '"10.0.0.2"') is not None:
+        vip = c.parse(f"{where}.vip", model.parse_address, entry["vip"], "VIP")
     port = c.integer(f"{where}.port", entry["port"], 1, 65535) if "port" in entry else None
-    proto = c.parse(f"{where}.proto", model.parse_proto, str(entry.get("proto", "tcp")))
+    proto = None
+    if c.string(f"{where}.proto", entry.get("proto", "tcp"), '"tcp" or "udp"') is not None:
+        proto = c.parse(f"{where}.proto", model.parse_proto, entry.get("proto", "tcp"))
     clients = []
-    for j, net in enumerate(entry.get("clients", [])):
-        parsed = c.parse(f"{where}.clients[{j}]", model.parse_networks, str(net))
-        clients.extend(parsed or [])
+    raw_clients = entry.get("clients", [])
+    if not isinstance(raw_clients, list):
+        c.fail(f"{where}.clients", f'must be an array of CIDR strings like ["10.0.0.0/8"], not {raw_clients!r}')
+        raw_clients = None
+    for j, net in enumerate(raw_clients or []):
+        if c.string(f"{where}.clients[{j}]", net, '"10.0.0.0/8"') is not None:
+            clients.extend(c.parse(f"{where}.clients[{j}]", model.parse_networks, net) or [])
+    not_allowed = None
+    if c.string(f"{where}.not_allowed", entry.get("not_allowed", "drop"), '"drop" or "pass"') is not None:
+        not_allowed = c.parse(f"{where}.not_allowed", model.parse_not_allowed, entry.get("not_allowed", "drop"))
+    if not_allowed == "pass" and not clients and raw_clients is not None:
+        c.fail(f"{where}.not_allowed", "\"pass\" needs an allow-list: set clients, or remove not_allowed")
     ring_size = c.integer(f"{where}.ring_size", entry.get("ring_size", model.RING_SIZE_DEFAULT), 3,
                           model.RING_SIZE_MAX)
     if ring_size and not maglev.is_prime(ring_size):
@@ -193,7 +253,7 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
     udp_timeout = 0
     if "udp_timeout" in entry:
         udp_timeout = c.integer(f"{where}.udp_timeout", entry["udp_timeout"], 1, model.MAX_UDP_TIMEOUT_S) or 0
-        if proto != "udp":
+        if proto is not None and proto != "udp":  # a bad proto is reported already
             c.fail(f"{where}.udp_timeout", "applies to UDP services only: remove it, or set proto = \"udp\"")
     backends, endpoints = [], set()
     raw = entry.get("backends", [])
@@ -207,7 +267,9 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
         if "address" not in b:
             c.fail(bw, "missing key 'address'")
             continue
-        addr = c.parse(f"{bw}.address", model.parse_address, str(b["address"]), "backend")
+        addr = None
+        if c.string(f"{bw}.address", b["address"], '"10.0.0.11"') is not None:
+            addr = c.parse(f"{bw}.address", model.parse_address, b["address"], "backend")
         bport = c.integer(f"{bw}.port", b.get("port", port or 1), 1, 65535)
         weight = c.integer(f"{bw}.weight", b.get("weight", 1), 0, model.MAX_WEIGHT)
         if addr is None or bport is None or weight is None:
@@ -217,9 +279,14 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
             c.fail(bw, f"backend {backend.endpoint} is listed twice")
         endpoints.add(backend.endpoint)
         backends.append(backend)
+    if ring_size and maglev.is_prime(ring_size) and ring_size < len(backends):
+        least = next(n for n in range(len(backends), model.RING_SIZE_MAX + 1) if maglev.is_prime(n))
+        c.fail(f"{where}.ring_size", f"{ring_size} slots are fewer than the {len(backends)} backends, so some "
+                                     f"would get no flows (Maglev wants a table about 100 times the backend "
+                                     f"count): give a prime of at least {least}, like {model.RING_SIZE_DEFAULT}")
     if vip is None or port is None or proto is None or ring_size is None:
         return None
-    return Service(vip, port, proto, backends, clients, ring_size, udp_timeout)
+    return Service(vip, port, proto, backends, clients, ring_size, udp_timeout, not_allowed or "drop")
 
 
 def read(path: str) -> str:
@@ -261,6 +328,8 @@ def dump(interfaces: list[InterfaceConfig]) -> str:
                       f"proto = {_toml_value(svc.proto)}"]
             if svc.clients:
                 lines.append(f"clients = {_toml_value([str(n) for n in svc.clients])}")
+            if svc.not_allowed != "drop":
+                lines.append(f"not_allowed = {_toml_value(svc.not_allowed)}")
             if svc.ring_size != model.RING_SIZE_DEFAULT:
                 lines.append(f"ring_size = {svc.ring_size}")
             if svc.udp_timeout_s:
@@ -300,6 +369,8 @@ def diff_services(ifname: str, running: list[Service], wanted: list[Service]) ->
         if sorted(old.clients) != sorted(new.clients):
             fmt = lambda nets: ", ".join(map(str, nets)) or "any"  # noqa: E731
             out.append(f"{ifname}: service {name}: ~ clients {fmt(old.clients)} -> {fmt(new.clients)}")
+        if old.not_allowed != new.not_allowed:
+            out.append(f"{ifname}: service {name}: ~ not_allowed {old.not_allowed} -> {new.not_allowed}")
         if old.ring_size != new.ring_size:
             out.append(f"{ifname}: service {name}: ~ ring_size {old.ring_size} -> {new.ring_size}")
         if old.udp_timeout_s != new.udp_timeout_s:

@@ -24,6 +24,7 @@ class AttachRequest:
     proto: str = "tcp"
     mode: str = "auto"
     clients: list = field(default_factory=list)
+    not_allowed: str = "drop"  # clients outside `clients`: dropped, or "pass" to the kernel
     force: bool = False
     snat_addrs: list[ipaddress.IPv4Address] | None = None
     snat_ports: tuple[int, int] | None = None
@@ -70,6 +71,7 @@ def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
     loader.ensure_root()
     if not req.backends:
         raise UsageError("no backends given: pass --backends ADDR[:PORT],...")
+    _check_not_allowed(req.not_allowed, req.clients)
     link = netlink.get_link(req.ifname)
     if not link.up:
         raise UsageError(f"{req.ifname} is down; bring it up with: ip link set {req.ifname} up")
@@ -77,7 +79,7 @@ def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
     if not addresses and (req.vip is None or not req.snat_addrs):
         raise UsageError(f"{req.ifname} has no IPv4 address; give --vip and --snat, or add one (ip addr add)")
     vip = req.vip or addresses[0].ip
-    service = Service(vip, req.port, req.proto, req.backends, req.clients)
+    service = Service(vip, req.port, req.proto, req.backends, req.clients, not_allowed=req.not_allowed)
 
     local = netlink.local_ipv4_addresses()
     snat_notes = [f"note: SNAT address {a} is not an address of this host: backends must route it here"
@@ -166,7 +168,7 @@ def describe(ifname: str, attachment: loader.Attachment) -> dict:
             backends.append({"address": str(b.addr), "port": b.port, "weight": b.weight, "id": bid,
                              **asdict(dp.traffic("backend", bid))})
         services.append({"vip": str(s.vip), "port": s.port, "proto": s.proto, "id": sid,
-                         "clients": [str(n) for n in s.clients] or ["any"],
+                         "clients": [str(n) for n in s.clients] or ["any"], "not_allowed": s.not_allowed,
                          "ring_size": s.ring_size, "udp_timeout": s.udp_timeout_s,
                          **asdict(dp.traffic("service", sid)),
                          "backends": backends})
@@ -243,8 +245,15 @@ def _find_service(services: list[Service], spec: str) -> Service:
     raise UsageError(f"no service {vip}:{port}/{proto} here (services: {names}); add it with: xdplb service add")
 
 
-def service_add(ifname: str, spec: str, clients: list, ring_size: int, udp_timeout: int = 0) -> list[str]:
+def _check_not_allowed(action: str, clients: list) -> None:
+    if action == "pass" and not clients:
+        raise UsageError("--not-allowed pass needs an allow-list: add --clients CIDR,... or drop the option")
+
+
+def service_add(ifname: str, spec: str, clients: list, ring_size: int, udp_timeout: int = 0,
+                not_allowed: str = "drop") -> list[str]:
     vip, port, proto = parse_service(spec)
+    _check_not_allowed(not_allowed, clients)
     if not maglev.is_prime(ring_size) or ring_size > model.RING_SIZE_MAX:
         raise UsageError(f"--ring-size {ring_size}: give a prime of at most {model.RING_SIZE_MAX}, like 65537")
     if udp_timeout and proto != "udp":
@@ -255,7 +264,7 @@ def service_add(ifname: str, spec: str, clients: list, ring_size: int, udp_timeo
     def change(services):
         if any((s.vip, s.port, s.proto) == (vip, port, proto) for s in services):
             raise UsageError(f"service {vip}:{port}/{proto} already exists; change its backends with: xdplb backend")
-        return services + [Service(vip, port, proto, [], clients, ring_size, udp_timeout)]
+        return services + [Service(vip, port, proto, [], clients, ring_size, udp_timeout, not_allowed)]
     return change_services(ifname, change)
 
 
@@ -435,8 +444,7 @@ def reconcile(desired: list[config.InterfaceConfig], dry_run: bool, path: str = 
             if isinstance(found, loader.Attachment):
                 dp = found.dataplane
                 old = dp.read_settings()
-                new = iface.settings(iface.snat or old.snat_addrs)
-                new.trace = old.trace
+                new = iface.settings(iface.snat or old.snat_addrs)  # a trace lease is kept
                 change = config.diff_settings(iface.name, old, new) + \
                     config.diff_services(iface.name, dp.services(), iface.services)
                 lines += change

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
+import math
 import mmap
 import os
 import secrets
@@ -17,7 +18,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from . import abi, clock, hashing, maglev, snatmemo
+from . import abi, clock, hashing, maglev, snatmemo, trace
 from .errors import UsageError, XdplbError
 from .libbpf import BPF_ANY, Libbpf, MapInfo, libbpf
 from .model import PROTOCOL_NAMES, PROTOCOLS, Backend, Service, Settings
@@ -214,14 +215,19 @@ class DataPlane:
         return cfg
 
     def write_settings(self, s: Settings) -> None:
+        """Writes the settings. s.trace is ignored: a live trace lease is kept (only the
+        trace command starts and ends one), an expired one is cleared."""
         shift = clock.tick_shift(clock.jiffy_ns())
         touch = clock.to_ticks(clock.TOUCH_S, clock.jiffy_ns(), shift)
+        current = self._config()
+        tracing = self._tracing(current)
 
         def expiry(seconds: int) -> int:
             return _expiry_for(seconds, shift)
 
         cfg = abi.Config(
-            abi_version=abi.ABI_VERSION, flags=abi.ConfigFlags.TRACE if s.trace else 0,
+            abi_version=abi.ABI_VERSION, flags=abi.ConfigFlags.TRACE if tracing else 0,
+            trace_until=current.trace_until if tracing else 0,
             hash_seed=s.hash_seed, snat_addr_count=len(s.snat_addrs),
             snat_addrs=(abi.be32 * abi.MAX_SNAT_ADDRS)(*map(be32, s.snat_addrs)), snat_port_min=s.snat_port_min,
             snat_port_max=s.snat_port_max, flow_mask=self.flow_slot_count() - 1,
@@ -230,7 +236,7 @@ class DataPlane:
             tcp_expiry_ticks=expiry(s.tcp_timeout_s), tcp_closing_expiry_ticks=expiry(s.tcp_closing_timeout_s),
             udp_expiry_ticks=expiry(s.udp_timeout_s), tcp_syn_expiry_ticks=expiry(s.tcp_syn_timeout_s),
             tick_shift=shift, ticks_per_s=clock.to_ticks(1, clock.jiffy_ns(), shift), touch_ticks=touch,
-            hop_gen=self._config().hop_gen)  # not a setting: flows compare against it
+            hop_gen=current.hop_gen)  # not a setting: flows compare against it
         self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
 
     def read_settings(self) -> Settings:
@@ -240,15 +246,43 @@ class DataPlane:
             snat_port_max=cfg.snat_port_max, hash_seed=cfg.hash_seed,
             tcp_timeout_s=cfg.tcp_timeout_s, tcp_closing_timeout_s=cfg.tcp_closing_timeout_s,
             udp_timeout_s=cfg.udp_timeout_s, tcp_syn_timeout_s=cfg.tcp_syn_timeout_s,
-            trace=bool(cfg.flags & abi.ConfigFlags.TRACE))
+            trace=self._tracing(cfg))
 
     def read_abi_version(self) -> int:
         return self._config().abi_version
 
+    # ---- tracing: a lease the trace command renews while it reads ----------------
+    @staticmethod
+    def _tracing(cfg: abi.Config) -> bool:
+        """Whether the data plane traces now: the flag, and a deadline no further ahead
+        than the data plane accepts (trace_line() in bpf/xdplb.bpf.c)."""
+        if not cfg.flags & abi.ConfigFlags.TRACE:
+            return False
+        left = (cfg.trace_until - clock.now_ticks(cfg.tick_shift)) & 0xFFFFFFFF
+        return 0 < left <= abi.TRACE_LEASE_MAX_TICKS
+
+    def renew_trace(self, seconds: float = trace.LEASE_S) -> None:
+        """Traces from now until `seconds` from now. The trace command renews this every
+        trace.RENEW_S while it reads, so a reader that dies (SIGKILL, a closed terminal)
+        leaves tracing on for at most `seconds`, with no cleanup. Only the flag and the
+        deadline change (read, changed, written back at once: the config map is one
+        value)."""
+        cfg = self._config()
+        until = clock.now_ticks(cfg.tick_shift) + min(math.ceil(seconds * cfg.ticks_per_s),
+                                                       abi.TRACE_LEASE_MAX_TICKS)
+        cfg.flags |= abi.ConfigFlags.TRACE
+        cfg.trace_until = until & 0xFFFFFFFF
+        self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+
+    def end_trace(self) -> None:
+        cfg = self._config()
+        cfg.flags &= ~int(abi.ConfigFlags.TRACE) & 0xFFFFFFFF
+        cfg.trace_until = 0
+        self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
+
     def set_trace(self, on: bool) -> None:
-        s = self.read_settings()
-        s.trace = on
-        self.write_settings(s)
+        """Starts a trace lease (see renew_trace) or ends it."""
+        self.renew_trace() if on else self.end_trace()
 
     # ---- reading the configured services -----------------------------------------
     def _service_entries(self) -> dict[tuple, abi.Service]:
@@ -293,7 +327,8 @@ class DataPlane:
             members = sorted(Backend(from_be32(b.addr), socket.ntohs(b.port), b.weight)
                              for b in backends.values() if b.service_id == value.id)
             out.append(Service(vip, port, proto, members, sorted(rules.get(value.id, [])),
-                               value.ring_size, value.udp_timeout_s))
+                               value.ring_size, value.udp_timeout_s,
+                               "pass" if value.flags & abi.ServiceFlags.PASS_NOT_ALLOWED else "drop"))
         return out
 
     def service_ids(self) -> dict[str, int]:
@@ -353,6 +388,8 @@ class DataPlane:
             for be_id in retired:
                 self.lib.update(self.fds["xdplb_backends"], ctypes.c_uint32(be_id), abi.Backend())
             flags = abi.ServiceFlags.ALLOWLIST if svc.clients else 0
+            if svc.not_allowed == "pass":
+                flags |= abi.ServiceFlags.PASS_NOT_ALLOWED
             table[key] = abi.Service(id=svc_id, ring_size=svc.ring_size, flags=flags, udp_timeout_s=svc.udp_timeout_s)
         if {k: bytes(v) for k, v in table.items()} != {k: bytes(v) for k, v in staying.items()}:
             self._write_service_table(table)

@@ -49,14 +49,17 @@ def parse_check(where: str, table, fail) -> CheckSpec | None:
     if kind not in KINDS:
         fail(f"{where}.type", f"must be one of {', '.join(KINDS)}, not {kind!r}")
         ok = False
-    numbers = {"interval": (0.05, 3600.0), "timeout": (0.01, 600.0), "rise": (1, 100), "fall": (1, 100),
-               "port": (1, 65535), "expect_status": (100, 599)}
+    numbers = {"interval": (0.05, 3600.0), "timeout": (0.01, 600.0)}
+    # Whole numbers only: port = 80.5 would reach socket.connect() in the checker thread.
+    whole = {"rise": (1, 100), "fall": (1, 100), "port": (1, 65535), "expect_status": (100, 599)}
     values = {}
-    for key, (low, high) in numbers.items():
+    for key, (low, high) in (numbers | whole).items():
         if key in table:
             v = table[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
-                fail(f"{where}.{key}", f"must be a number from {low} to {high}, not {v!r}")
+            kinds = int if key in whole else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kinds) or not low <= v <= high:
+                fail(f"{where}.{key}", f"must be a {'whole ' if key in whole else ''}number from {low} to {high}, "
+                                       f"not {v!r}")
                 ok = False
             values[key] = v
     if kind == "command":
@@ -66,9 +69,12 @@ def parse_check(where: str, table, fail) -> CheckSpec | None:
             ok = False
         else:
             values["command"] = tuple(cmd)
-    for key in ("path", "send", "expect"):
+    for key, example in (("path", '"/healthz"'), ("send", '"ping"'), ("expect", '"pong"')):
         if key in table:
-            values[key] = str(table[key])
+            if not isinstance(table[key], str):
+                fail(f"{where}.{key}", f"must be a string like {example}, not {table[key]!r}")
+                ok = False
+            values[key] = table[key]
     if not ok:
         return None
     spec = CheckSpec(type=kind, **values)
@@ -116,11 +122,13 @@ class BackendHealth:
 class Checker:
     """Runs the checks of a set of targets; on_change(target, up, reason) is called from
     a checker thread whenever a backend's state flips. observe(target, seconds, ok) is
-    called after every probe (for latency metrics)."""
+    called after every probe (for latency metrics). on_error(target, exc) is called when
+    a check raises something unexpected (a bug, not a failed backend)."""
 
-    def __init__(self, on_change, observe=lambda target, seconds, ok: None):
+    def __init__(self, on_change, observe=lambda target, seconds, ok: None, on_error=lambda target, exc: None):
         self.on_change = on_change
         self.observe = observe
+        self.on_error = on_error
         self.state: dict[tuple, BackendHealth] = {}
         self.specs: dict[tuple, CheckSpec] = {}
         self._stops: dict[tuple, threading.Event] = {}
@@ -157,22 +165,34 @@ class Checker:
 
     def _run(self, key, spec: CheckSpec, address: str, port: int, stop: threading.Event) -> None:
         while not stop.wait(spec.interval):
-            started = time.monotonic()
-            ok, reason = probe(spec, address, port)
-            elapsed = time.monotonic() - started
-            self.observe(key, elapsed, ok)
-            flipped = None
-            with self.lock:
-                if stop.is_set():
-                    return
-                h = self.state[key]
-                if ok == h.up:
-                    h.streak = 0
-                else:
-                    h.streak += 1
-                    if h.streak >= (spec.rise if ok else spec.fall):
-                        h.up, h.streak = ok, 0
-                        flipped = ok
-            if flipped is not None:
-                self.on_change(key, flipped, reason)
+            try:
+                self._check(key, spec, address, port, stop)
+            except Exception as exc:  # the thread must outlive any one check
+                # Neither up nor down: a bug in a check says nothing about the backend, and
+                # counting it as a failure would take every backend out of its ring.
+                try:
+                    self.on_error(key, exc)
+                except Exception:  # nowhere left to report it
+                    pass
+
+    def _check(self, key, spec: CheckSpec, address: str, port: int, stop: threading.Event) -> None:
+        """One probe and its effect on the backend's state."""
+        started = time.monotonic()
+        ok, reason = probe(spec, address, port)
+        elapsed = time.monotonic() - started
+        self.observe(key, elapsed, ok)
+        flipped = None
+        with self.lock:
+            if stop.is_set():
+                return
+            h = self.state[key]
+            if ok == h.up:
+                h.streak = 0
+            else:
+                h.streak += 1
+                if h.streak >= (spec.rise if ok else spec.fall):
+                    h.up, h.streak = ok, 0
+                    flipped = ok
+        if flipped is not None:
+            self.on_change(key, flipped, reason)
 

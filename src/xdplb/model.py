@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ class Service:
     clients: list[ipaddress.IPv4Network] = field(default_factory=list)  # empty: everyone
     ring_size: int = RING_SIZE_DEFAULT
     udp_timeout_s: int = 0  # a UDP service's idle timeout; 0: the interface's timeouts.udp
+    not_allowed: str = "drop"  # clients outside `clients`: "drop" (counted) or "pass" to the kernel
 
     @property
     def name(self) -> str:
@@ -54,7 +56,7 @@ class Settings:
     tcp_closing_timeout_s: int = 120
     udp_timeout_s: int = 300
     tcp_syn_timeout_s: int = 5
-    trace: bool = False
+    trace: bool = False  # read back only: a trace lease is live (see DataPlane.renew_trace)
 
     def timeouts(self) -> dict[str, int]:
         """The timeouts by their configuration key (the `timeouts` table)."""
@@ -97,12 +99,31 @@ def parse_snat_addresses(text: str) -> list[ipaddress.IPv4Address]:
     return out
 
 
+_NUMERIC_PART = re.compile(r"0[xX][0-9a-fA-F]*|[0-9]+")
+
+
+def looks_numeric(text: str) -> bool:
+    """Whether the C library (inet_aton, so getaddrinfo) reads text as an address rather
+    than a name: dotted parts in decimal, octal or hex ("127.1", "10", "010.0.0.1")."""
+    return bool(text) and all(_NUMERIC_PART.fullmatch(part) for part in text.split("."))
+
+
 def parse_address(text: str, what: str = "address") -> ipaddress.IPv4Address:
     """An IPv4 address, or a host name resolved to one."""
     try:
         return ipaddress.IPv4Address(text)
     except ValueError:
         pass
+    # getaddrinfo would turn these into surprising addresses ("10" is 0.0.0.10, "010.0.0.1"
+    # is 8.0.0.1) instead of failing: only the four-decimal form above is an address.
+    if looks_numeric(text):
+        try:
+            meant = socket.inet_ntoa(socket.inet_aton(text))
+        except OSError:
+            raise UsageError(f"bad {what} {text!r}: give an IPv4 address as four numbers from 0 to 255, "
+                             "like 10.0.0.1") from None
+        raise UsageError(f"bad {what} {text!r}: write the IPv4 address in full, as four decimal numbers "
+                         f"(this shorthand means {meant})")
     try:
         infos = socket.getaddrinfo(text, None, socket.AF_INET, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
@@ -144,6 +165,16 @@ def parse_backends(text: str, default_port: int) -> list[Backend]:
     return backends
 
 
+NOT_ALLOWED_ACTIONS = ("drop", "pass")
+
+
+def parse_not_allowed(text: str) -> str:
+    action = text.lower()
+    if action not in NOT_ALLOWED_ACTIONS:
+        raise UsageError(f"bad not-allowed action {text!r}: use drop (the default) or pass")
+    return action
+
+
 def parse_proto(text: str) -> str:
     proto = text.lower()
     if proto not in PROTOCOLS:
@@ -155,9 +186,17 @@ def parse_networks(text: str) -> list[ipaddress.IPv4Network]:
     out = []
     for part in text.split(","):
         try:
-            out.append(ipaddress.IPv4Network(part.strip(), strict=False))
+            out.append(ipaddress.IPv4Network(part.strip()))
+            continue
+        except ValueError:
+            pass
+        # 10.0.0.1/8 most likely means 10.0.0.0/8, but it may be a typo for 10.0.0.1/32:
+        # say which network it is rather than guess.
+        try:
+            network = ipaddress.IPv4Network(part.strip(), strict=False)
         except ValueError:
             raise UsageError(f"bad client network {part!r}: give CIDRs like 10.0.0.0/24") from None
+        raise UsageError(f"bad client network {part!r}: it has host bits set; write the network, {network}")
     return out
 
 

@@ -11,23 +11,67 @@ from __future__ import annotations
 
 import copy
 import datetime
+import ipaddress
 import queue
+import re
 import signal
 import sys
 import threading
 import time
+import traceback
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import config, control, loader
-from .errors import NotAttachedError, XdplbError
+from . import abi, config, control, loader, model, namespaces
+from .errors import NotAttachedError, UsageError, XdplbError
 from .health import Checker
 
 METRICS_DEFAULT = "127.0.0.1:9433"
 # How often the backends' next hops are compared with the kernel's neighbour table (a
 # netlink dump): a backend rebuilt with a new MAC is followed within this time.
 NEXT_HOP_REFRESH_S = 2.0
+# A check that keeps raising the same error is logged again only after this long (it is
+# counted every time), so a short interval does not flood the log.
+CHECK_ERROR_LOG_EVERY_S = 60.0
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """--metrics HOST:PORT -> (host to bind, port). HOST is an IPv4 address, [IPv6], a
+    host name, or empty for 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    hint = f"like {METRICS_DEFAULT}, [::1]:9433 or localhost:9433"
+    if not sep:
+        raise UsageError(f"bad --metrics {text!r}: give HOST:PORT, {hint}")
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise UsageError(f"bad --metrics {text!r}: the port must be a number from 1 to 65535, {hint}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), int(port)
+        except ValueError:
+            raise UsageError(f"bad --metrics {text!r}: {host} is not an IPv6 address; give HOST:PORT, {hint}") \
+                from None
+    if ":" in host:
+        raise UsageError(f"bad --metrics {text!r}: put an IPv6 address in brackets, as [{host}]:{port}")
+    if not host:
+        return "127.0.0.1", int(port)
+    try:
+        return str(ipaddress.IPv4Address(host)), int(port)
+    except ValueError:
+        pass
+    # A name made of numbers would be read as a shorthand address ("127.1").
+    if not _HOST_NAME.fullmatch(host) or model.looks_numeric(host):
+        raise UsageError(f"bad --metrics {text!r}: {host!r} is neither an IPv4 address in full (four decimal "
+                         f"numbers) nor a host name; give HOST:PORT, {hint}")
+    return host, int(port)
+
+
+def _unexpected(exc: BaseException) -> dict:
+    """Log fields for an error that is a bug of ours: what and where, on one line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+    return {"reason": f"unexpected {type(exc).__name__}: {exc}".replace("\n", " "), "at": where}
 
 
 def log(event: str, level: str = "info", **fields) -> None:
@@ -49,6 +93,11 @@ class Metrics:
         self.check_seconds = Histogram("xdplb_health_check_duration_seconds", "Duration of health checks",
                                        ["interface", "service", "backend", "result"], registry=self.registry,
                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.check_errors = Counter("xdplb_health_check_errors", "Health checks that raised an unexpected "
+                                    "error (a bug: see the log), counted neither up nor down",
+                                    ["interface", "service", "backend"], registry=self.registry)
+        self.errors = Counter("xdplb_serve_errors", "Unexpected errors (bugs: see the log) while handling an "
+                              "event; serve carried on", ["during"], registry=self.registry)
         self.registry.register(self)
 
     def collect(self):
@@ -117,11 +166,13 @@ class Server:
     def __init__(self, path: str, metrics: str = METRICS_DEFAULT, detach_on_exit: bool = False):
         self.path = path
         self.metrics_addr = metrics
+        self.metrics_bind = parse_metrics_address(metrics)
         self.detach_on_exit = detach_on_exit
         self.events: queue.Queue = queue.Queue()
         self.desired: list[config.InterfaceConfig] = []
         self.metrics = Metrics(self)
-        self.checker = Checker(self._on_health, self._observe)
+        self.checker = Checker(self._on_health, self._observe, self._check_failed)
+        self.check_errors_logged: dict[tuple, tuple[float, str]] = {}  # target -> (when, reason) last logged
         self.lock = threading.Lock()  # maps are changed by one thread at a time
         self.snat_exhausted: dict[str, int] = {}  # interface -> counter value last logged
 
@@ -170,6 +221,20 @@ class Server:
         ifname, service, backend = key
         self.metrics.check_seconds.labels(ifname, service, backend, "ok" if ok else "fail").observe(seconds)
 
+    def _check_failed(self, key, exc: Exception) -> None:
+        """A check raised something unexpected (from a checker thread): counted every
+        time, logged once a minute per backend and reason. The backend stays as it was
+        and is checked again at the next interval."""
+        ifname, service, backend = key
+        self.metrics.check_errors.labels(ifname, service, backend).inc()
+        fields = _unexpected(exc)
+        now = time.monotonic()
+        last = self.check_errors_logged.get(key)
+        if last is None or last[1] != fields["reason"] or now - last[0] >= CHECK_ERROR_LOG_EVERY_S:
+            self.check_errors_logged[key] = (now, fields["reason"])
+            log("health_check_error", level="error", interface=ifname, service=service, backend=backend,
+                **fields)
+
     def _health_changed(self, key, up: bool, reason: str) -> None:
         ifname, service, backend = key
         log("backend_up" if up else "backend_down", level="info" if up else "warning",
@@ -191,22 +256,41 @@ class Server:
                     found.dataplane.close()
 
     def _reload(self) -> None:
+        """Applies the file again; a file that cannot be applied is refused with every
+        problem listed and the running state kept."""
         try:
             desired = self._read()
         except XdplbError as exc:
             log("reload_failed", level="error", reason=str(exc).replace("\n", " "))
             return
+        except Exception as exc:  # a bug in reading it: refused like a bad file
+            self.metrics.errors.labels("reload").inc()
+            log("reload_failed", level="error", **_unexpected(exc))
+            return
         previous = self.desired
         self.desired = desired
-        self.checker.set_targets(self.targets())
         try:
             self.reconcile()
-        except XdplbError as exc:
+        except Exception as exc:
             self.desired = previous
-            self.checker.set_targets(self.targets())
-            log("reload_failed", level="error", reason=str(exc).replace("\n", " "))
+            fields = {"reason": str(exc).replace("\n", " ")}
+            if not isinstance(exc, XdplbError):
+                self.metrics.errors.labels("reload").inc()
+                fields = _unexpected(exc)
+            log("reload_failed", level="error", **fields)
+            self._restore()
             return
+        self.checker.set_targets(self.targets())
         log("reloaded", path=self.path)
+
+    def _restore(self) -> None:
+        """After a reload failed part way: puts back what it changed (nothing, when it
+        failed before the first write, as reconcile checks everything first)."""
+        try:
+            self.reconcile()
+        except Exception as exc:
+            fields = {"reason": str(exc).replace("\n", " ")} if isinstance(exc, XdplbError) else _unexpected(exc)
+            log("error", level="error", during="restore", **fields)
 
     def _refresh_next_hops(self) -> None:
         with self.lock:
@@ -238,10 +322,30 @@ class Server:
             if found is None:
                 continue
             try:
-                old, new, _ = loader.upgrade(found)
+                running = found.dataplane.read_abi_version()
+                if running != abi.ABI_VERSION:
+                    netns = namespaces.netns_name()
+                    detach = f"xdplb{'' if netns == 'host' or netns.startswith('ns-') else f' -n {netns}'} " \
+                             f"detach {iface.name}"
+                    raise XdplbError(f"{iface.name} runs an xdplb data plane of ABI {running} and this xdplb "
+                                     f"speaks ABI {abi.ABI_VERSION}: its state cannot be taken over, by serve or "
+                                     f"by xdplb upgrade; detach it ({detach}, which drops its flows) and start "
+                                     "serve again: it attaches anew")
+                try:
+                    old, new, _ = loader.upgrade(found)
+                except XdplbError as exc:
+                    raise XdplbError(f"{iface.name}: {exc}") from None
                 log("upgraded", interface=iface.name, old_program=old, new_program=new)
             finally:
                 found.dataplane.close()
+
+    def _serve_metrics(self) -> None:
+        host, port = self.metrics_bind
+        try:
+            start_http_server(port, addr=host, registry=self.metrics.registry)
+        except OSError as exc:
+            raise XdplbError(f"cannot serve metrics on {self.metrics_addr}: {exc.strerror or exc}; "
+                             "give another --metrics HOST:PORT") from None
 
     # ---- main loop -----------------------------------------------------------------
     def run(self) -> None:
@@ -249,8 +353,7 @@ class Server:
         self.desired = self._read()
         self._upgrade_running()
         self.reconcile()
-        host, _, port = self.metrics_addr.rpartition(":")
-        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.metrics.registry)
+        self._serve_metrics()
         self.checker.set_targets(self.targets())
         log("started", path=self.path, metrics=self.metrics_addr,
             interfaces=",".join(i.name for i in self.desired))
@@ -276,6 +379,9 @@ class Server:
                     self._watch_snat()
             except XdplbError as exc:
                 log("error", level="error", reason=str(exc).replace("\n", " "))
+            except Exception as exc:  # a bug must not stop serve; the next event is handled as usual
+                self.metrics.errors.labels(event[0]).inc()
+                log("error", level="error", during=event[0], **_unexpected(exc))
         self.checker.stop()
         if self.detach_on_exit:
             for iface in self.desired:

@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Reading the data plane's trace lines from trace_pipe and decoding them.
 
-The program prints only while the trace flag of its configuration is set, so tracing
-costs one predictable branch when off.
+The program prints only while the trace flag of its configuration is set (one
+predictable branch when off) and a deadline in the same configuration lies ahead: the
+reader renews that lease while it reads (follow's renew), so a reader that dies stops
+tracing within seconds.
 """
 from __future__ import annotations
 
@@ -13,11 +15,15 @@ import select
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from . import abi
 from .errors import PrerequisiteError
 
+# A trace lease's length, and how often a reader renews it: a reader that dies leaves
+# tracing on for at most LEASE_S (within XDPLB_TRACE_LEASE_MAX_TICKS whatever the tick).
+LEASE_S = 3.0
+RENEW_S = 1.0
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 ACTIONS = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 EVENTS = {
@@ -96,15 +102,21 @@ def tracefs() -> Path:
 
 
 def follow(ifindex: int | None, raw: bool = False, duration: float | None = None,
-           stop=lambda: False) -> Iterator[str]:
+           stop=lambda: False, renew: Callable[[], None] | None = None) -> Iterator[str]:
     """Yields decoded lines (or raw ones) for one interface until duration elapses or
-    stop() says so."""
+    stop() says so, calling renew() (the trace lease) every RENEW_S meanwhile.
+    Renewed only while the caller takes lines: a reader that stops reading stops
+    tracing too."""
     pipe = tracefs() / "trace_pipe"
     deadline = time.monotonic() + duration if duration else None
+    renewed = time.monotonic()
     fd = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
     pending = b""
     try:
         while not stop():
+            if renew is not None and time.monotonic() - renewed >= RENEW_S:
+                renew()
+                renewed = time.monotonic()
             timeout = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
             ready, _, _ = select.select([fd], [], [], timeout)
             if ready:

@@ -13,7 +13,8 @@ import time
 
 from click.testing import CliRunner
 
-from xdplb import cli
+from xdplb import abi, cli, loader
+from xdplb import trace as trace_mod
 
 from .conftest import BACKENDS, CLIENT2_NS, CLIENT_NS, LB_NS, NAMES, VIP, NsThread, get, in_ns, xdplb
 
@@ -202,3 +203,50 @@ def test_changes_under_fifty_keepalive_clients(attached, tmp_path):
     # Every connection the clients made is one new flow in the service's counters.
     (entry,) = json.loads(xdplb("-n", LB_NS, "stats", "eth0", "--json", "--interval", "0").stdout)
     assert entry["services"][0]["new_flows"] == len(load.done), json.dumps(entry["counters"])
+
+
+def _tracing() -> bool:
+    return json.loads(run("status", "eth0", "--json").output)[0]["trace"]
+
+
+def _trace_flag_left() -> bool:
+    """The raw trace flag in the config map (status reports only a live lease)."""
+    def read():
+        found = loader.find("eth0")
+        try:
+            return bool(found.dataplane._config().flags & abi.ConfigFlags.TRACE)
+        finally:
+            found.dataplane.close()
+    return in_ns(LB_NS, read)
+
+
+def _start_tracer() -> subprocess.Popen:
+    tracer = subprocess.Popen([sys.executable, "-m", "xdplb", "-n", LB_NS, "trace", "eth0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert "tracing eth0" in tracer.stderr.readline()
+    return tracer
+
+
+def test_a_killed_trace_stops_tracing_within_its_lease(attached):
+    """SIGKILL runs no cleanup: the flag stays, the lease it stopped renewing runs out.
+    A closed terminal (SIGHUP) switches tracing off at once."""
+    tracer = _start_tracer()
+    try:
+        time.sleep(trace_mod.LEASE_S + 1)  # renewed while it runs
+        assert _tracing()
+        tracer.kill()
+        tracer.wait(10)
+        deadline = time.monotonic() + trace_mod.LEASE_S + 2
+        while _tracing():
+            assert time.monotonic() < deadline, "tracing still on after the lease should have run out"
+            time.sleep(0.2)
+        assert _trace_flag_left()
+
+        tracer = _start_tracer()
+        assert _tracing()
+        tracer.send_signal(signal.SIGHUP)
+        assert tracer.wait(10) == 0
+        assert not _tracing() and not _trace_flag_left()
+    finally:
+        tracer.kill()
+        tracer.wait(10)

@@ -179,6 +179,25 @@ def test_sighup_applies_a_good_file_and_refuses_a_broken_one(served):
     assert set(in_ns(CLIENT_NS, lambda: [get() for _ in range(20)])) == {NAMES[A]}
 
 
+def test_sighup_with_wrong_typed_values_is_refused_and_serve_keeps_forwarding(served):
+    """clients = 10 used to raise TypeError in the reload (ending serve), and a health port
+    of 80.5 to raise in the udp checker's thread (ending that backend's checks)."""
+    server, path = served
+    path.write_text(config_text().replace("port = 80\n", "port = 80\nclients = 10\n", 1)
+                    .replace('type = "http"', 'type = "udp", port = 80.5'))
+    size = len(server.log())
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for("event=reload_failed", after=size)
+    log = server.log()[size:]
+    assert "interfaces.eth0.services[0].clients: must be an array of CIDR strings like" in log
+    assert "interfaces.eth0.services[0].health.port: must be a whole number from 1 to 65535, not 80.5" in log
+    time.sleep(INTERVAL * (FALL + 2))  # the running checks go on as they were
+    assert server.proc.poll() is None
+    assert "Traceback" not in server.log() and "event=backend_down" not in server.log()
+    assert set(in_ns(CLIENT_NS, lambda: [get() for _ in range(20)])) == {NAMES[A], NAMES[B]}
+    assert scrape()[("xdplb_backend_up", backend_labels(A))] == 1
+
+
 def test_upgrade_under_load_keeps_every_connection(served):
     before = int(re.search(r"program (\d+)", xdplb("-n", LB_NS, "status", "eth0").stdout).group(1))
     load = Load()

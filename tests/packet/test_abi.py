@@ -75,7 +75,7 @@ def header_constants() -> dict[str, int]:
 def test_constants_match_header():
     h = header_constants()
     for name in ("ABI_VERSION", "MAX_SERVICES", "SERVICE_SLOTS", "SERVICE_PROBES", "MAX_BACKENDS", "MAX_CLIENT_RULES", "MAX_SNAT_ADDRS", "FLOW_SLOTS_DEFAULT",
-                 "FLOW_PROBES", "TICK_MIN_NS", "PORTS", "NO_BACKEND", "SNAT_PORT_TRIES",
+                 "FLOW_PROBES", "TICK_MIN_NS", "PORTS", "NO_BACKEND", "SNAT_PORT_TRIES", "TRACE_LEASE_MAX_TICKS",
                  "RING_SLOTS", "RING_SLOTS_PER_ENTRY", "RING_ENTRIES"):
         assert getattr(abi, name) == h[f"XDPLB_{name}"], name
     enums = {"XDPLB_PORT_": abi.PortFlags, "XDPLB_CFG_": abi.ConfigFlags, "XDPLB_SVC_": abi.ServiceFlags,

@@ -92,8 +92,14 @@ CASES = [
          services=[service("10.9.0.1")]),
     Case("allow-list: an allowed client is balanced",
          syn(), XDP_TX, to_backend(FIRST, 80), services=[service(P.BACKEND, clients=["10.0.1.0/28"])]),
-    Case("allow-list: any other client passes to the kernel untouched",
-         syn(), XDP_PASS, None, services=[service(P.BACKEND, clients=["10.0.1.16/28"])]),
+    Case("allow-list: any other client is dropped",
+         syn(), XDP_DROP, None, services=[service(P.BACKEND, clients=["10.0.1.16/28"])]),
+    Case("allow-list: any other client's segment of no flow is dropped too (the kernel would reset)",
+         P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="A"), XDP_DROP, None,
+         services=[service(P.BACKEND, clients=["10.0.1.16/28"])]),
+    Case("allow-list with not_allowed = pass: any other client passes to the kernel untouched",
+         syn(), XDP_PASS, None,
+         services=[dataclasses.replace(service(P.BACKEND, clients=["10.0.1.16/28"]), not_allowed="pass")]),
     Case("a second service on another port has its own backend",
          P.tcp(P.CLIENT, 40000, P.VIP, 8080, flags="S"), XDP_TX,
          P.tcp(P.SNAT, FIRST, P.BACKEND2, 80, flags="S", smac=P.LB_MAC, dmac=P.BACKEND2_MAC, ttl=63),
@@ -169,6 +175,22 @@ def test_counters_say_why(harness):
     traffic = harness.dp.traffic("service", svc_id)
     assert (traffic.packets, traffic.new_flows) == (1, 1)
     assert traffic.bytes == len(syn())
+
+
+@pytest.mark.parametrize("not_allowed", ["drop", "pass"])
+def test_clients_outside_the_allow_list_are_counted(harness, not_allowed):
+    """Dropped by default (the host's own stack never sees them), passed on request;
+    counted not_allowed either way, and the allowed client is balanced."""
+    svc = dataclasses.replace(service(P.BACKEND, clients=["10.0.1.16/28"]), not_allowed=not_allowed)
+    harness.configure([svc])
+    assert harness.dp.services()[0].not_allowed == not_allowed
+    action = XDP_DROP if not_allowed == "drop" else XDP_PASS
+    assert harness.run(syn()) == (action, syn())
+    allowed = syn(client="10.0.1.17", sport=40001)
+    assert harness.run(allowed)[0] == XDP_TX
+    counters = harness.dp.counters()
+    assert counters["not_allowed"] == 1 and counters["new_flow"] == 1 and counters["no_flow"] == 0
+    assert (counters["drop"], counters["pass"]) == ((1, 0) if not_allowed == "drop" else (0, 1))
 
 
 def test_backend_follows_maglev_ring_and_flow_hash(harness):

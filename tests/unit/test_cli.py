@@ -51,6 +51,7 @@ def test_attach_without_backends_is_a_usage_error():
     (["--backends", "10.0.0.1", "--vip", "nope..x"], "bad VIP 'nope..x'"),
     (["--backends", "10.0.0.1", "--clients", "10.0.0.0/40"], "bad client network"),
     (["--backends", "10.0.0.1", "--snat-ports", "100-110"], "too small"),
+    (["--backends", "10.0.0.1", "--not-allowed", "pass"], "--not-allowed pass needs an allow-list: add --clients"),
 ])
 def test_bad_attach_input_exits_2_with_one_line(monkeypatch, args, message):
     monkeypatch.setattr("os.geteuid", lambda: 0)
@@ -92,3 +93,126 @@ def test_lab_rejects_foreign_prefix_and_counts():
     assert result.exit_code == 2 and "must start with 'xdplb'" in result.output
     result = run("lab", "up", "--backends", "0")
     assert result.exit_code == 2 and "give 1 to 26" in result.output
+
+
+# ---- input that used to be accepted silently (issue 13) ----------------------------------
+
+class FakeDataPlane:
+    def __init__(self, abi_version=None, slots=1 << 22, snat=(10000, 32767)):
+        from xdplb import abi
+        self.abi_version = abi.ABI_VERSION if abi_version is None else abi_version
+        self.slots, self.snat, self.closed = slots, snat, False
+
+    def read_abi_version(self):
+        return self.abi_version
+
+    def read_settings(self):
+        from xdplb.model import Settings
+        return Settings(snat_addrs=[], snat_port_min=self.snat[0], snat_port_max=self.snat[1])
+
+    def flow_slot_count(self):
+        return self.slots
+
+    def flow_capacity(self):
+        return self.slots // 4
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def as_root(monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("xdplb.namespaces.join_host_mounts", lambda: None)
+
+
+def attached(monkeypatch, dataplane):
+    """loader.find finds xdplb on the interface with this data plane; control.attach is
+    not reached unless the options pass, and then records that it was."""
+    from types import SimpleNamespace
+    reached = []
+    monkeypatch.setattr("xdplb.loader.find", lambda ifname: dataplane and SimpleNamespace(dataplane=dataplane))
+    monkeypatch.setattr("xdplb.control.attach", lambda req: reached.append(req) or (_ for _ in ()).throw(
+        cli.XdplbError("reached control.attach")))
+    return reached
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backends", "10.0.0.1", "--vip", "127.1"],
+     "Error: bad VIP '127.1': write the IPv4 address in full, as four decimal numbers (this shorthand means "
+     "127.0.0.1)"),
+    (["--backends", "10"],
+     "Error: bad backend '10': write the IPv4 address in full, as four decimal numbers (this shorthand means "
+     "0.0.0.10)"),
+    (["--backends", "10.0.0.1", "--clients", "10.0.0.0/8,192.168.1.7/24"],
+     "Error: bad client network '192.168.1.7/24': it has host bits set; write the network, 192.168.1.0/24"),
+    (["--backends", "10.0.0.1", "--port", "20000", "--snat-ports", "10000-32767"],
+     "Error: --port 20000 is inside --snat-ports 10000-32767, where the backends' replies arrive: give a port "
+     "outside 10000-32767, or --snat-ports LOW-HIGH without it"),
+])
+def test_attach_refuses_what_it_used_to_take_silently(as_root, monkeypatch, args, message):
+    reached = attached(monkeypatch, None)
+    result = run("attach", "eth0", *args)
+    assert (result.exit_code, result.output.strip().splitlines()) == (2, [message])
+    assert not reached
+
+
+def test_a_service_port_among_the_default_or_running_snat_ports_is_refused(as_root, monkeypatch):
+    attached(monkeypatch, None)
+    result = run("attach", "eth0", "--backends", "10.0.0.1", "--port", "10000")
+    assert result.exit_code == 2
+    assert "Error: --port 10000 is inside the default SNAT ports 10000-32767" in result.output
+    attached(monkeypatch, FakeDataPlane(snat=(40000, 50000)))
+    result = run("attach", "eth0", "--backends", "10.0.0.1", "--port", "40000")
+    assert result.exit_code == 2
+    assert "Error: --port 40000 is inside the SNAT ports of eth0 40000-50000" in result.output
+    # Given explicitly, the new range is the one that counts.
+    result = run("attach", "eth0", "--backends", "10.0.0.1", "--port", "40000", "--snat-ports", "50000-60000")
+    assert result.output.strip() == "Error: reached control.attach"
+
+
+def test_flows_on_an_attached_interface_must_be_its_capacity(as_root, monkeypatch):
+    dataplane = FakeDataPlane(slots=1 << 18)  # 65536 flows
+    reached = attached(monkeypatch, dataplane)
+    result = run("attach", "eth0", "--backends", "10.0.0.1", "--flows", "4096")
+    assert (result.exit_code, result.output.strip()) == (2, (
+        "Error: --flows 4096: the flow table on eth0 holds 65536 flows, fixed while attached; leave --flows "
+        "out, or detach first to resize (drops established flows)"))
+    assert not reached and dataplane.closed
+    for same in (["--flows", "65536"], []):  # the running capacity, or left out: an update
+        result = run("attach", "eth0", "--backends", "10.0.0.1", *same)
+        assert result.output.strip() == "Error: reached control.attach"
+    assert len(reached) == 2
+
+
+@pytest.mark.parametrize("metrics,message", [
+    ("127.0.0.1:99999", "the port must be a number from 1 to 65535, like 127.0.0.1:9433, [::1]:9433 or "
+                        "localhost:9433"),
+    ("127.0.0.1:0", "the port must be a number from 1 to 65535"),
+    ("9433", "give HOST:PORT, like 127.0.0.1:9433"),
+    ("::1:9433", "put an IPv6 address in brackets, as [::1]:9433"),
+    ("127.1:9433", "'127.1' is neither an IPv4 address in full (four decimal numbers) nor a host name"),
+    ("bad_host:9433", "'bad_host' is neither an IPv4 address in full"),
+])
+def test_serve_checks_the_metrics_address_first(as_root, tmp_path, metrics, message):
+    result = run("serve", str(tmp_path / "lb.toml"), "--metrics", metrics)
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"Error: bad --metrics {metrics!r}: {message}")
+
+
+def test_serve_refuses_to_take_over_a_data_plane_of_another_abi_in_one_line(as_root, monkeypatch, tmp_path):
+    from xdplb import abi
+    path = tmp_path / "lb.toml"
+    path.write_text('[interfaces.eth0]\n[[interfaces.eth0.services]]\nvip = "10.0.0.2"\nport = 80\n'
+                    'backends = [ { address = "10.0.0.11" } ]\n')
+    dataplane = FakeDataPlane(abi_version=abi.ABI_VERSION - 1)
+    attached(monkeypatch, dataplane)
+    monkeypatch.setattr("xdplb.namespaces.netns_name", lambda: "lb")
+    monkeypatch.setattr("xdplb.loader.upgrade", lambda found: pytest.fail("must not try to upgrade"))
+    result = run("serve", str(path), "--metrics", "127.0.0.1:19999")
+    assert (result.exit_code, result.output.strip().splitlines()) == (1, [
+        f"Error: eth0 runs an xdplb data plane of ABI {abi.ABI_VERSION - 1} and this xdplb speaks ABI "
+        f"{abi.ABI_VERSION}: its state cannot be taken over, by serve or by xdplb upgrade; detach it "
+        "(xdplb -n lb detach eth0, which drops its flows) and start serve again: it attaches anew"])
+    assert dataplane.closed

@@ -141,3 +141,128 @@ def test_a_changed_udp_timeout_is_a_difference():
     new = Service(ip("10.0.0.2"), 53, "udp", udp_timeout_s=20)
     assert config.diff_services("eth0", [old], [new]) == [
         "eth0: service 10.0.0.2:53/udp: ~ udp_timeout the interface's -> 20 s"]
+
+
+def test_clients_outside_the_allow_list_are_dropped_unless_the_service_says_pass():
+    (iface,) = config.parse(GOOD)
+    assert [s.not_allowed for s in iface.services] == ["drop", "drop"]
+    assert "not_allowed" not in config.dump([iface])  # the default is not written out
+    (iface,) = config.parse(GOOD.replace('clients = ["10.0.0.0/8"]', 'clients = ["10.0.0.0/8"]\nnot_allowed = "pass"'))
+    assert [s.not_allowed for s in iface.services] == ["drop", "pass"]
+    dumped = config.dump([iface])
+    assert 'clients = ["10.0.0.0/8"]\nnot_allowed = "pass"\n' in dumped
+    assert config.parse(dumped) == [iface]
+
+
+def test_a_bad_not_allowed_is_refused_with_its_location():
+    text = GOOD.replace("port = 80\n", 'port = 80\nnot_allowed = "pass"\n').replace(
+        'clients = ["10.0.0.0/8"]', 'clients = ["10.0.0.0/8"]\nnot_allowed = "reject"')
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(text)
+    assert err.value.problems == [
+        'interfaces.eth0.services[0].not_allowed: "pass" needs an allow-list: set clients, or remove not_allowed',
+        "interfaces.eth0.services[1].not_allowed: bad not-allowed action 'reject': use drop (the default) or pass"]
+
+
+def test_a_changed_not_allowed_is_a_difference():
+    nets = [ipaddress.IPv4Network("10.0.0.0/8")]
+    old = Service(ip("10.0.0.2"), 80, "tcp", clients=nets)
+    new = Service(ip("10.0.0.2"), 80, "tcp", clients=nets, not_allowed="pass")
+    assert config.diff_services("eth0", [old], [new]) == ["eth0: service 10.0.0.2:80/tcp: ~ not_allowed drop -> pass"]
+    assert config.diff_services("eth0", [new], [new]) == []
+
+
+# ---- values of the wrong type or that would be read as something else (issue 13) ----
+
+ONE_SERVICE = """
+[interfaces.eth0]
+{interface}
+[[interfaces.eth0.services]]
+vip = {vip}
+port = {port}
+clients = {clients}
+backends = [ {{ address = {address} }}, {{ address = "10.0.0.12" }} ]
+{extra}
+"""
+
+
+def problems(interface="", vip='"10.0.0.2"', port="80", clients='["10.0.0.0/8"]', address='"10.0.0.11"',
+             extra="") -> list[str]:
+    _, found = config.check(ONE_SERVICE.format(interface=interface, vip=vip, port=port, clients=clients,
+                                               address=address, extra=extra))
+    return found
+
+
+def test_the_sample_of_one_service_is_good():
+    assert problems() == []
+
+
+def test_every_value_of_the_wrong_type_is_refused_with_its_location():
+    health = 'health = { type = "udp", port = 80.5, rise = 2.0, path = 5 }'
+    assert problems(vip="10", clients="10", address="11", interface="snat_ports = 40000",
+                    extra=f"proto = 6\nnot_allowed = 1\n{health}") == [
+        'interfaces.eth0.snat_ports: must be a string like "10000-32767", not 40000',
+        'interfaces.eth0.services[0].vip: must be a string like "10.0.0.2", not 10',
+        'interfaces.eth0.services[0].proto: must be a string like "tcp" or "udp", not 6',
+        'interfaces.eth0.services[0].clients: must be an array of CIDR strings like ["10.0.0.0/8"], not 10',
+        'interfaces.eth0.services[0].not_allowed: must be a string like "drop" or "pass", not 1',
+        'interfaces.eth0.services[0].backends[0].address: must be a string like "10.0.0.11", not 11',
+        "interfaces.eth0.services[0].health.rise: must be a whole number from 1 to 100, not 2.0",
+        "interfaces.eth0.services[0].health.port: must be a whole number from 1 to 65535, not 80.5",
+        'interfaces.eth0.services[0].health.path: must be a string like "/healthz", not 5',
+    ]
+    assert problems(clients='["10.0.0.0/8", 7]') == [
+        'interfaces.eth0.services[0].clients[1]: must be a string like "10.0.0.0/8", not 7']
+
+
+def test_shorthand_addresses_and_host_bits_are_refused_with_what_to_write():
+    assert problems(vip='"127.1"', address='"010.0.0.1"', clients='["10.0.0.1/8"]') == [
+        "interfaces.eth0.services[0].vip: bad VIP '127.1': write the IPv4 address in full, as four decimal "
+        "numbers (this shorthand means 127.0.0.1)",
+        "interfaces.eth0.services[0].clients[0]: bad client network '10.0.0.1/8': it has host bits set; "
+        "write the network, 10.0.0.0/8",
+        "interfaces.eth0.services[0].backends[0].address: bad backend '010.0.0.1': write the IPv4 address in "
+        "full, as four decimal numbers (this shorthand means 8.0.0.1)",
+    ]
+
+
+def test_a_service_port_inside_the_snat_range_is_refused():
+    assert problems(port="20000") == [
+        "interfaces.eth0.services[0].port: 20000 is inside snat_ports 10000-32767 (the default), where the "
+        "backends' replies arrive: give a service port outside 10000-32767, or set snat_ports to a range "
+        "without it"]
+    assert problems(port="45000", interface='snat_ports = "40000-50000"') == [
+        "interfaces.eth0.services[0].port: 45000 is inside snat_ports 40000-50000, where the backends' replies "
+        "arrive: give a service port outside 40000-50000, or set snat_ports to a range without it"]
+    assert problems(port="20000", interface='snat_ports = "40000-50000"') == []
+    # A bad range is reported once, not again for every service.
+    assert problems(port="20000", interface='snat_ports = "bad"') == [
+        "interfaces.eth0.snat_ports: bad SNAT port 'bad': give a number from 1 to 65535"]
+
+
+def test_a_ring_smaller_than_the_backend_count_is_refused():
+    text = ONE_SERVICE.format(interface="", vip='"10.0.0.2"', port=80, clients="[]", address='"10.0.0.11"',
+                              extra="ring_size = 3").replace(
+        '{ address = "10.0.0.12" }', '{ address = "10.0.0.12" }, { address = "10.0.0.13" }, { address = "10.0.0.14" }')
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(text)
+    assert err.value.problems == [
+        "interfaces.eth0.services[0].ring_size: 3 slots are fewer than the 4 backends, so some would get no "
+        "flows (Maglev wants a table about 100 times the backend count): give a prime of at least 5, like 65537"]
+    assert problems(extra="ring_size = 3") == []  # two backends: small, but each has slots
+
+
+def test_timeouts_that_would_leak_snat_sources_are_refused():
+    assert problems(interface="timeouts = { tcp_closing = 0, tcp_syn = 0 }") == [
+        "interfaces.eth0.timeouts.tcp_closing: must be at least 60, a Linux backend's TIME_WAIT, not 0: a closed "
+        "flow forgotten sooner hands out its SNAT source blindly, and 0 (never expire) holds it for ever; give "
+        "120 (the default) or at least 60",
+        "interfaces.eth0.timeouts.tcp_syn: must be at least 1, not 0: 0 (never expire) would hold the SNAT "
+        "source of every handshake a client never completes for ever; give 5 (the default) or more",
+    ]
+    assert problems(interface="timeouts = { tcp_closing = 59 }") == [
+        "interfaces.eth0.timeouts.tcp_closing: must be at least 60, a Linux backend's TIME_WAIT, not 59: a closed "
+        "flow forgotten sooner hands out its SNAT source blindly, and 0 (never expire) holds it for ever; give "
+        "120 (the default) or at least 60"]
+    # tcp and udp may still be 0: never expire, as documented.
+    assert problems(interface="timeouts = { tcp = 0, udp = 0, tcp_closing = 60, tcp_syn = 1 }") == []

@@ -48,8 +48,10 @@ def test_port_range_and_networks():
     assert model.parse_port_range("10000-20000") == (10000, 20000)
     with pytest.raises(UsageError, match="too small"):
         model.parse_port_range("10000-10010")
-    assert model.parse_networks("10.0.0.0/8,192.168.1.7/24") == [
+    assert model.parse_networks("10.0.0.0/8,192.168.1.0/24") == [
         ipaddress.IPv4Network("10.0.0.0/8"), ipaddress.IPv4Network("192.168.1.0/24")]
+    with pytest.raises(UsageError, match="host bits set.*192.168.1.0/24"):
+        model.parse_networks("192.168.1.7/24")
     with pytest.raises(UsageError, match="bad client network"):
         model.parse_networks("10.0.0.0/33")
 
