@@ -75,13 +75,6 @@ _SLOT_KEYS = struct.Struct(
 assert _SLOT_KEYS.size == ctypes.sizeof(abi.FlowSlot)
 
 
-def _expiry_for(seconds: int, shift: int) -> int:
-    """A timeout in ticks, plus the slack of entries re-stamped only every TOUCH_S
-    (0 stays 0: never expire)."""
-    jiffy = clock.jiffy_ns()
-    return clock.to_ticks(seconds, jiffy, shift) + clock.to_ticks(clock.TOUCH_S, jiffy, shift) if seconds else 0
-
-
 def _expiry_ticks(cfg: abi.Config, proto: int, flags: int, udp_timeout_s: int = 0) -> int:
     """The data plane's flow_expiry_ticks() (bpf/flows.h)."""
     if proto != socket.IPPROTO_TCP:
@@ -217,13 +210,15 @@ class DataPlane:
     def write_settings(self, s: Settings) -> None:
         """Writes the settings. s.trace is ignored: a live trace lease is kept (only the
         trace command starts and ends one), an expired one is cleared."""
-        shift = clock.tick_shift(clock.jiffy_ns())
-        touch = clock.to_ticks(clock.TOUCH_S, clock.jiffy_ns(), shift)
+        jiffy = clock.jiffy_ns()
+        shift = clock.tick_shift(jiffy)
+        touch = clock.to_ticks(clock.TOUCH_S, jiffy, shift)
         current = self._config()
         tracing = self._tracing(current)
 
         def expiry(seconds: int) -> int:
-            return _expiry_for(seconds, shift)
+            # Plus the slack of entries re-stamped only every TOUCH_S; 0 stays "never".
+            return clock.to_ticks(seconds, jiffy, shift) + touch if seconds else 0
 
         cfg = abi.Config(
             abi_version=abi.ABI_VERSION, flags=abi.ConfigFlags.TRACE if tracing else 0,
@@ -235,7 +230,7 @@ class DataPlane:
             udp_timeout_s=s.udp_timeout_s, tcp_syn_timeout_s=s.tcp_syn_timeout_s,
             tcp_expiry_ticks=expiry(s.tcp_timeout_s), tcp_closing_expiry_ticks=expiry(s.tcp_closing_timeout_s),
             udp_expiry_ticks=expiry(s.udp_timeout_s), tcp_syn_expiry_ticks=expiry(s.tcp_syn_timeout_s),
-            tick_shift=shift, ticks_per_s=clock.to_ticks(1, clock.jiffy_ns(), shift), touch_ticks=touch,
+            tick_shift=shift, ticks_per_s=clock.to_ticks(1, jiffy, shift), touch_ticks=touch,
             hop_gen=current.hop_gen)  # not a setting: flows compare against it
         self.lib.update(self.fds["xdplb_config"], ctypes.c_uint32(0), cfg)
 
