@@ -11,8 +11,9 @@ OBJECT := $(BUILD)/xdplb.bpf.o
 BPF_SOURCES := $(wildcard bpf/*.c bpf/*.h)
 
 # Debian packages the build, the lab, the tests and the benchmarks use (the test suite
-# runs a small benchmark, so it needs the benchmark's servers too).
-APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make \
+# runs a small benchmark, so it needs the benchmark's servers too); libatomic1 gives the
+# control plane the atomic operations it writes into the flow table with.
+APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make libatomic1 \
 	iproute2 iputils-ping ethtool curl wrk python3-venv nftables conntrack haproxy iperf3 nginx-light
 
 # libbpf: built from the libbpf/ submodule when it is checked out (the libbpf-bootstrap

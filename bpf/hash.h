@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
-/* The flow hash that picks a Maglev slot and a flow table slot: the 5-tuple in host byte
- * order, seeded from the configuration so every node with the same configuration sends
- * a flow to the same backend; and the service table's hash. Mirrored in
+/* The flow hash: the 5-tuple in host byte order, seeded. With xdplb_config.hash_seed it
+ * picks a Maglev slot, so every node with the same configuration sends a flow to the same
+ * backend; with flow_seed, a flow table slot. And the service table's hash. Mirrored in
  * src/xdplb/hashing.py. */
 #ifndef XDPLB_HASH_H
 #define XDPLB_HASH_H

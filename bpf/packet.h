@@ -18,7 +18,7 @@ struct packet {
 		struct icmphdr *icmp; /* PARSE_ICMP */
 	};
 	struct xdplb_flow_key key;
-	__u32 hash; /* flow_hash(key): flow table index and Maglev slot */
+	__u32 hash; /* flow_hash(key, flow_seed): where the flow table keeps key */
 	struct flow_place place; /* where a new flow for key goes (see flow_find) */
 	__u8 tcp_flags;
 	__u8 first_fragment;

@@ -39,11 +39,14 @@
 #define TCP_MAX_OPTIONS 40
 #define TCP_MAX_HEADER_OFFSET 128
 
-/* Where the flags byte sits in the 32-bit word that holds it (flags, hop_gen, pad). */
+/* Where the flags and hop_gen bytes sit in the 32-bit word that holds them (flags,
+ * hop_gen, udp_timeout_s). */
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define FLOW_FLAGS_SHIFT 0
+#define FLOW_HOP_GEN_SHIFT 8
 #else
 #define FLOW_FLAGS_SHIFT 24
+#define FLOW_HOP_GEN_SHIFT 16
 #endif
 
 static __always_inline __u32 load_be32_bytes(const __u8 *p)
@@ -217,7 +220,7 @@ static __noinline void track_tcp_state(struct xdp_md *ctx, const struct xdplb_co
 		return;
 	flow_flags_update(slot, &pkt->key, set, clear);
 	flow_partner_key(flow, IPPROTO_TCP, &partner);
-	s = flow_find(cfg, &partner, flow_hash(&partner, cfg->hash_seed), &other, now_ticks(cfg), &where);
+	s = flow_find(cfg, &partner, flow_hash(&partner, cfg->flow_seed), &other, now_ticks(cfg), &where);
 	if (!s)
 		return;
 	if (!from_backend && (tcp_flags & TCP_FLAG_FIN) && (other.flags & XDPLB_FLOW_FIN_BACKEND))

@@ -231,7 +231,7 @@ static __always_inline void retire_displaced(const struct xdplb_config *cfg, con
 	struct xdplb_flow_slot *s;
 
 	flow_partner_key(old, rev_key->proto, &client);
-	s = flow_find(cfg, &client, flow_hash(&client, cfg->hash_seed), &copy, now, NULL);
+	s = flow_find(cfg, &client, flow_hash(&client, cfg->flow_seed), &copy, now, NULL);
 	if (s && copy.saddr == rev_key->daddr && copy.sport == rev_key->dport &&
 	    copy.daddr == rev_key->saddr && copy.dport == rev_key->sport)
 		flow_flags_update(s, &client, XDPLB_FLOW_DEAD, 0);
@@ -261,7 +261,7 @@ __noinline int try_snat_source(__u32 attempt, __u32 now)
 		cycle = ((__u32)cfg->snat_port_max - cfg->snat_port_min + 1) * snat_addr_count(cfg);
 		__sync_fetch_and_add(cursor, cycle / XDPLB_SNAT_PORT_TRIES);
 		rev_key->dport = next_snat_source(cfg, cursor, &rev_key->daddr);
-		plan->rev_hash = flow_hash(rev_key, cfg->hash_seed);
+		plan->rev_hash = flow_hash(rev_key, cfg->flow_seed);
 	}
 	flow_set_deltas(&plan->rev, rev_key);
 	if (flow_store(cfg, rev_key, plan->rev_hash, &plan->rev, now, FLOW_STORE_EXCLUSIVE, &plan->syn,
@@ -351,26 +351,69 @@ static __always_inline int forward(struct xdp_md *ctx, const struct xdplb_config
 	return transmit(ctx, flow);
 }
 
+/* Whether a flow's copy of the next hop is the backend entry's (without branches: fewer
+ * paths for the verifier to walk). */
+static __always_inline int hop_equal(const struct xdplb_flow *flow, const struct xdplb_backend *be)
+{
+	const __u16 *fd = (const void *)flow->dmac, *fs = (const void *)flow->smac;
+	const __u16 *bd = (const void *)be->dmac, *bs = (const void *)be->smac;
+	__u32 diff = flow->ifindex ^ be->ifindex;
+
+	diff |= (fd[0] ^ bd[0]) | (fd[1] ^ bd[1]) | (fd[2] ^ bd[2]);
+	diff |= (fs[0] ^ bs[0]) | (fs[1] ^ bs[1]) | (fs[2] ^ bs[2]);
+	return !diff;
+}
+
+/* follow_backend_hop()'s work after a bump, apart: a subprogram, which the verifier
+ * walks without multiplying the paths of xdplb_main. */
+static __noinline void check_backend_hop(const struct xdplb_config *cfg, struct xdplb_flow_slot *slot,
+					 __u32 seq, struct xdplb_flow *flow)
+{
+	const struct xdplb_backend *be;
+	__u32 id = flow->backend_id, gen, old, *word;
+
+	/* The generation before the entry, as in plan_new_flow: the entry is at least as
+	 * new as the generation it is found right for. */
+	gen = READ_ONCE_U32(cfg->hop_gen);
+	compiler_barrier();
+	if (flow->hop_gen == (__u8)gen)
+		return;
+	be = bpf_map_lookup_elem(&xdplb_backends, &id);
+	if (!be || be->addr != flow->daddr || be->port != flow->dport)
+		return;
+	if (hop_equal(flow, be)) {
+		word = (__u32 *)&slot->flow.flags;
+		old = READ_ONCE_U32(*word);
+		compiler_barrier();
+		if (READ_ONCE_U32(slot->seq) == seq && (__u8)(old >> FLOW_HOP_GEN_SHIFT) == flow->hop_gen)
+			__sync_val_compare_and_swap(word, old, (old & ~(0xffu << FLOW_HOP_GEN_SHIFT)) |
+								(gen & 0xff) << FLOW_HOP_GEN_SHIFT);
+		return;
+	}
+	flow->ifindex = be->ifindex;
+	__builtin_memcpy(flow->dmac, be->dmac, ETH_ALEN);
+	__builtin_memcpy(flow->smac, be->smac, ETH_ALEN);
+}
+
 /* A flow towards a backend keeps a copy of the backend's next hop, but a MAC or route
  * that changes (a backend rebuilt with the same address, a neighbour that moved) is
  * written by the control plane into the backend entry, which then bumps hop_gen.
  * A flow copied before that takes the entry's next hop while the entry still names
  * the flow's backend; a retired backend's flows keep their copy. Comparing one byte
  * per packet instead of looking the backend up saves 4-6 ns on every established
- * packet. */
-static __always_inline void follow_backend_hop(const struct xdplb_config *cfg, struct xdplb_flow *flow)
+ * packet, so a flow whose copy is still right takes the new generation (a swap of the
+ * word holding the byte, given up if the slot changed since it was read: the next
+ * packet tries again): a bump costs it one lookup, not one per packet. A flow whose
+ * backend did move keeps looking it up: its 16 bytes of next hop cannot be rewritten
+ * under readers that copy them without the slot's lock, and taking the lock would hide
+ * the flow from them meanwhile. The byte comes round again after 256 bumps: before each
+ * bump the control plane moves the flows that hold the coming generation's byte out of
+ * its way (FlowTable.before_hop_bump in src/xdplb/flowtable.py). */
+static __always_inline void follow_backend_hop(const struct xdplb_config *cfg, struct xdplb_flow_slot *slot,
+					       __u32 seq, struct xdplb_flow *flow)
 {
-	const struct xdplb_backend *be;
-	__u32 id = flow->backend_id;
-
-	if ((flow->flags & XDPLB_FLOW_REPLY) || flow->hop_gen == (__u8)cfg->hop_gen)
-		return;
-	be = bpf_map_lookup_elem(&xdplb_backends, &id);
-	if (!be || be->addr != flow->daddr || be->port != flow->dport)
-		return;
-	flow->ifindex = be->ifindex;
-	__builtin_memcpy(flow->dmac, be->dmac, ETH_ALEN);
-	__builtin_memcpy(flow->smac, be->smac, ETH_ALEN);
+	if (!(flow->flags & XDPLB_FLOW_REPLY) && flow->hop_gen != (__u8)READ_ONCE_U32(cfg->hop_gen))
+		check_backend_hop(cfg, slot, seq, flow);
 }
 
 enum plan_result {
@@ -378,6 +421,7 @@ enum plan_result {
 	PLAN_NOT_SYN,      /* TCP without a SYN opens nothing */
 	PLAN_NOT_ALLOWED,  /* client not in the service's allow-list */
 	PLAN_NO_BACKEND,
+	PLAN_BACKEND_MISMATCH, /* the ring names a backend of another service */
 	PLAN_NO_PORT,      /* no SNAT port configured or no scratch space */
 };
 
@@ -402,7 +446,7 @@ static __always_inline void prefetch_slot(const struct xdplb_config *cfg, __u32 
 static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_config *cfg, struct packet *pkt,
 				    const struct xdplb_service *svc)
 {
-	__u32 backend_id = 0, zero = 0, hop_gen, *cursor;
+	__u32 backend_id = 0, zero = 0, hop_gen, ring_hash, *cursor;
 	struct new_flow_scratch *scratch;
 	struct xdplb_backend *backend;
 	struct new_flow_plan *plan;
@@ -418,9 +462,17 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	 * generation, which the flow will then follow. */
 	hop_gen = READ_ONCE_U32(cfg->hop_gen);
 	compiler_barrier();
-	backend = select_backend(svc, pkt->hash, &backend_id);
+	/* The ring slot comes from hash_seed, which every node shares; pkt->hash is the flow
+	 * table's (flow_seed). Hashed again only when they differ: after a new seed. */
+	ring_hash = cfg->flow_seed == cfg->hash_seed ? pkt->hash : flow_hash(&pkt->key, cfg->hash_seed);
+	backend = select_backend(svc, ring_hash, &backend_id);
 	if (!backend)
 		return PLAN_NO_BACKEND;
+	/* A ring built from another service's snapshot (a control plane bug, or writes
+	 * out of order) would send this service's clients to a stranger. Counted where the
+	 * answer is given (new_flow_plan): a SYN whose first plan fails is planned again. */
+	if (backend->service_id != svc->id)
+		return PLAN_BACKEND_MISMATCH;
 	scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
 	if (!scratch || cfg->snat_port_max < cfg->snat_port_min)
 		return PLAN_NO_PORT;
@@ -439,7 +491,7 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	plan->rev_key.sport = backend->port;
 	plan->rev_key.dport = next_snat_source(cfg, cursor, &plan->rev_key.daddr);
 	plan->rev_key.proto = pkt->key.proto;
-	plan->rev_hash = flow_hash(&plan->rev_key, cfg->hash_seed);
+	plan->rev_hash = flow_hash(&plan->rev_key, cfg->flow_seed);
 	/* After the cursor's locked add, which would wait for any load still in flight. */
 	prefetch_slot(cfg, plan->rev_hash);
 	prefetch_slot(cfg, pkt->hash);
@@ -512,6 +564,10 @@ __noinline int new_flow_plan(struct xdp_md *ctx)
 		}
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_DROP);
 		return drop(XDPLB_CNT_NOT_ALLOWED);
+	case PLAN_BACKEND_MISMATCH:
+		count(XDPLB_CNT_BACKEND_MISMATCH);
+		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NO_BACKEND, XDP_PASS);
+		return pass(XDPLB_CNT_NO_BACKEND);
 	case PLAN_NO_BACKEND:
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_NO_BACKEND, XDP_PASS);
 		return pass(XDPLB_CNT_NO_BACKEND);
@@ -579,7 +635,7 @@ static __noinline void touch(const struct xdplb_config *cfg, struct xdplb_flow_s
 
 	slot->last_seen = now;
 	flow_partner_key(flow, proto, &partner);
-	s = flow_find(cfg, &partner, flow_hash(&partner, cfg->hash_seed), &other, now, NULL);
+	s = flow_find(cfg, &partner, flow_hash(&partner, cfg->flow_seed), &other, now, NULL);
 	if (s)
 		s->last_seen = now;
 }
@@ -609,7 +665,7 @@ static __noinline int translate_icmp_error(struct xdp_md *ctx, const struct xdpl
 	key.sport = ports[1];
 	key.dport = ports[0];
 	key.proto = inner->protocol;
-	if (!flow_find(cfg, &key, flow_hash(&key, cfg->hash_seed), &copy, 0, NULL))
+	if (!flow_find(cfg, &key, flow_hash(&key, cfg->flow_seed), &copy, 0, NULL))
 		return pass(XDPLB_CNT_PASS);
 
 	if (inner->protocol == IPPROTO_UDP) {
@@ -736,7 +792,7 @@ int xdplb_main(struct xdp_md *ctx)
 		return pass(XDPLB_CNT_PASS);
 
 	now = now_ticks(cfg);
-	pkt.hash = flow_hash(&pkt.key, cfg->hash_seed);
+	pkt.hash = flow_hash(&pkt.key, cfg->flow_seed);
 	if (pkt.tcp && (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN)
 		pkt.planned = plan_syn(ctx, cfg, &pkt);
 	slot = flow_find(cfg, &pkt.key, pkt.hash, &flow, now, &pkt.place);
@@ -767,7 +823,7 @@ int xdplb_main(struct xdp_md *ctx)
 		if (pkt.tcp && ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) ||
 				(flow.flags & (XDPLB_FLOW_HANDSHAKE | XDPLB_FLOW_FIN_BACKEND))))
 			track_tcp_state(ctx, cfg, &pkt, slot, &flow);
-		follow_backend_hop(cfg, &flow);
+		follow_backend_hop(cfg, slot, pkt.place.seq, &flow);
 		return forward(ctx, cfg, &pkt, &flow,
 			       (flow.flags & XDPLB_FLOW_REPLY) ? XDPLB_EV_REPLY : XDPLB_EV_FLOW);
 	}

@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define XDPLB_ABI_VERSION 5
+#define XDPLB_ABI_VERSION 6
 
 /* Limits. Map sizes derived from these are fixed at load time. */
 #define XDPLB_MAX_SERVICES 512
@@ -69,6 +69,9 @@ enum xdplb_port_flags {
 /* xdplb_config.flags */
 enum xdplb_config_flags {
 	XDPLB_CFG_TRACE = 1 << 0, /* trace while xdplb_config.trace_until lies ahead */
+	/* Control plane only: next hops are being rewritten and hop_gen must be bumped once
+	 * they are, even by a re-run after the writer was killed. */
+	XDPLB_CFG_HOPS_PENDING = 1 << 1,
 };
 
 /* Tracing is a lease: `xdplb trace` sets XDPLB_CFG_TRACE with a deadline a few seconds
@@ -122,6 +125,7 @@ enum xdplb_counter {
 	XDPLB_CNT_EVICTED,           /* live flows pushed out by new ones (table too small) */
 	XDPLB_CNT_SNAT_EXHAUSTED,    /* SYN with no SNAT source the backend would accept: dropped */
 	XDPLB_CNT_SNAT_REUSED,       /* a closed flow's SNAT source given to a newer SYN */
+	XDPLB_CNT_BACKEND_MISMATCH,  /* ring slot naming another service's backend: counted no_backend too */
 	XDPLB_CNT_MAX,
 };
 
@@ -213,7 +217,7 @@ struct xdplb_flow {
 	__u16 service_id;
 	__u16 backend_id;
 	__u8 flags; /* enum xdplb_flow_flags */
-	__u8 hop_gen; /* low byte of xdplb_config.hop_gen when the next hop was copied */
+	__u8 hop_gen; /* low byte of xdplb_config.hop_gen when the next hop was last known right */
 	__u16 udp_timeout_s; /* the service's, when the flow was created (0: the interface's) */
 };
 
@@ -242,7 +246,7 @@ struct xdplb_flow_end {
 struct xdplb_config {
 	__u32 abi_version;
 	__u32 flags;      /* enum xdplb_config_flags */
-	__u32 hash_seed;  /* same seed on every node => same backend for a flow */
+	__u32 hash_seed;  /* Maglev: same seed on every node => same backend for a flow */
 	__u16 snat_port_min;
 	__u16 snat_port_max;
 	__u32 flow_mask;  /* xdplb_flows slots - 1 */
@@ -267,6 +271,10 @@ struct xdplb_config {
 	__u32 hop_gen;
 	/* While XDPLB_CFG_TRACE is set: trace until this tick (see XDPLB_TRACE_LEASE_MAX_TICKS). */
 	__u32 trace_until;
+	/* Seed of the flow table's hash, set when the table is new and kept for its life:
+	 * a flow is found where the seed of its creation put it, and hash_seed is a setting
+	 * a user may change (a new Maglev ring) while flows are open. */
+	__u32 flow_seed;
 	/* Sources of packets sent to backends (last: only new flows read them): a backend's
 	 * SNAT cursor c hands out address c % count with port min + (c / count) % span. */
 	__u32 snat_addr_count; /* 1 to XDPLB_MAX_SNAT_ADDRS */

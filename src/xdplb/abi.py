@@ -13,7 +13,7 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 # Network byte order fields are kept as raw bytes-in-an-integer: converted at the edge.
 be16, be32 = ctypes.c_uint16, ctypes.c_uint32
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_SERVICES = 512
 SERVICE_SLOTS = 4096
 SERVICE_PROBES = 16
@@ -42,6 +42,7 @@ class PortFlags(enum.IntFlag):
 
 class ConfigFlags(enum.IntFlag):
     TRACE = 1 << 0
+    HOPS_PENDING = 1 << 1
 
 
 class ServiceFlags(enum.IntFlag):
@@ -81,7 +82,8 @@ class Counter(enum.IntEnum):
     EVICTED = 13
     SNAT_EXHAUSTED = 14
     SNAT_REUSED = 15
-    MAX = 16
+    BACKEND_MISMATCH = 16
+    MAX = 17
 
 
 class TraceEvent(enum.IntEnum):
@@ -144,7 +146,7 @@ class Config(ctypes.Structure):
                 ("tcp_expiry_ticks", u32), ("tcp_closing_expiry_ticks", u32), ("udp_expiry_ticks", u32),
                 ("tcp_syn_expiry_ticks", u32),
                 ("tick_shift", u32), ("ticks_per_s", u32), ("touch_ticks", u32), ("hop_gen", u32),
-                ("trace_until", u32), ("snat_addr_count", u32),
+                ("trace_until", u32), ("flow_seed", u32), ("snat_addr_count", u32),
                 ("snat_addrs", be32 * MAX_SNAT_ADDRS)]
 
 
