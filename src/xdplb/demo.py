@@ -47,7 +47,7 @@ def fetch(vip: str, port: int, count: int) -> collections.Counter:
     return run_in_netns(f"{lab.DEFAULT_PREFIX}-client", work)
 
 
-def run_demo(backends: int = 2) -> None:
+def run_demo(backends: int = lab.DEFAULT_BACKENDS) -> None:
     lb_ns = f"{lab.DEFAULT_PREFIX}-lb"
     _run(["lab", "up", "--backends", str(backends)])
     addresses = [h.address for h in lab.hosts(lab.DEFAULT_PREFIX, backends, 1) if h.role == "backend"]

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Errors of the xdplb library. Each message names the problem and the fix; cli.py
-turns them into one-line click errors (exit 1, or 2 for usage mistakes)."""
+turns them into one-line click errors (exit 1, or 2 for usage mistakes; a VerifierError
+adds the verifier's last lines)."""
 from __future__ import annotations
 
 import re

@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Health checks of backends: TCP connect, HTTP GET, UDP request/answer, or a command.
 
-One thread per (service, backend) probes every `interval`; `fall` failures in a row mark
-a backend down and `rise` successes mark it up again. Backends start up, so a restart
-of `xdplb serve` does not empty the rings while the first probes run.
+One thread per target (for serve: a checked backend of a service on an interface)
+probes every `interval`; `fall` failures in a row mark a backend down and `rise`
+successes mark it up again. Backends start up, so a restart of `xdplb serve` does not
+empty the rings while the first probes run.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def parse_check(where: str, table, fail) -> CheckSpec | None:
         if key not in CHECK_KEYS:
             fail(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(CHECK_KEYS))}")
             ok = False
-    kind = table.get("type", "tcp")
+    kind = table.get("type", CheckSpec.type)
     if kind not in KINDS:
         fail(f"{where}.type", f"must be one of {', '.join(KINDS)}, not {kind!r}")
         ok = False

@@ -24,23 +24,26 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute, netns
-from pyroute2.netlink.exceptions import NetlinkError
-
+from . import netlink
 from .errors import PrerequisiteError, UsageError, XdplbError
+from .labserver import HTTP_PORT, UDP_PORT
+from .libbpf import libbpf
 from .namespaces import run_in_netns
-from .stubs import attach_pass_program
 
 DEFAULT_PREFIX = "xdplb"
 SUBNET = ipaddress.IPv4Network("10.42.0.0/24")
 LB_ADDR = SUBNET[2]
 CLIENT_BASE = 10
 BACKEND_BASE = 101
-HTTP_PORT = 80
-UDP_PORT = 5353
 STATE_DIR = Path("/run/xdplb/lab")
+DEFAULT_BACKENDS = 2
+DEFAULT_CLIENTS = 1
 MAX_BACKENDS = 26
 MAX_CLIENTS = 9
+XDP_PASS = 2
+# r0 = XDP_PASS; exit (raw instructions: no compiler needed)
+PASS_INSNS = bytes([0xB7, 0, 0, 0, XDP_PASS, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
+PASS_NAME = "xdplb_pass"
 
 
 @dataclass
@@ -107,28 +110,37 @@ def _ethtool_offloads_off(namespace: str) -> None:
 
 
 def _ensure_namespace(name: str) -> None:
-    if name not in netns.listnetns():
-        netns.create(name)
-    with IPRoute(netns=name) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    if name not in netlink.netns_names():
+        netlink.add_netns(name)
+    netlink.set_link_up("lo", netns=name)
 
 
 def _ensure_host(bridge_ns: str, host: Host) -> None:
     _ensure_namespace(host.namespace)
-    with IPRoute(netns=host.namespace) as ipr:
-        present = ipr.link_lookup(ifname="eth0")
-    if not present:
-        with IPRoute(netns=bridge_ns) as ipr:
-            ipr.link("add", ifname=_bridge_port(host), kind="veth",
-                     peer={"ifname": "eth0", "net_ns_fd": host.namespace})
-            port = ipr.link_lookup(ifname=_bridge_port(host))[0]
-            bridge = ipr.link_lookup(ifname="br0")[0]
-            ipr.link("set", index=port, master=bridge, state="up")
-        with IPRoute(netns=host.namespace) as ipr:
-            eth0 = ipr.link_lookup(ifname="eth0")[0]
-            ipr.addr("add", index=eth0, address=host.address, prefixlen=SUBNET.prefixlen)
-            ipr.link("set", index=eth0, state="up")
+    if not netlink.has_link("eth0", netns=host.namespace):
+        port = _bridge_port(host)
+        netlink.add_veth(port, "eth0", netns=bridge_ns, peer_netns=host.namespace)
+        netlink.set_link_up(port, netns=bridge_ns, master="br0")
+        netlink.add_ipv4_address("eth0", host.address, SUBNET.prefixlen, netns=host.namespace)
+        netlink.set_link_up("eth0", netns=host.namespace)
         _ethtool_offloads_off(host.namespace)
+
+
+def load_pass_program() -> int:
+    """Loads the pass-through XDP program (r0 = XDP_PASS; exit); returns its fd."""
+    return libbpf().load_xdp_insns(PASS_NAME, PASS_INSNS, "load pass-through XDP program")
+
+
+def attach_pass_program(namespace: str, ifname: str) -> None:
+    """Attaches the pass-through program (native mode) unless something is there."""
+    link = netlink.get_link(ifname, netns=namespace)
+    if link.xdp_prog_id:
+        return
+    fd = load_pass_program()
+    try:
+        netlink.attach_xdp(link.index, fd, "native", replace=True, netns=namespace)
+    finally:
+        os.close(fd)
 
 
 def _start_server(prefix: str, host: Host) -> int:
@@ -175,7 +187,7 @@ def _wait_listening(host: Host, timeout: float = 5.0) -> None:
                      f"{STATE_DIR}/*/{host.namespace}.log")
 
 
-def up(backends: int = 2, clients: int = 1, prefix: str = DEFAULT_PREFIX) -> list[Host]:
+def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix: str = DEFAULT_PREFIX) -> list[Host]:
     """Creates what is missing of the lab (idempotent) and returns its hosts."""
     _check_prefix(prefix)
     if not 1 <= backends <= MAX_BACKENDS:
@@ -188,10 +200,9 @@ def up(backends: int = 2, clients: int = 1, prefix: str = DEFAULT_PREFIX) -> lis
     lab = hosts(prefix, backends, clients)
     try:
         _ensure_namespace(bridge_ns)
-        with IPRoute(netns=bridge_ns) as ipr:
-            if not ipr.link_lookup(ifname="br0"):
-                ipr.link("add", ifname="br0", kind="bridge")
-            ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
+        if not netlink.has_link("br0", netns=bridge_ns):
+            netlink.add_bridge("br0", netns=bridge_ns)
+        netlink.set_link_up("br0", netns=bridge_ns)
         for host in lab:
             _ensure_host(bridge_ns, host)
         lb = next(h for h in lab if h.role == "lb")
@@ -202,13 +213,13 @@ def up(backends: int = 2, clients: int = 1, prefix: str = DEFAULT_PREFIX) -> lis
         for host in lab:
             if host.role == "backend":
                 _wait_listening(host)
-    except (NetlinkError, OSError) as exc:
+    except (netlink.NetlinkError, OSError) as exc:
         raise XdplbError(f"lab setup failed: {exc}; clean up with: xdplb lab down") from exc
     return lab
 
 
 def existing_hosts(prefix: str = DEFAULT_PREFIX) -> list[Host]:
-    names = set(netns.listnetns())
+    names = set(netlink.netns_names())
     out = []
     for host in hosts(prefix, MAX_BACKENDS, MAX_CLIENTS):
         if host.namespace in names:
@@ -226,9 +237,9 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
         if pid:
             os.killpg(pid, signal.SIGTERM)
         _pidfile(prefix, host).unlink(missing_ok=True)
-    for name in sorted(netns.listnetns()):
+    for name in sorted(netlink.netns_names()):
         if name == f"{prefix}-bridge" or any(name == h.namespace for h in hosts(prefix, MAX_BACKENDS, MAX_CLIENTS)):
-            netns.remove(name)
+            netlink.remove_netns(name)
             removed.append(name)
     state = STATE_DIR / prefix
     if state.exists():

@@ -8,6 +8,9 @@ import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+HTTP_PORT = 80
+UDP_PORT = 5353
+
 
 def make_handler(name: str, address: str):
     body = f"hello from {name} ({address})\n".encode()
@@ -44,8 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", required=True)
     parser.add_argument("--address", default="0.0.0.0")
-    parser.add_argument("--http-port", type=int, default=80)
-    parser.add_argument("--udp-port", type=int, default=5353)
+    parser.add_argument("--http-port", type=int, default=HTTP_PORT)
+    parser.add_argument("--udp-port", type=int, default=UDP_PORT)
     args = parser.parse_args()
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer.request_queue_size = 1024

@@ -19,6 +19,7 @@ c_int, c_uint32, c_uint64, c_void_p, c_char_p = (
 
 BPF_ANY = 0
 BPF_MAP_TYPE_ARRAY = 2
+BPF_PROG_TYPE_XDP = 6
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 BPF_OBJ_NAME_LEN = 16
 PRINT_BUFFER_BYTES = 4 << 20  # room for a verifier log of the largest size libbpf asks for
@@ -192,6 +193,12 @@ class Libbpf:
                 raise BpfError(f"cannot size map {name} to {size} entries")
         return self.load_opened(obj)
 
+    def load_xdp_insns(self, name: str, insns: bytes, what: str) -> int:
+        """Loads an XDP program given as raw instructions (GPL); returns its fd. `what`
+        names the program in the error."""
+        fd = self.lib.bpf_prog_load(BPF_PROG_TYPE_XDP, name.encode(), b"GPL", insns, len(insns) // 8, None)
+        return self.check(fd, what)
+
     def map_fd(self, obj: int, name: str) -> int:
         m = self.lib.bpf_object__find_map_by_name(obj, name.encode())
         if not m:
@@ -293,7 +300,7 @@ _instance: Libbpf | None = None
 
 
 def libbpf() -> Libbpf:
-    """The process's one libbpf handle (the only global state of xdplb)."""
+    """The process's one libbpf handle, loaded on first use."""
     global _instance
     if _instance is None:
         _instance = Libbpf()

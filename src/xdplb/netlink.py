@@ -1,8 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Netlink through pyroute2: interfaces, XDP attach/detach/query, addresses, next hops.
+"""Netlink through pyroute2: interfaces, XDP attach/detach/query, addresses, next hops,
+and the namespaces, veths and bridges the lab is built of. The only module that uses
+pyroute2.
 
-Everything works in the process's current network namespace; namespaces.py moves the
-process into the one the user asked for.
+Everything works in the process's current network namespace (namespaces.py moves the
+process into the one the user asked for), except where a function takes netns: then in
+the network namespace of that name (/run/netns/<netns>).
+
+Failed requests raise NetlinkError (re-exported from pyroute2); its .code is the errno.
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ import time
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import netns as _netns
+from pyroute2.netlink.exceptions import NetlinkError  # re-exported: callers catch netlink.NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import (XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE, XDP_FLAGS_SKB_MODE,
                                             XDP_FLAGS_UPDATE_IF_NOEXIST)
 
@@ -44,13 +50,19 @@ def _attr(msg, name, default=None):
     return default if value is None else value
 
 
-def get_link(name: str) -> Link:
-    with IPRoute() as ipr:
+def _ipr(netns: str | None = None) -> IPRoute:
+    """A netlink socket in network namespace netns, or in the current one."""
+    return IPRoute(netns=netns) if netns else IPRoute()
+
+
+def get_link(name: str, netns: str | None = None) -> Link:
+    with _ipr(netns) as ipr:
         try:
             msgs = ipr.link("get", ifname=name)
         except NetlinkError as exc:
             if exc.code in (errno.ENODEV, errno.ENOENT):
-                raise UsageError(f"no interface named {name!r} here; list them with: ip link") from exc
+                where = f"ip -n {netns} link" if netns else "ip link"
+                raise UsageError(f"no interface named {name!r} here; list them with: {where}") from exc
             raise
     msg = msgs[0]
     kind = ""
@@ -83,10 +95,16 @@ def local_ipv4_addresses() -> set[ipaddress.IPv4Address]:
         return {ipaddress.IPv4Address(m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr(family=socket.AF_INET)}
 
 
-def attach_xdp(index: int, prog_fd: int, mode: str, replace: bool) -> None:
+def link_names(netns: str | None = None) -> list[str]:
+    """The names of every interface of the namespace."""
+    with _ipr(netns) as ipr:
+        return [m.get_attr("IFLA_IFNAME") for m in ipr.get_links()]
+
+
+def attach_xdp(index: int, prog_fd: int, mode: str, replace: bool, netns: str | None = None) -> None:
     """Attaches; unless replace is set, fails with EBUSY if any program is there."""
     flags = MODES[mode] | (0 if replace else XDP_FLAGS_UPDATE_IF_NOEXIST)
-    with IPRoute() as ipr:
+    with _ipr(netns) as ipr:
         ipr.link("set", index=index,
                  xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", flags)]})
 
@@ -105,6 +123,53 @@ def detach_xdp(index: int, mode: str) -> None:
     with IPRoute() as ipr:
         ipr.link("set", index=index,
                  xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
+
+
+# Building topologies (the lab, tests): namespaces, veths, bridges, addresses.
+
+def netns_names() -> list[str]:
+    """The named network namespaces (those under /run/netns)."""
+    return _netns.listnetns()
+
+
+def add_netns(name: str) -> None:
+    _netns.create(name)
+
+
+def remove_netns(name: str) -> None:
+    _netns.remove(name)
+
+
+def has_link(ifname: str, netns: str | None = None) -> bool:
+    with _ipr(netns) as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def set_link_up(ifname: str, netns: str | None = None, master: str | None = None) -> None:
+    """Brings the interface up, first making it a port of bridge `master` if given."""
+    with _ipr(netns) as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        if master is None:
+            ipr.link("set", index=index, state="up")
+        else:
+            ipr.link("set", index=index, master=ipr.link_lookup(ifname=master)[0], state="up")
+
+
+def add_bridge(name: str, netns: str | None = None) -> None:
+    with _ipr(netns) as ipr:
+        ipr.link("add", ifname=name, kind="bridge")
+
+
+def add_veth(name: str, peer: str, netns: str | None = None, peer_netns: str | None = None) -> None:
+    """A veth pair: `name` in netns, `peer` in peer_netns (or beside it when None)."""
+    peer_spec = {"ifname": peer} if peer_netns is None else {"ifname": peer, "net_ns_fd": peer_netns}
+    with _ipr(netns) as ipr:
+        ipr.link("add", ifname=name, kind="veth", peer=peer_spec)
+
+
+def add_ipv4_address(ifname: str, address: str, prefixlen: int, netns: str | None = None) -> None:
+    with _ipr(netns) as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=address, prefixlen=prefixlen)
 
 
 @dataclass

@@ -103,10 +103,10 @@ def tracefs() -> Path:
 
 def follow(ifindex: int | None, raw: bool = False, duration: float | None = None,
            stop=lambda: False, renew: Callable[[], None] | None = None) -> Iterator[str]:
-    """Yields decoded lines (or raw ones) for one interface until duration elapses or
-    stop() says so, calling renew() (the trace lease) every RENEW_S meanwhile.
-    Renewed only while the caller takes lines: a reader that stops reading stops
-    tracing too."""
+    """Yields decoded lines (or raw ones) for interface ifindex (every interface when
+    None) until duration elapses or stop() says so, calling renew() (the trace lease)
+    every RENEW_S meanwhile. Renewed only while the caller takes lines: a reader that
+    stops reading stops tracing too."""
     pipe = tracefs() / "trace_pipe"
     deadline = time.monotonic() + duration if duration else None
     renewed = time.monotonic()

@@ -13,7 +13,7 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from xdplb import build
-from xdplb.stubs import attach_pass_program
+from xdplb.lab import attach_pass_program
 
 NS = "xdplb-t-bad"
 PEER_NS = "xdplb-t-badpeer"
