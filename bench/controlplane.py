@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from xdplb import lab
+from xdplb import lab, plan
 from xdplb.model import Backend, Service
 
 from xdplb.netlink import NextHop
 
-from .perpacket import LB_MAC, LOOPBACK, SNAT_PORTS, VIP, Bench
+from .perpacket import LB_MAC, LOOPBACK, VIP, Bench
 
 PREFIX = "xdplb-b"
 LB_NS = f"{PREFIX}-lb"
@@ -44,7 +44,7 @@ def fake_backends(n: int, base: str = "10.200.0.0") -> list[str]:
 
 
 def ring_swaps(sizes: list[int], runs: int) -> list[Timing]:
-    """DataPlane.apply after one backend changes weight: Maglev recomputed in Python,
+    """DataPlane.sync after one backend changes weight: Maglev recomputed in Python,
     a new inner map filled and swapped in."""
     bench = Bench(10_000)
     out = []
@@ -53,13 +53,13 @@ def ring_swaps(sizes: list[int], runs: int) -> list[Timing]:
             addrs = fake_backends(n)
             hops = {a: NextHop(LOOPBACK, "02:00:00:00:00:b0", LB_MAC) for a in addrs}
             backends = [Backend(ipaddress.IPv4Address(a), 80, 1) for a in addrs]
-            bench.dp.apply([Service(ipaddress.IPv4Address(VIP), 80, "tcp", backends)], hops, 1, SNAT_PORTS)
+            bench.dp.sync(plan.Wanted(bench.settings, [Service(ipaddress.IPv4Address(VIP), 80, "tcp", backends)], hops))
             times = []
             for r in range(runs):
                 backends[0] = Backend(backends[0].addr, 80, 2 + r)
                 svc = Service(ipaddress.IPv4Address(VIP), 80, "tcp", list(backends))
                 start = time.perf_counter()
-                bench.dp.apply([svc], hops, 1, SNAT_PORTS)
+                bench.dp.sync(plan.Wanted(bench.settings, [svc], hops))
                 times.append(time.perf_counter() - start)
             out.append(Timing(f"recompute + swap ring, {n} backends", times))
     finally:

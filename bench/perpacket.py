@@ -21,7 +21,9 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from xdplb import abi, build
-from xdplb.dataplane import DataPlane, flow_slots
+from xdplb import plan
+from xdplb.dataplane import DataPlane
+from xdplb.layout import flow_slots
 from xdplb.libbpf import libbpf
 from xdplb.model import Backend, Service, Settings
 from xdplb.netlink import NextHop
@@ -101,13 +103,13 @@ class Bench:
         fds = {name: os.dup(lib.map_fd(obj, name)) for name in abi.MAPS}
         lib.bpf_object__close(obj)
         self.dp = DataPlane(fds)
-        self.dp.write_settings(Settings(snat_addrs=[ipaddress.IPv4Address(VIP)], snat_port_min=SNAT_PORTS[0],
-                                        snat_port_max=SNAT_PORTS[1]))
+        self.settings = Settings(snat_addrs=[ipaddress.IPv4Address(VIP)], snat_port_min=SNAT_PORTS[0],
+                                 snat_port_max=SNAT_PORTS[1], hash_seed=1)
         hops = {b: hop or NextHop(LOOPBACK, f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", LB_MAC)
                 for i, b in enumerate(BACKENDS)}
         services = [Service(ipaddress.IPv4Address(VIP), 80, proto,
                             [Backend(ipaddress.IPv4Address(b), 80) for b in BACKENDS]) for proto in ("tcp", "udp")]
-        self.dp.apply(services, hops, 1, SNAT_PORTS)
+        self.dp.sync(plan.Wanted(self.settings, services, hops))
         self.slots = flow_slots(flows)
         obj = lib.load_object(str(BENCH_OBJECT), {"bench_mem": self.slots})
         self.progs = {name: os.dup(lib.prog_fd(obj, name))

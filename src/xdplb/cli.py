@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The xdplb command line: parse options, call the library, print."""
+"""The xdplb command line: parse options, call control (and lab, build), print."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,9 @@ import sys
 import time
 
 import click
-from click.core import ParameterSource
 
 from . import build as build_mod
-from . import config, control, lab as lab_mod, loader, model, namespaces, trace as trace_mod
-from .dataplane import flow_slots
+from . import control, lab as lab_mod, model, namespaces, netlink, report, trace as trace_mod
 from .errors import UsageError, XdplbError
 
 
@@ -72,9 +70,7 @@ def complete_iface(ctx, param, incomplete):
     from click.shell_completion import CompletionItem
     try:
         netns = ctx.find_root().params.get("netns")
-        from pyroute2 import IPRoute
-        with (IPRoute(netns=netns) if netns else IPRoute()) as ipr:
-            names = [m.get_attr("IFLA_IFNAME") for m in ipr.get_links()]
+        names = netlink.link_names(netns)
     except Exception:  # completion must never fail loudly
         return []
     return [CompletionItem(n) for n in names if n.startswith(incomplete)]
@@ -84,7 +80,7 @@ def _enter(ctx) -> None:
     """Moves into the requested network namespace, keeping the host's bpffs in view."""
     netns = ctx.obj.get("netns")
     if netns:
-        loader.ensure_root()
+        control.ensure_root()
         namespaces.enter_netns(netns)
     namespaces.join_host_mounts()
 
@@ -125,8 +121,9 @@ def build():
               help="Source addresses towards backends, up to 16, used in turn (each adds a port "
                    "range of tuples per backend) [default: the interface's primary IPv4].")
 @click.option("--snat-ports", metavar="LOW-HIGH", help="Source ports towards backends [default: 10000-32767].")
-@click.option("--flows", type=click.IntRange(1024, config.FLOWS_MAX), default=config.FLOWS_DEFAULT, show_default=True,
-              help="Flow table capacity (connections); memory is reserved up front.")
+@click.option("--flows", type=click.IntRange(1024, model.FLOWS_MAX),
+              help=f"Flow table capacity (connections); memory is reserved up front [default: {model.FLOWS_DEFAULT}, "
+                   "or the running table's].")
 @click.option("--seed", type=click.IntRange(0, 0xFFFFFFFF), help="Hash seed; the same on every node of a cluster.")
 @click.option("--force", is_flag=True, help="Replace an XDP program that is not xdplb's.")
 @click.pass_context
@@ -150,47 +147,22 @@ def attach(ctx, iface, backends, vip, port, proto, mode, clients, not_allowed, s
         clients=model.parse_networks(clients) if clients else [], not_allowed=not_allowed, force=force,
         snat_addrs=model.parse_snat_addresses(snat) if snat else None,
         snat_ports=model.parse_port_range(snat_ports) if snat_ports else None, flows=flows, seed=seed)
-    _check_attach_options(ctx, req)
-    attachment, notes, loaded = control.attach(req)
-    for note in notes:
+    _check_attach_options(req)
+    outcome, svc = control.attach(req)
+    for note in outcome.notes:
         click.echo(note)
-    svc = next(s for s in attachment.dataplane.services() if s.port == req.port and s.proto == proto
-               and (req.vip is None or s.vip == req.vip))
-    verb = "attached to" if loaded else "updated on"
-    click.echo(f"xdplb {verb} {iface} (program {attachment.prog_id}, {attachment.mode} mode): "
+    verb = "attached to" if outcome.loaded else "updated on"
+    click.echo(f"xdplb {verb} {iface} (program {outcome.program_id}, {outcome.mode} mode): "
                f"{svc.name} -> {', '.join(b.endpoint for b in svc.backends)}")
-    attachment.dataplane.close()
 
 
-def _check_attach_options(ctx, req: control.AttachRequest) -> None:
-    """Refuses, before anything changes, what attach would otherwise take silently: a
-    service port among the SNAT ports (given, running or default), where the data plane
-    could not tell clients from backends' replies, and on an attached interface a --flows
-    other than its running capacity (the flow table is fixed while attached)."""
-    def port_clash(lo: int, hi: int, which: str) -> None:
-        if lo <= req.port <= hi:
-            raise UsageError(f"--port {req.port} is inside {which} {lo}-{hi}, where the backends' replies "
-                             f"arrive: give a port outside {lo}-{hi}, or --snat-ports LOW-HIGH without it")
-    if req.snat_ports:
-        port_clash(*req.snat_ports, "--snat-ports")
-    loader.ensure_root()
-    found = loader.find(req.ifname)
-    if found is None:
-        if not req.snat_ports:
-            port_clash(model.Settings.snat_port_min, model.Settings.snat_port_max, "the default SNAT ports")
-        return
-    try:
-        dp = found.dataplane
-        if not req.snat_ports:
-            running = dp.read_settings()
-            port_clash(running.snat_port_min, running.snat_port_max, f"the SNAT ports of {req.ifname}")
-        given = ctx.get_parameter_source("flows") in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-        if given and flow_slots(req.flows) != dp.flow_slot_count():
-            raise UsageError(f"--flows {req.flows}: the flow table on {req.ifname} holds {dp.flow_capacity()} "
-                             "flows, fixed while attached; leave --flows out, or detach first to resize "
-                             "(drops established flows)")
-    finally:
-        found.dataplane.close()
+def _check_attach_options(req: control.AttachRequest) -> None:
+    """A service port among the given SNAT ports is refused before anything else,
+    in the words of the options (converge refuses the running or default range too)."""
+    if req.snat_ports and req.snat_ports[0] <= req.port <= req.snat_ports[1]:
+        lo, hi = req.snat_ports
+        raise UsageError(f"--port {req.port} is inside --snat-ports {lo}-{hi}, where the backends' replies "
+                         f"arrive: give a port outside {lo}-{hi}, or --snat-ports LOW-HIGH without it")
 
 
 @main.command()
@@ -238,7 +210,7 @@ def status(ctx, iface, as_json):
       xdplb -n xdplb-lb status eth0 --json
     """
     _enter(ctx)
-    entries = control.status(iface)
+    entries = report.status(iface)
     if as_json:
         _echo_json(entries)
         return
@@ -265,39 +237,23 @@ def trace(ctx, iface, raw, duration):
       xdplb -n xdplb-lb trace eth0 --duration 5
     """
     _enter(ctx)
-    loader.ensure_root()
-    names = [iface] if iface else loader.attached_interfaces()
-    if not names:
-        raise XdplbError("xdplb is not attached to any interface here; attach it first")
-    attachments = []
+    session = report.TraceSession(iface)
     try:
-        for name in names:
-            found = loader.find(name)
-            if found is None:
-                raise XdplbError(f"xdplb is not attached to {name}; attach it first")
-            attachments.append(found)
-        ifindex = attachments[0].link.index if len(attachments) == 1 else None
         trace_mod.tracefs()
         # A closed terminal (SIGHUP) ends tracing at once like Ctrl-C; SIGKILL leaves it
         # to the lease.
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-
-        def renew():
-            for a in attachments:
-                a.dataplane.renew_trace()
-        renew()
-        click.echo(f"tracing {', '.join(names)} (Ctrl-C to stop)", err=True)
+        session.renew()
+        click.echo(f"tracing {', '.join(session.names)} (Ctrl-C to stop)", err=True)
         try:
-            for line in trace_mod.follow(ifindex, raw=raw, duration=duration, renew=renew):
+            for line in trace_mod.follow(session.ifindex, raw=raw, duration=duration, renew=session.renew):
                 click.echo(line)
                 sys.stdout.flush()
         except KeyboardInterrupt:
             pass
     finally:
-        for a in attachments:
-            a.dataplane.set_trace(False)
-            a.dataplane.close()
+        session.close()
 
 
 def _print_changes(lines: list[str], nothing: str = "no changes") -> None:
@@ -370,7 +326,7 @@ def service_list(ctx, iface, as_json):
       xdplb service list eth0 --json
     """
     _enter(ctx)
-    (entry,) = control.status(iface)
+    (entry,) = report.status(iface)
     services = entry.get("services", [])
     if as_json:
         _echo_json([{k: s[k] for k in ("vip", "port", "proto", "clients", "not_allowed", "ring_size",
@@ -474,12 +430,8 @@ def backend_list(ctx, iface, service, as_json):
       xdplb backend list eth0 10.0.0.2:80
     """
     _enter(ctx)
-    vip, port, proto = control.parse_service(service)
-    (entry,) = control.stats(iface)
-    match = [s for s in entry["services"] if (s["vip"], s["port"], s["proto"]) == (str(vip), port, proto)]
-    if not match:
-        raise UsageError(f"no service {vip}:{port}/{proto} on {iface}; list them with: xdplb service list {iface}")
-    rows = [{k: b[k] for k in ("address", "port", "weight", "active_flows", "new_flows")} for b in match[0]["backends"]]
+    rows = [{k: b[k] for k in ("address", "port", "weight", "active_flows", "new_flows")}
+            for b in report.backend_list(iface, service)]
     if as_json:
         _echo_json(rows)
         return
@@ -487,6 +439,7 @@ def backend_list(ctx, iface, service, as_json):
         click.echo(f"{r['address']}:{r['port']}  weight {r['weight']}  active flows {r['active_flows']}  "
                    f"flows so far {r['new_flows']}")
     if not rows:
+        vip, port, proto = model.parse_service(service)
         click.echo(f"no backends in {vip}:{port}/{proto}")
 
 
@@ -519,7 +472,7 @@ def export(ctx, iface):
       xdplb -n xdplb-lb export > lb.toml
     """
     _enter(ctx)
-    click.echo(control.export(iface), nl=False)
+    click.echo(report.export(iface), nl=False)
 
 
 def _rates(now: list[dict], before: list[dict] | None) -> None:
@@ -565,7 +518,7 @@ def _stats_table(entries: list[dict]) -> list[str]:
         nonzero = ", ".join(f"{k} {v}" for k, v in e["counters"].items() if v) or "none yet"
         lines.append(f"  counters: {nonzero}")
         if e["counters"].get("snat_exhausted"):
-            lines.append(f"  note: {control.SNAT_EXHAUSTED_REMEDY}")
+            lines.append(f"  note: {report.SNAT_EXHAUSTED_REMEDY}")
     return lines
 
 
@@ -589,9 +542,9 @@ def stats(ctx, iface, as_json, watch, interval):
     if watch is None:
         before = None
         if interval > 0:
-            before = control.stats(iface)
+            before = report.stats(iface)
             time.sleep(interval)
-        entries = control.stats(iface)
+        entries = report.stats(iface)
         _rates(entries, before)
         if as_json:
             _echo_json(entries)
@@ -601,7 +554,7 @@ def stats(ctx, iface, as_json, watch, interval):
     before = None
     try:
         while True:
-            entries = control.stats(iface)
+            entries = report.stats(iface)
             _rates(entries, before)
             before = entries
             if as_json:
@@ -656,7 +609,7 @@ def upgrade(ctx, iface):
 
 
 @main.command()
-@click.option("--backends", type=click.IntRange(1, 26), default=2, show_default=True)
+@click.option("--backends", type=click.IntRange(1, lab_mod.MAX_BACKENDS), default=lab_mod.DEFAULT_BACKENDS, show_default=True)
 def demo(backends):
     """Run the whole demo on the built-in lab, then clean up.
 
@@ -679,8 +632,8 @@ def lab():
 
 
 @lab.command("up")
-@click.option("--backends", type=int, default=2, show_default=True, help="How many backends.")
-@click.option("--clients", type=int, default=1, show_default=True, help="How many client namespaces.")
+@click.option("--backends", type=int, default=lab_mod.DEFAULT_BACKENDS, show_default=True, help="How many backends.")
+@click.option("--clients", type=int, default=lab_mod.DEFAULT_CLIENTS, show_default=True, help="How many client namespaces.")
 @click.option("--prefix", default=lab_mod.DEFAULT_PREFIX, show_default=True, hidden=True)
 def lab_up(backends, clients, prefix):
     """Create the lab (idempotent).

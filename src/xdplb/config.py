@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The declarative configuration file (TOML): reading and validating it, writing the
-running state back out as one, and describing the difference between the two.
+"""The declarative configuration file (TOML): reading and validating it into the model
+(model.InterfaceConfig), and writing the running state back out as one.
 
     [interfaces.eth0]
     mode = "auto"                 # auto | native | generic
@@ -27,17 +27,14 @@ running state back out as one, and describing the difference between the two.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import maglev, model
 from .errors import UsageError, XdplbError
-from .health import CheckSpec, parse_check
-from .model import Backend, Service, Settings
+from .health import parse_check
+from .model import FLOWS_DEFAULT, FLOWS_MAX, MODES, Backend, InterfaceConfig, Service  # noqa: F401 (re-exported)
 
-MODES = ("auto", "native", "generic")
 INTERFACE_KEYS = {"mode", "flows", "snat", "snat_ports", "seed", "timeouts", "services"}
 SERVICE_KEYS = {"vip", "port", "proto", "clients", "not_allowed", "backends", "ring_size", "udp_timeout", "health"}
 BACKEND_KEYS = {"address", "port", "weight"}
@@ -55,8 +52,6 @@ TIMEOUT_TOO_SHORT = {
                    "sooner hands out its SNAT source blindly, and 0 (never expire) holds it for ever; "
                    "give 120 (the default) or at least 60",
 }
-FLOWS_DEFAULT = 1_048_576
-FLOWS_MAX = 1 << 22  # 16M slots of 64 bytes: 1 GiB of flow table
 
 
 class ConfigError(XdplbError):
@@ -64,23 +59,6 @@ class ConfigError(XdplbError):
         self.problems = problems
         super().__init__(f"{path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}, nothing applied:\n  "
                          + "\n  ".join(problems))
-
-
-@dataclass
-class InterfaceConfig:
-    name: str
-    mode: str = "auto"
-    flows: int = FLOWS_DEFAULT
-    snat: list[ipaddress.IPv4Address] | None = None
-    snat_ports: tuple[int, int] = (10000, 32767)
-    seed: int = Settings.hash_seed
-    timeouts: dict = field(default_factory=lambda: Settings(snat_addrs=[]).timeouts())
-    services: list[Service] = field(default_factory=list)
-    health: dict[str, CheckSpec] = field(default_factory=dict)  # service name -> check (serve)
-
-    def settings(self, default_snat: list[ipaddress.IPv4Address]) -> Settings:
-        return Settings(snat_addrs=list(self.snat or default_snat), snat_port_min=self.snat_ports[0],
-                        snat_port_max=self.snat_ports[1], hash_seed=self.seed).with_timeouts(self.timeouts)
 
 
 class _Checker:
@@ -340,52 +318,3 @@ def dump(interfaces: list[InterfaceConfig]) -> str:
             lines.append("]")
         lines.append("")
     return "\n".join(lines)
-
-
-# ---- comparing -----------------------------------------------------------------------
-
-def diff_services(ifname: str, running: list[Service], wanted: list[Service]) -> list[str]:
-    """Human lines for what changes from running to wanted."""
-    out = []
-    have = {s.name: s for s in running}
-    want = {s.name: s for s in wanted}
-    for name in sorted(have.keys() - want.keys()):
-        out.append(f"{ifname}: - service {name}")
-    for name in sorted(want.keys() - have.keys()):
-        s = want[name]
-        out.append(f"{ifname}: + service {name} -> "
-                   + (", ".join(f"{b.endpoint} weight {b.weight}" for b in s.backends) or "no backends"))
-    for name in sorted(want.keys() & have.keys()):
-        old, new = have[name], want[name]
-        ob = {b.endpoint: b for b in old.backends}
-        nb = {b.endpoint: b for b in new.backends}
-        for ep in sorted(ob.keys() - nb.keys()):
-            out.append(f"{ifname}: service {name}: - backend {ep}")
-        for ep in sorted(nb.keys() - ob.keys()):
-            out.append(f"{ifname}: service {name}: + backend {ep} weight {nb[ep].weight}")
-        for ep in sorted(nb.keys() & ob.keys()):
-            if ob[ep].weight != nb[ep].weight:
-                out.append(f"{ifname}: service {name}: ~ backend {ep} weight {ob[ep].weight} -> {nb[ep].weight}")
-        if sorted(old.clients) != sorted(new.clients):
-            fmt = lambda nets: ", ".join(map(str, nets)) or "any"  # noqa: E731
-            out.append(f"{ifname}: service {name}: ~ clients {fmt(old.clients)} -> {fmt(new.clients)}")
-        if old.not_allowed != new.not_allowed:
-            out.append(f"{ifname}: service {name}: ~ not_allowed {old.not_allowed} -> {new.not_allowed}")
-        if old.ring_size != new.ring_size:
-            out.append(f"{ifname}: service {name}: ~ ring_size {old.ring_size} -> {new.ring_size}")
-        if old.udp_timeout_s != new.udp_timeout_s:
-            fmt = lambda t: f"{t} s" if t else "the interface's"  # noqa: E731
-            out.append(f"{ifname}: service {name}: ~ udp_timeout {fmt(old.udp_timeout_s)} -> {fmt(new.udp_timeout_s)}")
-    return out
-
-
-def diff_settings(ifname: str, old: Settings, new: Settings) -> list[str]:
-    out = []
-    pairs = [("snat", ",".join(map(str, old.snat_addrs)), ",".join(map(str, new.snat_addrs))),
-             ("snat_ports", f"{old.snat_port_min}-{old.snat_port_max}", f"{new.snat_port_min}-{new.snat_port_max}"),
-             ("seed", old.hash_seed, new.hash_seed),
-             *[(f"timeouts.{key}", old.timeouts()[key], new.timeouts()[key]) for key in model.TIMEOUT_FIELDS]]
-    for key, a, b in pairs:
-        if a != b:
-            out.append(f"{ifname}: ~ {key} {a} -> {b}")
-    return out

@@ -1,35 +1,28 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What the commands do, as a library: attach, detach, status. cli.py only parses and prints."""
+"""What the commands do, as a library: every command that changes an interface builds
+the wanted state of that interface (model.InterfaceConfig) and hands it to converge(),
+the one road to the maps. cli.py and serve.py call only this module for xdplb's state."""
 from __future__ import annotations
 
-import copy
 import ipaddress
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from . import config, loader, maglev, model, netlink
-from .dataplane import DataPlane, flow_slots
+from . import abi, config, layout, loader, locking, maglev, model, namespaces, netlink, plan, report
 from .errors import NotAttachedError, UsageError, XdplbError
-from .model import Backend, Service, Settings
+from .model import Backend, InterfaceConfig, Service
 
 DRAIN_POLL_S = 0.5
 
 
 @dataclass
-class AttachRequest:
-    ifname: str
-    backends: list
-    vip: ipaddress.IPv4Address | None = None
-    port: int = 80
-    proto: str = "tcp"
-    mode: str = "auto"
-    clients: list = field(default_factory=list)
-    not_allowed: str = "drop"  # clients outside `clients`: dropped, or "pass" to the kernel
-    force: bool = False
-    snat_addrs: list[ipaddress.IPv4Address] | None = None
-    snat_ports: tuple[int, int] | None = None
-    flows: int = config.FLOWS_DEFAULT
-    seed: int | None = None
+class Outcome:
+    """What converge did (or, in a dry run, would do)."""
+    lines: list[str]  # the changes, for people
+    notes: list[str] = field(default_factory=list)  # worth saying, not changes (mode chosen, warnings)
+    program_id: int = 0
+    mode: str = ""
+    loaded: bool = False  # a new program was loaded and attached
 
 
 def _next_hops(services: list[Service], known: dict | None = None) -> dict:
@@ -44,161 +37,204 @@ def _next_hops(services: list[Service], known: dict | None = None) -> dict:
     return hops
 
 
-def refresh_next_hops(ifname: str) -> list[str]:
-    """Rewrites the next hop of every backend whose MAC or route the kernel now sees
-    differently; returns a line per change."""
-    found = _attached(ifname)
-    try:
-        dp = found.dataplane
-        return [f"{ifname}: {line}" for line in dp.update_next_hops(netlink.next_hops_now(list(dp.next_hops())))]
-    finally:
-        found.dataplane.close()
+def problems(wanted: InterfaceConfig, found, link: netlink.Link, where: str = "") -> list[str]:
+    """What stops wanted from being applied to the interface as it is, each with the
+    fix; checked for every interface before anything changes anywhere."""
+    where = where or wanted.name
+    out = []
+    if isinstance(found, loader.ForeignProgram):
+        return [f"{where}: {wanted.name} carries XDP program {found.prog_id} ({found.name or 'unnamed'}), which is "
+                "not xdplb's; detach it first"]
+    if isinstance(found, loader.Attachment):
+        if wanted.mode != "auto" and wanted.mode != found.mode:
+            out.append(f"{where}.mode: xdplb is attached to {wanted.name} in {found.mode} mode; changing the mode to "
+                       f"{wanted.mode} needs xdplb detach {wanted.name} first (which drops established flows)")
+        if layout.flow_slots(wanted.flows) != found.dataplane.flow_slot_count():
+            out.append(f"{where}.flows: the running flow table holds {found.dataplane.flow_capacity()} flows; "
+                       f"resizing needs xdplb detach {wanted.name} (which drops established flows)")
+    elif not link.up:
+        out.append(f"{where}: {wanted.name} is down; bring it up with: ip link set {wanted.name} up")
+    lo, hi = wanted.snat_ports
+    for svc in wanted.services:
+        if lo <= svc.port <= hi:
+            out.append(f"{where}: service {svc.name}: port {svc.port} is inside the SNAT ports {lo}-{hi}, where the "
+                       f"backends' replies arrive: give the service a port outside {lo}-{hi}, or other SNAT "
+                       "ports (--snat-ports / snat_ports)")
+        if svc.ring_size < len(svc.backends):
+            out.append(f"{where}: service {svc.name}: {len(svc.backends)} backends do not fit a ring of "
+                       f"{svc.ring_size} slots (some would get no flows); give a larger prime --ring-size")
+    return out
 
 
-def counter(ifname: str, name: str) -> int:
-    """One of the data plane's counters (summed over CPUs)."""
-    found = _attached(ifname)
-    try:
-        return found.dataplane.counters()[name]
-    finally:
-        found.dataplane.close()
+def converge(wanted: InterfaceConfig, dry_run: bool = False, force: bool = False) -> Outcome:
+    """Makes one interface's maps hold `wanted`: reads what they hold, plans the writes
+    (plan.py) and carries them out, loading and attaching a program first if none is
+    there. Holds the interface's lock throughout, so concurrent changes follow each
+    other instead of planning from the same snapshot."""
+    loader.ensure_root()
+    link = netlink.get_link(wanted.name)
+    with locking.interface(wanted.name):
+        found = loader.open_attached(link)
+        try:
+            if isinstance(found, loader.ForeignProgram) and force:
+                found = None
+            trouble = problems(wanted, found, link)
+            if trouble:
+                raise UsageError("; ".join(p.split(": ", 1)[1] if p.startswith(wanted.name) else p
+                                           for p in trouble))
+            loader.remove_stale_pins(wanted.name, found.prog_id if isinstance(found, loader.Attachment) else 0)
+            if isinstance(found, loader.Attachment):
+                return _converge_running(wanted, found, dry_run)
+            return _attach_new(wanted, link, dry_run, replace=force)
+        finally:
+            if isinstance(found, loader.Attachment):
+                found.dataplane.close()
 
 
-def attach(req: AttachRequest) -> tuple[loader.Attachment, list[str], bool]:
-    """Attaches xdplb (or updates the running one in place). Returns the attachment
-    (the caller closes its dataplane), notes for the user, and whether a new program
-    was loaded."""
+def _converge_running(wanted: InterfaceConfig, found: loader.Attachment, dry_run: bool) -> Outcome:
+    dp = found.dataplane
+    settings = wanted.settings(dp.read_settings().snat_addrs)  # no snat given: keep the running one
+    _check_snat_range(settings)
+    hops = _next_hops(wanted.services, dp.next_hops())
+    p = dp.sync(plan.Wanted(settings, wanted.services, hops), wanted.name, dry_run)
+    return Outcome(p.lines, program_id=found.prog_id, mode=found.mode)
+
+
+def _attach_new(wanted: InterfaceConfig, link: netlink.Link, dry_run: bool, replace: bool) -> Outcome:
+    addresses = netlink.ipv4_addresses(link.index)
+    if not wanted.snat and not addresses:
+        raise UsageError(f"{link.name} has no IPv4 address to use as SNAT source; give --snat (snat = \"ADDR\") "
+                         "or add one (ip addr add)")
+    settings = wanted.settings([addresses[0].ip] if addresses else [])
+    _check_snat_range(settings)
+    local = netlink.local_ipv4_addresses()
+    notes = [f"note: SNAT address {a} is not an address of this host: backends must route it here"
+             for a in wanted.snat or [] if a not in local]
+    lines = [f"{link.name}: attach ({wanted.mode} mode, {len(wanted.services)} services)"] + \
+        plan.diff_services(link.name, [], wanted.services)
+    hops = _next_hops(wanted.services)
+    if dry_run:
+        return Outcome(lines, notes)
+    attachment, attach_notes = loader.load_and_attach(
+        link, wanted.mode, replace, layout.flow_slots(wanted.flows),
+        lambda dp: dp.sync(plan.Wanted(settings, wanted.services, hops), link.name))
+    attachment.dataplane.close()
+    return Outcome(lines, notes + attach_notes, attachment.prog_id, attachment.mode, loaded=True)
+
+
+def _check_snat_range(settings: model.Settings) -> None:
+    loader.check_snat_range(settings.snat_port_min, settings.snat_port_max)
+
+
+def change(ifname: str, edit) -> list[str]:
+    """Applies edit(wanted) (which changes the running wanted state in place) through
+    converge. Returns the lines describing what changed (empty: nothing to do)."""
+    with locking.interface(ifname):
+        found = _attached(ifname)
+        try:
+            wanted = report.running_config(ifname, found)
+        finally:
+            found.dataplane.close()
+        edit(wanted)
+        return converge(wanted).lines
+
+
+# ---- attach and detach -------------------------------------------------------------------
+
+@dataclass
+class AttachRequest:
+    ifname: str
+    backends: list
+    vip: ipaddress.IPv4Address | None = None
+    port: int = 80
+    proto: str = "tcp"
+    mode: str = "auto"
+    clients: list = field(default_factory=list)
+    not_allowed: str = "drop"  # clients outside `clients`: dropped, or "pass" to the kernel
+    force: bool = False
+    snat_addrs: list[ipaddress.IPv4Address] | None = None
+    snat_ports: tuple[int, int] | None = None
+    flows: int | None = None  # None: the running table's, or the default
+    seed: int | None = None
+
+
+def attach(req: AttachRequest) -> tuple[Outcome, Service]:
+    """Attaches xdplb, or updates the running one in place: the options given are merged
+    over the running state, the service VIP:PORT/PROTO is set to these backends."""
     loader.ensure_root()
     if not req.backends:
         raise UsageError("no backends given: pass --backends ADDR[:PORT],...")
     _check_not_allowed(req.not_allowed, req.clients)
     link = netlink.get_link(req.ifname)
-    if not link.up:
-        raise UsageError(f"{req.ifname} is down; bring it up with: ip link set {req.ifname} up")
-    addresses = netlink.ipv4_addresses(link.index)
-    if not addresses and (req.vip is None or not req.snat_addrs):
-        raise UsageError(f"{req.ifname} has no IPv4 address; give --vip and --snat, or add one (ip addr add)")
-    vip = req.vip or addresses[0].ip
-    service = Service(vip, req.port, req.proto, req.backends, req.clients, not_allowed=req.not_allowed)
-
-    local = netlink.local_ipv4_addresses()
-    snat_notes = [f"note: SNAT address {a} is not an address of this host: backends must route it here"
-                  for a in req.snat_addrs or [] if a not in local]
-    found = loader.open_attached(link)
-    loader.remove_stale_pins(req.ifname, found.prog_id if isinstance(found, loader.Attachment) else 0)
-    if isinstance(found, loader.Attachment):
+    with locking.interface(req.ifname):
+        found = loader.open_attached(link)
         try:
-            return _update(found, req, service), snat_notes, False
-        except BaseException:
-            found.dataplane.close()
-            raise
-    if isinstance(found, loader.ForeignProgram) and not req.force:
-        raise XdplbError(f"{req.ifname} already has XDP program {found.prog_id} ({found.name or 'unnamed'}), "
-                         "which is not xdplb's; detach it first or pass --force to replace it")
+            if isinstance(found, loader.ForeignProgram) and not req.force:
+                raise XdplbError(f"{req.ifname} already has XDP program {found.prog_id} ({found.name or 'unnamed'}), "
+                                 "which is not xdplb's; detach it first or pass --force to replace it")
+            if isinstance(found, loader.Attachment):
+                wanted = report.running_config(req.ifname, found)
+                if req.mode != "auto":
+                    wanted.mode = req.mode
+            else:
+                if not link.up:
+                    raise UsageError(f"{req.ifname} is down; bring it up with: ip link set {req.ifname} up")
+                wanted = InterfaceConfig(req.ifname, mode=req.mode)
+        finally:
+            if isinstance(found, loader.Attachment):
+                found.dataplane.close()
+        vip = req.vip or _primary_address(link, req)
+        service = Service(vip, req.port, req.proto, req.backends, req.clients, not_allowed=req.not_allowed)
+        old = wanted.service(service.name)
+        if old is not None:  # the options attach has no flag for stay as they are
+            service.ring_size, service.udp_timeout_s = old.ring_size, old.udp_timeout_s
+        wanted.services = [s for s in wanted.services if s.name != service.name] + [service]
+        if req.snat_addrs:
+            wanted.snat = req.snat_addrs
+        if req.snat_ports:
+            wanted.snat_ports = req.snat_ports
+        if req.seed is not None:
+            wanted.seed = req.seed
+        if req.flows is not None:
+            wanted.flows = req.flows
+        return converge(wanted, force=req.force), service
 
-    settings = Settings(snat_addrs=req.snat_addrs or [addresses[0].ip if addresses else vip])
-    if req.snat_ports:
-        settings.snat_port_min, settings.snat_port_max = req.snat_ports
-    if req.seed is not None:
-        settings.hash_seed = req.seed
-    loader.check_snat_range(settings.snat_port_min, settings.snat_port_max)
-    hops = _next_hops([service])
-    attachment, notes = loader.load_and_attach(link, req.mode, req.force, flow_slots(req.flows), settings,
-                                               [service], hops)
-    return attachment, snat_notes + notes, True
 
-
-def _update(found: loader.Attachment, req: AttachRequest, service: Service) -> loader.Attachment:
-    if req.mode != "auto" and req.mode != found.mode:
-        raise UsageError(f"xdplb is attached to {req.ifname} in {found.mode} mode; "
-                         f"detach it first to change the mode to {req.mode}")
-    dp = found.dataplane
-    settings = dp.read_settings()
-    if req.snat_addrs:
-        settings.snat_addrs = req.snat_addrs
-    if req.snat_ports:
-        settings.snat_port_min, settings.snat_port_max = req.snat_ports
-        loader.check_snat_range(*req.snat_ports)
-    old_seed = settings.hash_seed
-    if req.seed is not None:
-        settings.hash_seed = req.seed
-    services = [s for s in dp.services() if s.name != service.name] + [service]
-    hops = _next_hops(services, dp.next_hops())
-    dp.write_settings(settings)
-    dp.apply(services, hops, settings.hash_seed, (settings.snat_port_min, settings.snat_port_max),
-             rebuild_rings=settings.hash_seed != old_seed)
-    return found
+def _primary_address(link: netlink.Link, req: AttachRequest) -> ipaddress.IPv4Address:
+    addresses = netlink.ipv4_addresses(link.index)
+    if not addresses:
+        raise UsageError(f"{req.ifname} has no IPv4 address; give --vip and --snat, or add one (ip addr add)")
+    return addresses[0].ip
 
 
 def detach(ifname: str, force: bool = False) -> str:
     loader.ensure_root()
     link = netlink.get_link(ifname)
-    found = loader.open_attached(link)
-    if found is None:
-        loader.remove_pins(ifname)
-        return f"nothing attached to {ifname}"
-    if isinstance(found, loader.ForeignProgram):
-        if not force:
-            raise XdplbError(f"{ifname} carries XDP program {found.prog_id} ({found.name or 'unnamed'}), "
-                             "which is not xdplb's; leaving it (pass --force to remove it anyway)")
-        loader.detach(link)
-        return f"detached foreign XDP program {found.prog_id} from {ifname}"
-    try:
-        found.dataplane.remember_snat_ports()
-    except XdplbError:
-        pass  # an aid for the next attach; the detach matters more
-    finally:
-        found.dataplane.close()
-    loader.detach(link)
-    return f"detached xdplb (program {found.prog_id}, {found.mode} mode) from {ifname}"
-
-
-def describe(ifname: str, attachment: loader.Attachment) -> dict:
-    """Everything status shows about one interface, as plain data."""
-    dp: DataPlane = attachment.dataplane
-    settings = dp.read_settings()
-    svc_ids = dp.service_ids()
-    be_ids = dp.backend_ids()
-    services = []
-    for s in dp.services():
-        sid = svc_ids[s.name]
-        backends = []
-        for b in s.backends:
-            bid = be_ids[(sid, b.endpoint)]
-            backends.append({"address": str(b.addr), "port": b.port, "weight": b.weight, "id": bid,
-                             **asdict(dp.traffic("backend", bid))})
-        services.append({"vip": str(s.vip), "port": s.port, "proto": s.proto, "id": sid,
-                         "clients": [str(n) for n in s.clients] or ["any"], "not_allowed": s.not_allowed,
-                         "ring_size": s.ring_size, "udp_timeout": s.udp_timeout_s,
-                         **asdict(dp.traffic("service", sid)),
-                         "backends": backends})
-    return {
-        "interface": ifname, "program_id": attachment.prog_id, "mode": attachment.mode,
-        "snat": {"addresses": [str(a) for a in settings.snat_addrs],
-                 "ports": f"{settings.snat_port_min}-{settings.snat_port_max}"},
-        "timeouts": settings.timeouts(),
-        "hash_seed": settings.hash_seed, "trace": settings.trace,
-        "services": services, "counters": dp.counters(),
-    }
-
-
-def status(ifname: str | None) -> list[dict]:
-    loader.ensure_root()
-    names = [ifname] if ifname else loader.attached_interfaces()
-    out = []
-    for name in names:
-        attachment = loader.find(name)
-        if attachment is None:
-            out.append({"interface": name, "program_id": None})
-            continue
+    with locking.interface(ifname):
+        found = loader.open_attached(link)
+        if found is None:
+            loader.remove_pins(ifname)
+            return f"nothing attached to {ifname}"
+        if isinstance(found, loader.ForeignProgram):
+            if not force:
+                raise XdplbError(f"{ifname} carries XDP program {found.prog_id} ({found.name or 'unnamed'}), "
+                                 "which is not xdplb's; leaving it (pass --force to remove it anyway)")
+            loader.detach(link)
+            return f"detached foreign XDP program {found.prog_id} from {ifname}"
         try:
-            out.append(describe(name, attachment))
+            found.dataplane.remember_snat_ports()
+        except XdplbError:
+            pass  # an aid for the next attach; the detach matters more
         finally:
-            attachment.dataplane.close()
-    return out
+            found.dataplane.close()
+        loader.detach(link)
+        return f"detached xdplb (program {found.prog_id}, {found.mode} mode) from {ifname}"
 
 
-# ---- runtime changes: services and backends ------------------------------------------
+# ---- reading -------------------------------------------------------------------------------
+
+ensure_root = loader.ensure_root
+
 
 def _attached(ifname: str) -> loader.Attachment:
     loader.ensure_root()
@@ -209,40 +245,12 @@ def _attached(ifname: str) -> loader.Attachment:
     return found
 
 
-def change_services(ifname: str, change) -> list[str]:
-    """Applies change(services) -> services to the running data plane, in place.
-    Returns the lines describing what changed (empty: nothing to do)."""
-    found = _attached(ifname)
-    dp = found.dataplane
-    try:
-        running = dp.services()
-        wanted = change([copy.deepcopy(s) for s in running])
-        lines = config.diff_services(ifname, running, wanted)
-        if lines:
-            settings = dp.read_settings()
-            hops = _next_hops(wanted, dp.next_hops())
-            dp.apply(wanted, hops, settings.hash_seed, (settings.snat_port_min, settings.snat_port_max))
-        return lines
-    finally:
-        dp.close()
+# ---- runtime changes: services and backends ------------------------------------------
 
-
-def parse_service(text: str) -> tuple[ipaddress.IPv4Address, int, str]:
-    """VIP:PORT[/tcp|udp]."""
-    spec, _, proto = text.partition("/")
-    host, sep, port = spec.rpartition(":")
-    if not sep:
-        raise UsageError(f"bad service {text!r}: give VIP:PORT[/tcp|udp], like 10.0.0.2:80/tcp")
-    return model.parse_address(host, "VIP"), model.parse_port(port), model.parse_proto(proto or "tcp")
-
-
-def _find_service(services: list[Service], spec: str) -> Service:
-    vip, port, proto = parse_service(spec)
-    for s in services:
-        if (s.vip, s.port, s.proto) == (vip, port, proto):
-            return s
-    names = ", ".join(s.name for s in services) or "none"
-    raise UsageError(f"no service {vip}:{port}/{proto} here (services: {names}); add it with: xdplb service add")
+def refresh_next_hops(ifname: str) -> list[str]:
+    """Rewrites the next hop of every backend whose MAC or route the kernel now sees
+    differently; returns a line per change."""
+    return change(ifname, lambda wanted: None)
 
 
 def _check_not_allowed(action: str, clients: list) -> None:
@@ -252,7 +260,7 @@ def _check_not_allowed(action: str, clients: list) -> None:
 
 def service_add(ifname: str, spec: str, clients: list, ring_size: int, udp_timeout: int = 0,
                 not_allowed: str = "drop") -> list[str]:
-    vip, port, proto = parse_service(spec)
+    vip, port, proto = model.parse_service(spec)
     _check_not_allowed(not_allowed, clients)
     if not maglev.is_prime(ring_size) or ring_size > model.RING_SIZE_MAX:
         raise UsageError(f"--ring-size {ring_size}: give a prime of at most {model.RING_SIZE_MAX}, like 65537")
@@ -261,223 +269,130 @@ def service_add(ifname: str, spec: str, clients: list, ring_size: int, udp_timeo
     if not 0 <= udp_timeout <= model.MAX_UDP_TIMEOUT_S:
         raise UsageError(f"--udp-timeout {udp_timeout}: give seconds from 1 to {model.MAX_UDP_TIMEOUT_S}")
 
-    def change(services):
-        if any((s.vip, s.port, s.proto) == (vip, port, proto) for s in services):
+    def edit(wanted):
+        if any((s.vip, s.port, s.proto) == (vip, port, proto) for s in wanted.services):
             raise UsageError(f"service {vip}:{port}/{proto} already exists; change its backends with: xdplb backend")
-        return services + [Service(vip, port, proto, [], clients, ring_size, udp_timeout, not_allowed)]
-    return change_services(ifname, change)
+        wanted.services.append(Service(vip, port, proto, [], clients, ring_size, udp_timeout, not_allowed))
+    return change(ifname, edit)
 
 
 def service_del(ifname: str, spec: str) -> list[str]:
-    def change(services):
-        gone = _find_service(services, spec)
-        return [s for s in services if s.name != gone.name]
-    return change_services(ifname, change)
+    def edit(wanted):
+        gone = model.find_service(wanted.services, spec)
+        wanted.services = [s for s in wanted.services if s.name != gone.name]
+    return change(ifname, edit)
 
 
 def backend_add(ifname: str, spec: str, backend_text: str, weight: int) -> list[str]:
-    def change(services):
-        svc = _find_service(services, spec)
+    def edit(wanted):
+        svc = model.find_service(wanted.services, spec)
         b = model.parse_backend(backend_text, svc.port, weight)
         if any(x.endpoint == b.endpoint for x in svc.backends):
             raise UsageError(f"backend {b.endpoint} is already in {svc.name}; change it with: xdplb backend set")
         svc.backends.append(b)
-        return services
-    return change_services(ifname, change)
-
-
-def _member(svc: Service, backend_text: str) -> Backend:
-    b = model.parse_backend(backend_text, svc.port)
-    for x in svc.backends:
-        if x.endpoint == b.endpoint:
-            return x
-    raise UsageError(f"no backend {b.endpoint} in {svc.name} (backends: "
-                     f"{', '.join(x.endpoint for x in svc.backends) or 'none'})")
+    return change(ifname, edit)
 
 
 def backend_set(ifname: str, spec: str, backend_text: str, weight: int) -> list[str]:
-    def change(services):
-        svc = _find_service(services, spec)
-        old = _member(svc, backend_text)
+    def edit(wanted):
+        svc = model.find_service(wanted.services, spec)
+        old = model.find_backend(svc, backend_text)
         svc.backends = [Backend(x.addr, x.port, weight) if x == old else x for x in svc.backends]
-        return services
-    return change_services(ifname, change)
+    return change(ifname, edit)
 
 
 def backend_del(ifname: str, spec: str, backend_text: str) -> list[str]:
-    def change(services):
-        svc = _find_service(services, spec)
-        old = _member(svc, backend_text)
+    def edit(wanted):
+        svc = model.find_service(wanted.services, spec)
+        old = model.find_backend(svc, backend_text)
         svc.backends = [x for x in svc.backends if x != old]
-        return services
-    return change_services(ifname, change)
-
-
-def active_flows(ifname: str, spec: str, backend_text: str) -> int:
-    found = _attached(ifname)
-    try:
-        dp = found.dataplane
-        svc = _find_service(dp.services(), spec)
-        b = _member(svc, backend_text)
-        be_id = dp.backend_ids()[(dp.service_ids()[svc.name], b.endpoint)]
-        return dp.active_flows().get(be_id, 0)
-    finally:
-        found.dataplane.close()
+    return change(ifname, edit)
 
 
 def drain(ifname: str, spec: str, backend_text: str, timeout: float, progress=lambda n: None) -> tuple[list[str], int]:
     """Weight 0, then waits until the backend's flows are gone (or timeout), then removes
-    it. Returns the change lines and how many flows were still active at removal."""
+    it. Returns the change lines and how many flows were still active at removal. The
+    interface is locked for each change, not while waiting."""
     lines = backend_set(ifname, spec, backend_text, 0)
     deadline = time.monotonic() + timeout
-    left = active_flows(ifname, spec, backend_text)
+    left = report.active_flows(ifname, spec, backend_text)
     while left and time.monotonic() < deadline:
         progress(left)
         time.sleep(DRAIN_POLL_S)
-        left = active_flows(ifname, spec, backend_text)
+        left = report.active_flows(ifname, spec, backend_text)
     return lines + backend_del(ifname, spec, backend_text), left
 
 
-def _each_attached(ifname: str | None):
-    """(name, attachment) for the named interface, or for every one carrying xdplb; each
-    attachment's maps are closed once the caller moves on."""
-    loader.ensure_root()
-    for name in [ifname] if ifname else loader.attached_interfaces():
-        found = _attached(name)
-        try:
-            yield name, found
-        finally:
-            found.dataplane.close()
-
-
-SNAT_EXHAUSTED_REMEDY = ("snat_exhausted counts SYNs dropped for want of a free SNAT source towards their "
-                         "backend: add SNAT addresses (--snat A,B / snat = [...]) or widen the port range "
-                         "(--snat-ports / snat_ports)")
-
-
-def stats(ifname: str | None) -> list[dict]:
-    """status() plus the number of active flows per service and backend, and the SNAT
-    sources held towards each backend (of `capacity` per SNAT address)."""
-    out = []
-    for name, found in _each_attached(ifname):
-        entry = describe(name, found)
-        active = found.dataplane.active_flows()
-        for s in entry["services"]:
-            for b in s["backends"]:
-                b["active_flows"] = active.get(b["id"], 0)
-            s["active_flows"] = sum(b["active_flows"] for b in s["backends"])
-        settings = found.dataplane.read_settings()
-        capacity = settings.snat_port_max - settings.snat_port_min + 1
-        entry["snat_sources"] = [{**asdict(use), "capacity": capacity} for use in found.dataplane.snat_usage()]
-        entry["sampled_at"] = time.monotonic()
-        out.append(entry)
-    return out
-
-
 # ---- declarative configuration --------------------------------------------------------
-
-def export(ifname: str | None) -> str:
-    interfaces = []
-    for name, found in _each_attached(ifname):
-        dp = found.dataplane
-        s = dp.read_settings()
-        interfaces.append(config.InterfaceConfig(
-            name=name, mode=found.mode, flows=dp.flow_capacity(), snat=s.snat_addrs,
-            snat_ports=(s.snat_port_min, s.snat_port_max), seed=s.hash_seed,
-            timeouts=s.timeouts(),
-            services=dp.services()))
-    return config.dump(interfaces)
-
 
 def apply_config(path: str, dry_run: bool) -> list[str]:
     """Reconciles the running state with a config file: validates everything first,
     then changes only what differs. Returns the lines describing the changes."""
     loader.ensure_root()
-    desired, problems = config.check(config.read(path))
-    return reconcile(desired, dry_run, path, problems)
+    desired, trouble = config.check(config.read(path))
+    return reconcile(desired, dry_run, path, trouble)
 
 
-def reconcile(desired: list[config.InterfaceConfig], dry_run: bool, path: str = "config",
-              problems: list[str] | None = None) -> list[str]:
+def reconcile(desired: list[InterfaceConfig], dry_run: bool, path: str = "config",
+              trouble: list[str] | None = None) -> list[str]:
     """Makes the running state match `desired`: checks every interface first (adding to
-    `problems`), then changes only what differs."""
-    problems = list(problems or [])
-    plans = []
+    `trouble`), then converges each one."""
+    trouble = list(trouble or [])
     for iface in desired:
         where = f"interfaces.{iface.name}"
         try:
             link = netlink.get_link(iface.name)
         except UsageError as exc:
-            problems.append(f"{where}: {exc}")
+            trouble.append(f"{where}: {exc}")
             continue
         found = loader.open_attached(link)
-        if isinstance(found, loader.ForeignProgram):
-            problems.append(f"{where}: {iface.name} carries XDP program {found.prog_id}, which is not xdplb's; "
-                            "detach it first")
-            continue
-        if isinstance(found, loader.Attachment):
-            if iface.mode != "auto" and iface.mode != found.mode:
-                problems.append(f"{where}.mode: attached in {found.mode} mode; changing the mode needs "
-                                f"xdplb detach {iface.name} (which drops established flows)")
-            if flow_slots(iface.flows) != found.dataplane.flow_slot_count():
-                problems.append(f"{where}.flows: the running flow table holds {found.dataplane.flow_capacity()} "
-                                f"flows; resizing needs xdplb detach {iface.name} (which drops established flows)")
-        elif not link.up:
-            problems.append(f"{where}: {iface.name} is down; bring it up with: ip link set {iface.name} up")
-        plans.append((iface, link, found))
-    if problems:
-        for _, _, found in plans:
+        try:
+            trouble += problems(iface, found, link, where)
+        finally:
             if isinstance(found, loader.Attachment):
                 found.dataplane.close()
-        raise config.ConfigError(path, problems)
-
+    if trouble:
+        raise config.ConfigError(path, trouble)
     lines = []
-    try:
-        # Resolve every next hop before changing anything anywhere.
-        hops = {}
-        for iface, link, found in plans:
-            known = found.dataplane.next_hops() if isinstance(found, loader.Attachment) else {}
-            hops[iface.name] = _next_hops(iface.services, known)
-        for iface, link, found in plans:
-            addresses = netlink.ipv4_addresses(link.index)
-            default_snat = addresses[0].ip if addresses else None
-            if isinstance(found, loader.Attachment):
-                dp = found.dataplane
-                old = dp.read_settings()
-                new = iface.settings(iface.snat or old.snat_addrs)  # a trace lease is kept
-                change = config.diff_settings(iface.name, old, new) + \
-                    config.diff_services(iface.name, dp.services(), iface.services)
-                lines += change
-                if change and not dry_run:
-                    loader.check_snat_range(new.snat_port_min, new.snat_port_max)
-                    dp.write_settings(new)
-                    dp.apply(iface.services, hops[iface.name], new.hash_seed,
-                             (new.snat_port_min, new.snat_port_max), rebuild_rings=new.hash_seed != old.hash_seed)
-            else:
-                if default_snat is None and iface.snat is None:
-                    raise UsageError(f"interfaces.{iface.name}: no IPv4 address to use as SNAT source; "
-                                     "set snat = \"ADDR\"")
-                new = iface.settings(iface.snat or [default_snat])
-                lines.append(f"{iface.name}: attach ({iface.mode} mode, {len(iface.services)} services)")
-                lines += config.diff_services(iface.name, [], iface.services)
-                if not dry_run:
-                    loader.check_snat_range(new.snat_port_min, new.snat_port_max)
-                    attachment, notes = loader.load_and_attach(link, iface.mode, False, flow_slots(iface.flows), new,
-                                                               iface.services, hops[iface.name])
-                    attachment.dataplane.close()
-                    lines += notes
-    finally:
-        for _, _, found in plans:
-            if isinstance(found, loader.Attachment):
-                found.dataplane.close()
+    for iface in desired:
+        outcome = converge(iface, dry_run)
+        lines += outcome.lines + outcome.notes
     return lines
 
 
+def upgrade_running(ifname: str) -> tuple[int, int] | None:
+    """serve's start: the program built last takes over a data plane already running on
+    the interface (flows kept). Returns the old and new program ids, None if nothing
+    runs there."""
+    with locking.interface(ifname):
+        found = loader.find(ifname)
+        if found is None:
+            return None
+        try:
+            running = found.dataplane.read_abi_version()
+            if running != abi.ABI_VERSION:
+                netns = namespaces.netns_name()
+                detach = f"xdplb{'' if netns == 'host' or netns.startswith('ns-') else f' -n {netns}'} " \
+                         f"detach {ifname}"
+                raise XdplbError(f"{ifname} runs an xdplb data plane of ABI {running} and this xdplb "
+                                 f"speaks ABI {abi.ABI_VERSION}: its state cannot be taken over, by serve or "
+                                 f"by xdplb upgrade; detach it ({detach}, which drops its flows) and start "
+                                 "serve again: it attaches anew")
+            try:
+                old, new, _ = loader.upgrade(found)
+            except XdplbError as exc:
+                raise XdplbError(f"{ifname}: {exc}") from None
+            return old, new
+        finally:
+            found.dataplane.close()
+
+
 def upgrade(ifname: str) -> str:
-    found = _attached(ifname)
-    try:
-        old, new, warning = loader.upgrade(found)
-    finally:
-        found.dataplane.close()
+    with locking.interface(ifname):
+        found = _attached(ifname)
+        try:
+            old, new, warning = loader.upgrade(found)
+        finally:
+            found.dataplane.close()
     return f"upgraded xdplb on {ifname}: program {old} -> {new}, flows and configuration kept" + \
         (f"\n{warning}" if warning else "")

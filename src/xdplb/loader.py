@@ -13,13 +13,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2.netlink.exceptions import NetlinkError
+from .netlink import NetlinkError
 
 from . import abi, build, namespaces, netlink
 from .dataplane import DataPlane
 from .errors import BpfError, UsageError, XdplbError
 from .libbpf import MapInfo, ProgInfo, libbpf
-from .model import Service, Settings
 
 PIN_ROOT = Path("/sys/fs/bpf/xdplb")
 # Native XDP on a veth delivers correct frames only when two things hold that xdplb
@@ -100,11 +99,8 @@ def find(ifname: str) -> Attachment | None:
 
 def attached_interfaces() -> list[str]:
     """Interfaces of this namespace that carry xdplb's program."""
-    from pyroute2 import IPRoute
-    with IPRoute() as ipr:
-        names = [m.get_attr("IFLA_IFNAME") for m in ipr.get_links()]
     out = []
-    for name in names:
+    for name in netlink.link_names():
         try:
             found = open_attached(netlink.get_link(name))
         except XdplbError:
@@ -198,9 +194,10 @@ def _attach_with_mode(link: netlink.Link, prog_fd: int, mode: str, replace: bool
 
 
 def load_and_attach(link: netlink.Link, mode: str, replace: bool, flow_slots: int,
-                    settings: Settings, services: list[Service], next_hops: dict) -> tuple[Attachment, list[str]]:
-    """Loads a fresh program, fills its maps, attaches it and pins it. On any failure
-    nothing stays behind: not the program on the interface, not a pin."""
+                    fill) -> tuple[Attachment, list[str]]:
+    """Loads a fresh program, fills its maps (fill(dataplane), before any packet can
+    see them), attaches it and pins it. On any failure nothing stays behind: not the
+    program on the interface, not a pin."""
     lib = libbpf()
     obj = lib.load_object(str(build.require_object()), {"xdplb_flows": flow_slots, "xdplb_flow_ends": flow_slots})
     attached = ""
@@ -209,9 +206,7 @@ def load_and_attach(link: netlink.Link, mode: str, replace: bool, flow_slots: in
         for name in abi.MAPS:
             fds[name] = os.dup(lib.map_fd(obj, name))
         dataplane = DataPlane(fds)
-        dataplane.write_settings(settings)
-        dataplane.apply(services, next_hops, settings.hash_seed,
-                        (settings.snat_port_min, settings.snat_port_max))
+        fill(dataplane)
         prog_fd = lib.prog_fd(obj, abi.PROGRAM_NAME)
         chosen, notes = _attach_with_mode(link, prog_fd, mode, replace)
         attached = chosen

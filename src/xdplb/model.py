@@ -1,14 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The service model: what the user wants balanced, before it becomes map entries."""
+"""The model of what is wanted: an interface's settings and services, before they
+become map entries (layout.py), and the parsing of what users type for them."""
 from __future__ import annotations
 
 import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import abi
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .health import CheckSpec
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
@@ -71,6 +76,32 @@ class Settings:
 # Configuration key of each timeout -> its Settings field (seconds; 0: never expire).
 TIMEOUT_FIELDS = {"tcp": "tcp_timeout_s", "tcp_closing": "tcp_closing_timeout_s", "udp": "udp_timeout_s",
                   "tcp_syn": "tcp_syn_timeout_s"}
+
+MODES = ("auto", "native", "generic")
+FLOWS_DEFAULT = 1_048_576
+FLOWS_MAX = 1 << 22  # 16M slots of 64 bytes: 1 GiB of flow table
+
+
+@dataclass
+class InterfaceConfig:
+    """The wanted state of one interface: what a config file's [interfaces.NAME] table
+    says, what export writes, and what every command hands to control.converge."""
+    name: str
+    mode: str = "auto"
+    flows: int = FLOWS_DEFAULT
+    snat: list[ipaddress.IPv4Address] | None = None  # None: the interface's primary address
+    snat_ports: tuple[int, int] = (Settings.snat_port_min, Settings.snat_port_max)
+    seed: int = Settings.hash_seed
+    timeouts: dict = field(default_factory=lambda: Settings(snat_addrs=[]).timeouts())
+    services: list[Service] = field(default_factory=list)
+    health: dict[str, "CheckSpec"] = field(default_factory=dict)  # service name -> check (serve)
+
+    def settings(self, default_snat: list[ipaddress.IPv4Address]) -> Settings:
+        return Settings(snat_addrs=list(self.snat or default_snat), snat_port_min=self.snat_ports[0],
+                        snat_port_max=self.snat_ports[1], hash_seed=self.seed).with_timeouts(self.timeouts)
+
+    def service(self, name: str) -> Service | None:
+        return next((s for s in self.services if s.name == name), None)
 
 
 def parse_port(text: str, what: str = "port") -> int:
@@ -206,3 +237,30 @@ def parse_port_range(text: str) -> tuple[int, int]:
     if hi - lo < 255:
         raise UsageError(f"SNAT port range {text!r} is too small: give at least 256 ports, like 10000-32767")
     return lo, hi
+
+
+def parse_service(text: str) -> tuple[ipaddress.IPv4Address, int, str]:
+    """VIP:PORT[/tcp|udp]."""
+    spec, _, proto = text.partition("/")
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        raise UsageError(f"bad service {text!r}: give VIP:PORT[/tcp|udp], like 10.0.0.2:80/tcp")
+    return parse_address(host, "VIP"), parse_port(port), parse_proto(proto or "tcp")
+
+
+def find_service(services: list[Service], spec: str) -> Service:
+    vip, port, proto = parse_service(spec)
+    for s in services:
+        if (s.vip, s.port, s.proto) == (vip, port, proto):
+            return s
+    names = ", ".join(s.name for s in services) or "none"
+    raise UsageError(f"no service {vip}:{port}/{proto} here (services: {names}); add it with: xdplb service add")
+
+
+def find_backend(svc: Service, backend_text: str) -> Backend:
+    b = parse_backend(backend_text, svc.port)
+    for x in svc.backends:
+        if x.endpoint == b.endpoint:
+            return x
+    raise UsageError(f"no backend {b.endpoint} in {svc.name} (backends: "
+                     f"{', '.join(x.endpoint for x in svc.backends) or 'none'})")

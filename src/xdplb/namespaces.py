@@ -68,7 +68,7 @@ def _ns_id(path: str) -> tuple[int, int]:
 def netns_name() -> str:
     """The name of the current network namespace: its /run/netns name, "host" for
     PID 1's, or "ns-<inode>" for an unnamed one. Used in pin paths."""
-    me = _ns_id("/proc/self/ns/net")
+    me = _ns_id("/proc/thread-self/ns/net")  # a thread may have entered another than the process's
     try:
         if _ns_id("/proc/1/ns/net") == me:
             return "host"

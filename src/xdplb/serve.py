@@ -23,7 +23,7 @@ import traceback
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import abi, config, control, loader, model, namespaces
+from . import config, control, model, report
 from .errors import NotAttachedError, UsageError, XdplbError
 from .health import Checker
 
@@ -175,6 +175,7 @@ class Server:
         self.check_errors_logged: dict[tuple, tuple[float, str]] = {}  # target -> (when, reason) last logged
         self.lock = threading.Lock()  # maps are changed by one thread at a time
         self.snat_exhausted: dict[str, int] = {}  # interface -> counter value last logged
+        self.applied: dict[str, config.InterfaceConfig] = {}  # interface -> the state last made to hold
 
     # ---- state ---------------------------------------------------------------------
     def _read(self) -> list[config.InterfaceConfig]:
@@ -193,9 +194,17 @@ class Server:
         return out
 
     def reconcile(self) -> None:
+        """Makes every interface match the file (with health applied). serve owns the
+        interfaces in its file: a change made meanwhile by hand (xdplb backend ...) is
+        logged as overridden and undone, so the file stays the one truth."""
         with self.lock:
-            for line in control.reconcile(self.effective(), False, self.path):
+            effective = self.effective()
+            for iface in effective:
+                for line in report.drift(iface.name, self.applied.get(iface.name)):
+                    log("external_change_overridden", level="warning", detail=line)
+            for line in control.reconcile(effective, False, self.path):
                 log("change", detail=line)
+            self.applied = {iface.name: iface for iface in effective}
 
     def targets(self) -> dict:
         out = {}
@@ -211,7 +220,7 @@ class Server:
     def snapshot(self) -> list[dict]:
         with self.lock:
             names = [iface.name for iface in self.desired]
-            return [e for e in control.stats(None) if e["interface"] in names]
+            return [e for e in report.stats(None) if e["interface"] in names]
 
     # ---- events --------------------------------------------------------------------
     def _on_health(self, key, up: bool, reason: str) -> None:
@@ -242,18 +251,12 @@ class Server:
         self.reconcile()
         if not up:
             with self.lock:
-                found = loader.find(ifname)
-                if found is None:
-                    return
                 try:
-                    dp = found.dataplane
-                    svc_id = dp.service_ids().get(service)
-                    be_id = dp.backend_ids().get((svc_id, backend))
-                    if be_id is not None:
-                        reset = dp.reset_flows(be_id)
-                        log("flows_reset", interface=ifname, service=service, backend=backend, flows=reset)
-                finally:
-                    found.dataplane.close()
+                    reset = report.reset_flows(ifname, service, backend)
+                except NotAttachedError:
+                    return
+                if reset is not None:
+                    log("flows_reset", interface=ifname, service=service, backend=backend, flows=reset)
 
     def _reload(self) -> None:
         """Applies the file again; a file that cannot be applied is refused with every
@@ -307,37 +310,22 @@ class Server:
         with self.lock:
             for iface in self.desired:
                 try:
-                    dropped = control.counter(iface.name, "snat_exhausted")
+                    dropped = report.counter(iface.name, "snat_exhausted")
                 except NotAttachedError:
                     continue
                 seen = self.snat_exhausted.setdefault(iface.name, dropped)
                 if dropped > seen:
                     log("snat_exhausted", level="warning", interface=iface.name, dropped=dropped - seen,
-                        remedy=control.SNAT_EXHAUSTED_REMEDY)
+                        remedy=report.SNAT_EXHAUSTED_REMEDY)
                     self.snat_exhausted[iface.name] = dropped
 
     def _upgrade_running(self) -> None:
+        """Takes over the data planes already running on the file's interfaces with the
+        program built last (flows kept)."""
         for iface in self.desired:
-            found = loader.find(iface.name)
-            if found is None:
-                continue
-            try:
-                running = found.dataplane.read_abi_version()
-                if running != abi.ABI_VERSION:
-                    netns = namespaces.netns_name()
-                    detach = f"xdplb{'' if netns == 'host' or netns.startswith('ns-') else f' -n {netns}'} " \
-                             f"detach {iface.name}"
-                    raise XdplbError(f"{iface.name} runs an xdplb data plane of ABI {running} and this xdplb "
-                                     f"speaks ABI {abi.ABI_VERSION}: its state cannot be taken over, by serve or "
-                                     f"by xdplb upgrade; detach it ({detach}, which drops its flows) and start "
-                                     "serve again: it attaches anew")
-                try:
-                    old, new, _ = loader.upgrade(found)
-                except XdplbError as exc:
-                    raise XdplbError(f"{iface.name}: {exc}") from None
-                log("upgraded", interface=iface.name, old_program=old, new_program=new)
-            finally:
-                found.dataplane.close()
+            upgraded = control.upgrade_running(iface.name)
+            if upgraded:
+                log("upgraded", interface=iface.name, old_program=upgraded[0], new_program=upgraded[1])
 
     def _serve_metrics(self) -> None:
         host, port = self.metrics_bind
@@ -349,7 +337,7 @@ class Server:
 
     # ---- main loop -----------------------------------------------------------------
     def run(self) -> None:
-        loader.ensure_root()
+        control.ensure_root()
         self.desired = self._read()
         self._upgrade_running()
         self.reconcile()

@@ -250,3 +250,41 @@ def test_a_killed_trace_stops_tracing_within_its_lease(attached):
     finally:
         tracer.kill()
         tracer.wait(10)
+
+
+def test_changes_to_one_interface_wait_for_each_other(attached):
+    """A change holds the interface's lock from reading the maps to its last write: a
+    second command, entered with -n or under `ip netns exec`, waits for it, then plans
+    from what the first one wrote."""
+    from xdplb import locking
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with locking.interface("eth0"):
+            held.set()
+            release.wait(30)
+    holder = NsThread(LB_NS, hold)
+    holder.start()
+    assert held.wait(10)
+    cmds = [[sys.executable, "-m", "xdplb", "-n", LB_NS, "service", "add", "eth0", f"{VIP}:8081"],
+            ["ip", "netns", "exec", LB_NS, sys.executable, "-m", "xdplb", "service", "add", "eth0", f"{VIP}:8082"]]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in cmds]
+    try:
+        time.sleep(2)
+        assert [p.poll() for p in procs] == [None, None], "a change went ahead while the interface was locked"
+    finally:
+        release.set()
+        holder.join(10)
+    try:
+        outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        assert outputs == [f"eth0: + service {VIP}:8081/tcp -> no backends",
+                           f"eth0: + service {VIP}:8082/tcp -> no backends"]
+        r = run("backend", "add", "eth0", f"{VIP}:8081", f"{C}:80")
+        assert r.exit_code == 0, r.output
+        status = json.loads(run("status", "eth0", "--json").output)[0]
+        ids = {s["port"]: [b["id"] for b in s["backends"]] for s in status["services"]}
+        assert len({i for v in ids.values() for i in v}) == sum(len(v) for v in ids.values()), ids
+    finally:
+        for port in (8081, 8082):
+            run("service", "del", "eth0", f"{VIP}:{port}")

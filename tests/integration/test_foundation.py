@@ -235,10 +235,13 @@ def test_a_new_program_gives_out_snat_ports_where_the_last_one_stopped(testlab):
         assert netstat(ns)["TcpExt.TCPSynRetrans"] == retrans_before[ns], ns
     span = hi - lo + 1
     for backend, ns in backend_ns.items():
-        # Now and then the client closes first and the backend holds no TIME_WAIT.
+        # Not every connection leaves a TIME_WAIT on the backend (measured: 26 of 36 at
+        # worst, when the client's close crosses the backend's). A port given out twice
+        # would meet its TIME_WAIT and be rejected (PAWS, checked above), so the count is
+        # only a sanity bound; the run below is the point.
         ports = time_wait_ports(ns, VIP) - tw_before[backend]
         served = answered[NAMES[backend]]
-        assert served - 2 <= len(ports) <= served
+        assert served // 2 <= len(ports) <= served
         window = min(max((q - p) % span for q in ports) + 1 for p in ports)
         assert window <= served, f"{backend}: ports {sorted(ports)} are not one run"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from xdplb import abi, snatmemo
+from xdplb import abi, plan, snatmemo
 from xdplb.dataplane import DataPlane
 from xdplb.libbpf import libbpf
 from xdplb.model import Backend, Service, Settings
@@ -39,12 +39,24 @@ class Harness:
         action, out, _ = libbpf().test_run(self.prog_fd, data)
         return action, out
 
+    def sync(self, services: list[Service] | None = None, settings: Settings | None = None) -> plan.Plan:
+        """Makes the maps hold these services and settings (by default, the last ones)."""
+        if settings is not None:
+            self.settings = settings
+        if services is not None:
+            self.configured = services
+        return self.dp.sync(plan.Wanted(self.settings, self.configured or [], self.hops), "lo")
+
+    def move_hop(self, addr: str, hop: NextHop) -> list[str]:
+        """The kernel now reaches addr through hop: the change lines of the next sync."""
+        self.hops[addr] = hop
+        return self.sync().lines
+
     def configure(self, services: list[Service]) -> None:
         if services == self.configured:  # hypothesis calls this once per example
             return
-        self.dp.apply(services, self.hops, self.settings.hash_seed, SNAT_PORTS)
-        self.configured = services
-        # apply() starts SNAT port searches at random places; the fixtures expect the
+        self.sync(services)
+        # A plan starts SNAT port searches at random places; the fixtures expect the
         # first port of the range, so start every search there.
         for backend_id in self.dp.backend_ids().values():
             libbpf().update(self.dp.fds["xdplb_port_cur"], ctypes.c_uint32(self.dp.cursor_id(backend_id)),
@@ -72,7 +84,6 @@ def harness(bpf_object, tmp_path):
     dp = DataPlane(fds, memo=snatmemo.Memo(tmp_path / "snat-cursors.json"))
     settings = Settings(snat_addrs=[ipaddress.IPv4Address(P.SNAT)], snat_port_min=SNAT_PORTS[0],
                         snat_port_max=SNAT_PORTS[1])
-    dp.write_settings(settings)
     hops = {
         P.BACKEND: NextHop(LOOPBACK, P.BACKEND_MAC, P.LB_MAC),
         P.BACKEND2: NextHop(LOOPBACK, P.BACKEND2_MAC, P.LB_MAC),
@@ -80,6 +91,7 @@ def harness(bpf_object, tmp_path):
         "10.9.0.1": NextHop(7, P.ROUTER_MAC, "02:00:00:00:00:07"),
     }
     h = Harness(prog_fd, dp, settings, hops)
+    h.sync([])
     try:
         yield h
     finally:

@@ -307,8 +307,7 @@ def test_counters_index_is_the_abi(harness):
 
 
 def test_new_backends_start_their_snat_search_at_random_places(harness):
-    harness.dp.apply([service(P.BACKEND, P.BACKEND2, "10.0.0.103")], harness.hops,
-                     harness.settings.hash_seed, (20000, 20999))
+    harness.sync([service(P.BACKEND, P.BACKEND2, "10.0.0.103")])
     cursors = set()
     for backend_id in harness.dp.backend_ids().values():
         value = ctypes.c_uint32()
@@ -343,8 +342,8 @@ def test_a_backend_added_again_continues_its_snat_ports_where_it_stopped(harness
         if P.Ether(out)[P.IP].dst == P.BACKEND:
             ports.append(P.Ether(out)[P.TCP].sport)
     assert ports == list(range(FIRST, FIRST + len(ports))) and ports
-    harness.dp.apply([service(P.BACKEND2)], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
-    harness.dp.apply([service(P.BACKEND2, P.BACKEND)], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
+    harness.sync([service(P.BACKEND2)])
+    harness.sync([service(P.BACKEND2, P.BACKEND)])
     backend_id = harness.dp.backend_ids()[(0, f"{P.BACKEND}:80")]
     cursor = ctypes.c_uint32()
     harness.dp.lib.lookup(harness.dp.fds["xdplb_port_cur"], ctypes.c_uint32(harness.dp.cursor_id(backend_id)),
@@ -364,7 +363,7 @@ def test_a_snat_pool_alternates_addresses_and_replies_find_their_flow(harness):
     then the next port on each, and a reply to either address reaches its client."""
     pool = dataclasses.replace(harness.settings, snat_addrs=[ipaddress.IPv4Address(P.SNAT),
                                                              ipaddress.IPv4Address(P.SNAT2)])
-    harness.dp.write_settings(pool)
+    harness.sync(settings=pool)
     harness.configure([service(P.BACKEND)])
     sources = [(P.SNAT, FIRST), (P.SNAT2, FIRST), (P.SNAT, FIRST + 1), (P.SNAT2, FIRST + 1)]
     for i, (addr, port) in enumerate(sources):
@@ -376,8 +375,8 @@ def test_a_snat_pool_alternates_addresses_and_replies_find_their_flow(harness):
     reply = P.tcp(P.BACKEND, 80, P.SNAT, FIRST + 1, flags="SA", smac=P.BACKEND_MAC, dmac=P.LB_MAC)
     assert harness.run(reply) == (XDP_TX, to_client(41002))
     # A backend removed and added again goes on with the pool where it stopped.
-    harness.dp.apply([service(P.BACKEND2)], harness.hops, pool.hash_seed, SNAT_PORTS)
-    harness.dp.apply([service(P.BACKEND)], harness.hops, pool.hash_seed, SNAT_PORTS)
+    harness.sync([service(P.BACKEND2)])
+    harness.sync([service(P.BACKEND)])
     action, out = harness.run(syn(sport=41010))
     assert (action, out) == (XDP_TX, P.tcp(P.SNAT, FIRST + 2, P.BACKEND, 80, flags="S", smac=P.LB_MAC,
                                            dmac=P.BACKEND_MAC, ttl=63))
@@ -395,7 +394,7 @@ def test_a_backend_in_two_services_takes_its_sources_from_one_cursor(harness):
     to_81 = P.tcp(P.CLIENT, 42001, P.VIP, 81, flags="S", smac=P.CLIENT_MAC)
     assert harness.run(to_81) == (XDP_TX, to_backend(FIRST + 1, 80))
     # The service on port 80 goes; the one on 81 keeps the shared sequence.
-    harness.dp.apply([service(P.BACKEND, port=81)], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
+    harness.sync([service(P.BACKEND, port=81)])
     to_81 = P.tcp(P.CLIENT, 42002, P.VIP, 81, flags="S", smac=P.CLIENT_MAC)
     assert harness.run(to_81) == (XDP_TX, to_backend(FIRST + 2, 80))
 
@@ -407,9 +406,9 @@ def test_flows_follow_a_backends_new_next_hop(harness):
     harness.run(syn())
     moved = "02:00:00:00:00:c1"
     hop = NextHop(LOOPBACK, moved, P.LB_MAC)
-    assert harness.dp.update_next_hops({P.BACKEND: hop}) == [
-        f"backend {P.BACKEND}:80 next hop {P.BACKEND_MAC} (if {LOOPBACK}) -> {moved} (if {LOOPBACK})"]
-    assert harness.dp.update_next_hops({P.BACKEND: hop}) == []
+    assert harness.move_hop(P.BACKEND, hop) == [
+        f"lo: backend {P.BACKEND}:80 next hop {P.BACKEND_MAC} (if {LOOPBACK}) -> {moved} (if {LOOPBACK})"]
+    assert harness.move_hop(P.BACKEND, hop) == []
     ack = P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="A", seq=1001)
     assert harness.run(ack) == (XDP_TX, to_backend(FIRST, 80, flags="A", seq=1001, mac=moved))
     assert harness.run(syn(sport=40001)) == (XDP_TX, to_backend(FIRST + 1, 80, mac=moved))
@@ -424,24 +423,24 @@ def test_a_retired_backends_flows_keep_their_own_next_hop(harness):
     harness.configure([service(P.BACKEND)])
     harness.run(syn())
     old_id = harness.dp.backend_ids()[(0, f"{P.BACKEND}:80")]
-    harness.dp.apply([service(P.BACKEND2)], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
-    harness.dp.apply([service(P.BACKEND2, "10.0.0.103")], harness.hops, harness.settings.hash_seed, SNAT_PORTS)
+    harness.sync([service(P.BACKEND2)])
+    harness.sync([service(P.BACKEND2, "10.0.0.103")])
     assert harness.dp.backend_ids()[(0, "10.0.0.103:80")] == old_id
     # The newcomer's next hop changes: older flows look their backend entry up again.
-    assert harness.dp.update_next_hops({"10.0.0.103": NextHop(LOOPBACK, "02:00:00:00:00:c3", P.LB_MAC)})
+    assert harness.move_hop("10.0.0.103", NextHop(LOOPBACK, "02:00:00:00:00:c3", P.LB_MAC))
     ack = P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="A", seq=1001)
     assert harness.run(ack) == (XDP_TX, to_backend(FIRST, 80, flags="A", seq=1001))
 
 
 def _client_slot(harness) -> int:
-    [index] = [i for i, _, _, _, flags in harness.dp._slots() if not flags & abi.FlowFlags.REPLY]
+    [index] = [i for i, _, _, _, flags in harness.dp.flow_table().slots() if not flags & abi.FlowFlags.REPLY]
     return index
 
 
 def _stamp(harness, index: int, ticks: int) -> None:
-    with harness.dp._flow_table() as table:
+    with harness.dp.flow_table() as table:
         at = index * ctypes.sizeof(abi.FlowSlot) + abi.FlowSlot.last_seen.offset
-        table[at:at + 4] = (ticks % (1 << 32)).to_bytes(4, "little")
+        table._map[at:at + 4] = (ticks % (1 << 32)).to_bytes(4, "little")
 
 
 def test_idle_flows_expire_on_the_clock_the_control_plane_reads(harness):
@@ -457,7 +456,7 @@ def test_idle_flows_expire_on_the_clock_the_control_plane_reads(harness):
     harness.run(ack)  # the handshake completes: the established timeout applies
     index = _client_slot(harness)
     now = clock.now_ticks(cfg.tick_shift)
-    [(_, stamped, _, _, _)] = [s for s in harness.dp._slots() if s[0] == index]
+    [(_, stamped, _, _, _)] = [s for s in harness.dp.flow_table().slots() if s[0] == index]
     assert abs(clock.ticks_since(now, stamped)) <= 1
 
     _stamp(harness, index, now - cfg.tcp_expiry_ticks + 5)

@@ -43,8 +43,7 @@ def from_backend(flags, seq, ack, tcp_options=()):
 @pytest.fixture
 def one_port(harness):
     settings = dataclasses.replace(harness.settings, snat_port_min=PORT, snat_port_max=PORT)
-    harness.dp.write_settings(settings)
-    harness.dp.apply([service(P.BACKEND)], harness.hops, settings.hash_seed, (PORT, PORT))
+    harness.sync([service(P.BACKEND)], settings)
     for backend_id in harness.dp.backend_ids().values():
         libbpf().update(harness.dp.fds["xdplb_port_cur"], ctypes.c_uint32(harness.dp.cursor_id(backend_id)),
                         ctypes.c_uint32(0))
@@ -88,14 +87,14 @@ def expected_to_backend(seq, tsval=None):
 
 
 def backend_side_end(h) -> abi.FlowEnd:
-    [index] = [i for i, _, _, _, flags in h.dp._slots() if flags & abi.FlowFlags.REPLY]
+    [index] = [i for i, _, _, _, flags in h.dp.flow_table().slots() if flags & abi.FlowFlags.REPLY]
     end = abi.FlowEnd()
     libbpf().lookup(h.dp.fds["xdplb_flow_ends"], ctypes.c_uint32(index), end)
     return end
 
 
 def flags_of_flow(h) -> set[int]:
-    return {flags for _, _, _, _, flags in h.dp._slots()}
+    return {flags for _, _, _, _, flags in h.dp.flow_table().slots()}
 
 
 def test_closing_records_what_the_backend_knows_on_both_entries(one_port):
@@ -213,10 +212,10 @@ def test_a_client_reset_after_the_backends_fin_still_needs_a_newer_syn(one_port)
 
 
 def _stamp_all(h, ticks: int) -> None:
-    with h.dp._flow_table() as table:
-        for index, *_ in list(h.dp._slots()):
+    with h.dp.flow_table() as table:
+        for index, *_ in table.slots():
             at = index * ctypes.sizeof(abi.FlowSlot) + abi.FlowSlot.last_seen.offset
-            table[at:at + 4] = (ticks % (1 << 32)).to_bytes(4, "little")
+            table._map[at:at + 4] = (ticks % (1 << 32)).to_bytes(4, "little")
 
 
 def test_a_handshake_nobody_completes_frees_its_source_after_tcp_syn(one_port):

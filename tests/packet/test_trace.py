@@ -8,6 +8,7 @@ trace_pipe, which a concurrent `xdplb trace` would read away."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ipaddress
 import os
 import time
@@ -106,9 +107,9 @@ def test_a_lease_runs_out_on_the_data_planes_clock(harness, trace_args):
 def test_rewriting_settings_keeps_a_live_lease_and_clears_an_expired_one(harness, trace_args):
     harness.configure([service(P.BACKEND)])
     harness.dp.renew_trace()
-    harness.dp.write_settings(harness.settings)
+    harness.sync(settings=dataclasses.replace(harness.settings, udp_timeout_s=301))
     assert harness.dp.read_settings().trace is True
     set_lease(harness, now(harness) - 1)
-    harness.dp.write_settings(harness.settings)
+    harness.sync(settings=dataclasses.replace(harness.settings, udp_timeout_s=302))
     cfg = harness.dp._config()
     assert (cfg.flags & abi.ConfigFlags.TRACE, cfg.trace_until) == (0, 0)

@@ -2,6 +2,8 @@
 """The CLI as a user sees it: exit codes and one-line errors (click's CliRunner)."""
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from click.testing import CliRunner
 
@@ -157,32 +159,42 @@ def test_attach_refuses_what_it_used_to_take_silently(as_root, monkeypatch, args
     assert not reached
 
 
-def test_a_service_port_among_the_default_or_running_snat_ports_is_refused(as_root, monkeypatch):
-    attached(monkeypatch, None)
-    result = run("attach", "eth0", "--backends", "10.0.0.1", "--port", "10000")
-    assert result.exit_code == 2
-    assert "Error: --port 10000 is inside the default SNAT ports 10000-32767" in result.output
-    attached(monkeypatch, FakeDataPlane(snat=(40000, 50000)))
-    result = run("attach", "eth0", "--backends", "10.0.0.1", "--port", "40000")
-    assert result.exit_code == 2
-    assert "Error: --port 40000 is inside the SNAT ports of eth0 40000-50000" in result.output
-    # Given explicitly, the new range is the one that counts.
-    result = run("attach", "eth0", "--backends", "10.0.0.1", "--port", "40000", "--snat-ports", "50000-60000")
-    assert result.output.strip() == "Error: reached control.attach"
+def _wanted(port=80, flows=None, snat_ports=None):
+    from xdplb.model import Backend, InterfaceConfig, Service
+    w = InterfaceConfig("eth0", services=[Service(ipaddress.IPv4Address("10.0.0.2"), port, "tcp",
+                                                  [Backend(ipaddress.IPv4Address("10.0.0.1"), 80)])])
+    if flows:
+        w.flows = flows
+    if snat_ports:
+        w.snat_ports = snat_ports
+    return w
 
 
-def test_flows_on_an_attached_interface_must_be_its_capacity(as_root, monkeypatch):
-    dataplane = FakeDataPlane(slots=1 << 18)  # 65536 flows
-    reached = attached(monkeypatch, dataplane)
-    result = run("attach", "eth0", "--backends", "10.0.0.1", "--flows", "4096")
-    assert (result.exit_code, result.output.strip()) == (2, (
-        "Error: --flows 4096: the flow table on eth0 holds 65536 flows, fixed while attached; leave --flows "
-        "out, or detach first to resize (drops established flows)"))
-    assert not reached and dataplane.closed
-    for same in (["--flows", "65536"], []):  # the running capacity, or left out: an update
-        result = run("attach", "eth0", "--backends", "10.0.0.1", *same)
-        assert result.output.strip() == "Error: reached control.attach"
-    assert len(reached) == 2
+def test_a_service_port_among_the_default_or_running_snat_ports_is_refused():
+    """converge checks the wanted state (the options merged over the running one) before
+    any write: the default range, a running one, or a given one."""
+    from types import SimpleNamespace
+    from xdplb import control, loader
+    link = SimpleNamespace(up=True)
+    assert control.problems(_wanted(port=10000), None, link) == [
+        "eth0: service 10.0.0.2:10000/tcp: port 10000 is inside the SNAT ports 10000-32767, where the backends' "
+        "replies arrive: give the service a port outside 10000-32767, or other SNAT ports (--snat-ports / "
+        "snat_ports)"]
+    running = loader.Attachment(link, 7, "generic", FakeDataPlane(slots=1 << 22))
+    assert "port 40000 is inside the SNAT ports 40000-50000" in \
+        control.problems(_wanted(port=40000, snat_ports=(40000, 50000)), running, link)[0]
+    assert control.problems(_wanted(port=40000, snat_ports=(50000, 60000)), running, link) == []
+
+
+def test_flows_on_an_attached_interface_must_be_its_capacity():
+    from types import SimpleNamespace
+    from xdplb import control, loader
+    link = SimpleNamespace(up=True)
+    running = loader.Attachment(link, 7, "generic", FakeDataPlane(slots=1 << 18))  # 65536 flows
+    assert control.problems(_wanted(flows=4096), running, link) == [
+        "eth0.flows: the running flow table holds 65536 flows; resizing needs xdplb detach eth0 (which drops "
+        "established flows)"]
+    assert control.problems(_wanted(flows=65536), running, link) == []
 
 
 @pytest.mark.parametrize("metrics,message", [
@@ -216,3 +228,14 @@ def test_serve_refuses_to_take_over_a_data_plane_of_another_abi_in_one_line(as_r
         f"{abi.ABI_VERSION}: its state cannot be taken over, by serve or by xdplb upgrade; detach it "
         "(xdplb -n lb detach eth0, which drops its flows) and start serve again: it attaches anew"])
     assert dataplane.closed
+
+
+def test_the_cli_starts_without_threads():
+    """`ip netns exec NS xdplb` joins the host's mount namespace first (setns), which a
+    process with threads cannot do: nothing the CLI imports at start may start any (numpy
+    does, so it is imported only where the flow table is read)."""
+    import subprocess
+    import sys
+    code = "import sys, xdplb.cli, xdplb.serve, xdplb.control, xdplb.report; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

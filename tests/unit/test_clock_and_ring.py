@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from xdplb import abi, clock, hashing
-from xdplb.dataplane import be32, pack_ring, service_table, unpack_ring
+from xdplb.layout import be32, pack_ring, service_table, unpack_ring
 from xdplb.errors import XdplbError
 
 

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from xdplb import config
+from xdplb import config, plan
 from xdplb.model import Backend, Service, Settings
 
 GOOD = """
@@ -99,22 +99,22 @@ def test_service_diff_lines():
            Service(ip("10.0.0.2"), 81, "tcp", [])]
     new = [Service(ip("10.0.0.2"), 80, "tcp", [Backend(ip("10.0.0.11"), 80, 0), Backend(ip("10.0.0.13"), 80, 1)]),
            Service(ip("10.0.0.2"), 53, "udp", [Backend(ip("10.0.0.11"), 53, 1)])]
-    assert config.diff_services("eth0", old, new) == [
+    assert plan.diff_services("eth0", old, new) == [
         "eth0: - service 10.0.0.2:81/tcp",
         "eth0: + service 10.0.0.2:53/udp -> 10.0.0.11:53 weight 1",
         "eth0: service 10.0.0.2:80/tcp: - backend 10.0.0.12:80",
         "eth0: service 10.0.0.2:80/tcp: + backend 10.0.0.13:80 weight 1",
         "eth0: service 10.0.0.2:80/tcp: ~ backend 10.0.0.11:80 weight 1 -> 0",
     ]
-    assert config.diff_services("eth0", new, new) == []
+    assert plan.diff_services("eth0", new, new) == []
 
 
 def test_settings_diff_lines():
     a = Settings(snat_addrs=[ip("10.0.0.2")])
     b = Settings(snat_addrs=[ip("10.0.0.2")], udp_timeout_s=30, hash_seed=1)
-    assert config.diff_settings("eth0", a, b) == ["eth0: ~ seed 24301 -> 1", "eth0: ~ timeouts.udp 300 -> 30"]
+    assert plan.diff_settings("eth0", a, b) == ["eth0: ~ seed 24301 -> 1", "eth0: ~ timeouts.udp 300 -> 30"]
     c = Settings(snat_addrs=[ip("10.0.0.2"), ip("10.0.0.3")])
-    assert config.diff_settings("eth0", a, c) == ["eth0: ~ snat 10.0.0.2 -> 10.0.0.2,10.0.0.3"]
+    assert plan.diff_settings("eth0", a, c) == ["eth0: ~ snat 10.0.0.2 -> 10.0.0.2,10.0.0.3"]
 
 
 def test_a_udp_service_may_have_its_own_timeout_and_it_round_trips():
@@ -139,7 +139,7 @@ def test_a_udp_timeout_on_a_tcp_service_is_refused_with_its_location():
 def test_a_changed_udp_timeout_is_a_difference():
     old = Service(ip("10.0.0.2"), 53, "udp")
     new = Service(ip("10.0.0.2"), 53, "udp", udp_timeout_s=20)
-    assert config.diff_services("eth0", [old], [new]) == [
+    assert plan.diff_services("eth0", [old], [new]) == [
         "eth0: service 10.0.0.2:53/udp: ~ udp_timeout the interface's -> 20 s"]
 
 
@@ -168,8 +168,8 @@ def test_a_changed_not_allowed_is_a_difference():
     nets = [ipaddress.IPv4Network("10.0.0.0/8")]
     old = Service(ip("10.0.0.2"), 80, "tcp", clients=nets)
     new = Service(ip("10.0.0.2"), 80, "tcp", clients=nets, not_allowed="pass")
-    assert config.diff_services("eth0", [old], [new]) == ["eth0: service 10.0.0.2:80/tcp: ~ not_allowed drop -> pass"]
-    assert config.diff_services("eth0", [new], [new]) == []
+    assert plan.diff_services("eth0", [old], [new]) == ["eth0: service 10.0.0.2:80/tcp: ~ not_allowed drop -> pass"]
+    assert plan.diff_services("eth0", [new], [new]) == []
 
 
 # ---- values of the wrong type or that would be read as something else (issue 13) ----
