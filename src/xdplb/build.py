@@ -11,7 +11,7 @@ from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
-from . import abi
+from . import abi, decap_abi
 from .errors import PrerequisiteError, XdplbError
 
 ROOT = Path(os.environ.get("XDPLB_ROOT", Path(__file__).resolve().parents[2]))
@@ -19,6 +19,9 @@ BPF_DIR = ROOT / "bpf"
 BUILD_DIR = ROOT / "build"
 OBJECT = BUILD_DIR / "xdplb.bpf.o"
 SOURCE = BPF_DIR / "xdplb.bpf.c"
+# The backends' decapsulator (ipip mode), loaded by decap.py.
+DECAP_OBJECT = BUILD_DIR / "decap.bpf.o"
+DECAP_SOURCE = BPF_DIR / "decap.bpf.c"
 # libbpf built from the libbpf/ submodule by `make build` installs its headers here.
 BUNDLED_HEADERS = BUILD_DIR / "libbpf" / "include"
 SYSTEM_HEADERS = Path("/usr/include")
@@ -66,8 +69,9 @@ def compile_command(clang: str, headers: Path, source: Path, output: Path) -> li
 
 
 def compile_object(output: Path = OBJECT, clang: str | None = None, source: Path = SOURCE,
-                   check: bool = True) -> ObjectReport:
-    """Compiles one BPF source; `check` applies the data plane's object checks."""
+                   check: bool = True, required_maps=abi.MAPS) -> ObjectReport:
+    """Compiles one BPF source; `check` applies the object checks, required_maps being
+    the maps its loader needs (the data plane's by default)."""
     clang = clang or os.environ.get("CLANG", "clang")
     if shutil.which(clang) is None:
         raise PrerequisiteError(f"{clang} not found; install it with: apt-get install clang llvm")
@@ -80,7 +84,7 @@ def compile_object(output: Path = OBJECT, clang: str | None = None, source: Path
         lines = [l for l in proc.stderr.splitlines() if "error" in l] or proc.stderr.splitlines()
         raise XdplbError(f"clang failed to compile {source.name}: " + (lines[0] if lines else "no output")
                          + "\n  " + "\n  ".join(proc.stderr.splitlines()[:20]))
-    report = inspect_object(tmp) if check else ObjectReport(tmp, tmp.stat().st_size, 0, "", [], True)
+    report = inspect_object(tmp, required_maps) if check else ObjectReport(tmp, tmp.stat().st_size, 0, "", [], True)
     if report.problems:
         tmp.unlink(missing_ok=True)
         raise XdplbError(f"the compiled object is unusable: {'; '.join(report.problems)}")
@@ -90,8 +94,14 @@ def compile_object(output: Path = OBJECT, clang: str | None = None, source: Path
     return report
 
 
-def inspect_object(path: Path) -> ObjectReport:
-    """Checks what the loader relies on: the program section, every map of the ABI,
+def compile_all(clang: str | None = None) -> list[ObjectReport]:
+    """What `xdplb build` makes: the data plane and the backends' decapsulator."""
+    return [compile_object(OBJECT, clang, SOURCE),
+            compile_object(DECAP_OBJECT, clang, DECAP_SOURCE, required_maps=decap_abi.MAPS)]
+
+
+def inspect_object(path: Path, required=abi.MAPS) -> ObjectReport:
+    """Checks what the loader relies on: the program section, every map it needs,
     a GPL-compatible licence (for GPL-only helpers) and BTF (for the map definitions)."""
     with open(path, "rb") as f:
         elf = ELFFile(f)
@@ -110,7 +120,7 @@ def inspect_object(path: Path) -> ObjectReport:
         symtab = elf.get_section_by_name(".symtab")
         maps = sorted(s.name for s in symtab.iter_symbols()
                       if maps_sec_index is not None and s["st_shndx"] == maps_sec_index) if symtab else []
-        missing = sorted(set(abi.MAPS) - set(maps))
+        missing = sorted(set(required) - set(maps))
         if missing:
             problems.append(f"maps missing: {', '.join(missing)}")
         btf = elf.get_section_by_name(".BTF") is not None

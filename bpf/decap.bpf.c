@@ -1,0 +1,120 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * xdplb's decapsulator, for the backends of services in ipip mode: an IPv4-in-IPv4
+ * packet addressed to this host loses its outer header here and its inner packet goes
+ * on to the kernel as if it had arrived as it is. Everything else passes untouched.
+ *
+ * "Addressed to this host" means: the outer destination is in xdplb_dc_local, which the
+ * control plane fills with this host's addresses. The kernel's own test (a route of
+ * type local) is out of reach: bpf_fib_lookup refuses to answer where forwarding is
+ * off, as it is on most backends. Taking any outer destination would decapsulate what a
+ * router or a bridge port merely passes on.
+ *
+ * Beside a kernel ipip module this program still decapsulates first (XDP runs before
+ * the stack): those packets then arrive on this interface, never on tunl0, and what it
+ * passes (fragments, other hosts' packets) reaches the module as before.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "decap_abi.h"
+#include "parse.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define IP_HEADER_MAX_BYTES 60 /* ihl 15 */
+
+/* This host's IPv4 addresses (the value is unused), written by `xdplb decap attach`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XDPLB_DC_MAX_LOCAL);
+	__type(key, __be32);
+	__type(value, __u8);
+} xdplb_dc_local SEC(".maps");
+
+/* Packets per outcome, indexed by enum xdplb_dc_counter. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XDPLB_DC_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} xdplb_dc_stats SEC(".maps");
+
+static __always_inline int counted(__u32 counter, int action)
+{
+	__u64 *value = bpf_map_lookup_elem(&xdplb_dc_stats, &counter);
+
+	if (value)
+		*value += 1;
+	return action;
+}
+
+/* The kernel drops a packet whose outer checksum is wrong; decapsulating it would let
+ * its inner packet through. A valid header sums to 0xffff, one's complement zero: taking
+ * it away also leaves a CHECKSUM_COMPLETE sum, which generic XDP keeps, still right.
+ * Copied to the stack first, where the verifier knows the length is there. */
+static __always_inline int ip_checksum_ok(struct xdp_md *ctx, __u32 offset, __u32 len)
+{
+	__u8 header[IP_HEADER_MAX_BYTES] = {};
+	__s64 sum;
+
+	if (len < sizeof(struct iphdr) || len > sizeof(header) || bpf_xdp_load_bytes(ctx, offset, header, len))
+		return 0;
+	sum = bpf_csum_diff(0, 0, (void *)header, len, 0);
+	if (sum < 0)
+		return 0;
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return sum == 0xffff;
+}
+
+/* The inner header must be complete and its length within the outer payload: bytes past
+ * the outer total length are the frame's padding, which the kernel would trim away
+ * before any tunnel saw the packet. */
+static __always_inline int inner_ok(const struct iphdr *inner, const void *end, __u32 outer_payload)
+{
+	__u32 len;
+
+	if ((void *)(inner + 1) > end || inner->version != 4 || inner->ihl < 5)
+		return 0;
+	len = bpf_ntohs(inner->tot_len);
+	return len >= inner->ihl * 4 && len <= outer_payload;
+}
+
+SEC("xdp")
+int xdplb_decap(struct xdp_md *ctx)
+{
+	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
+	struct ethhdr *eth, saved;
+	struct iphdr *outer;
+	__u32 outer_len;
+
+	if (parse_ethhdr(&c, &eth) != bpf_htons(ETH_P_IP))
+		return counted(XDPLB_DC_NOT_IPIP, XDP_PASS);
+	outer = c.pos;
+	if ((void *)(outer + 1) > c.end)
+		return counted(XDPLB_DC_MALFORMED, XDP_PASS);
+	if (outer->protocol != IPPROTO_IPIP)
+		return counted(XDPLB_DC_NOT_IPIP, XDP_PASS);
+	if (parse_iphdr(&c, &outer) < 0 || !ip_checksum_ok(ctx, sizeof(*eth), outer->ihl * 4))
+		return counted(XDPLB_DC_MALFORMED, XDP_PASS);
+	if (!bpf_map_lookup_elem(&xdplb_dc_local, &outer->daddr))
+		return counted(XDPLB_DC_NOT_LOCAL, XDP_PASS);
+	if (ip_is_fragment(outer))
+		return counted(XDPLB_DC_FRAGMENT, XDP_PASS);
+	outer_len = outer->ihl * 4;
+	if (!inner_ok(c.pos, c.end, bpf_ntohs(outer->tot_len) - outer_len))
+		return counted(XDPLB_DC_INNER_MALFORMED, XDP_PASS);
+
+	/* Options or not, the outer header goes as a whole: the Ethernet header moves to
+	 * just before the inner one. */
+	__builtin_memcpy(&saved, eth, sizeof(saved));
+	if (bpf_xdp_adjust_head(ctx, outer_len))
+		return counted(XDPLB_DC_ERROR, XDP_PASS);
+	eth = (void *)(long)ctx->data;
+	if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
+		return counted(XDPLB_DC_ERROR, XDP_DROP); /* unreachable: the inner header is there */
+	__builtin_memcpy(eth, &saved, sizeof(saved));
+	return counted(XDPLB_DC_DECAPSULATED, XDP_PASS);
+}
