@@ -56,6 +56,19 @@ static __always_inline __u32 flow_expiry_ticks(const struct xdplb_config *cfg, _
 	return (flags & XDPLB_FLOW_CLOSING) ? cfg->tcp_closing_expiry_ticks : cfg->tcp_expiry_ticks;
 }
 
+/* A flow's forwarding mode, from its checksum fields (see struct xdplb_flow): full NAT
+ * rewrites, dsr and ipip do not. */
+static __always_inline int flow_rewrites(const struct xdplb_flow *flow)
+{
+	return flow->l3_csum_delta != 0;
+}
+
+/* Of a flow that does not rewrite: ipip (else dsr). */
+static __always_inline int flow_encapsulates(const struct xdplb_flow *flow)
+{
+	return flow->l4_csum_delta != 0;
+}
+
 /* Whether a slot may be taken over by another key. */
 static __always_inline int slot_expired(const struct xdplb_config *cfg, const struct xdplb_flow_slot *s,
 					__u32 now)
@@ -273,6 +286,16 @@ static __always_inline void flow_partner_key(const struct xdplb_flow *flow, __u8
 	partner->sport = flow->dport;
 	partner->dport = flow->sport;
 	partner->proto = proto;
+}
+
+/* Whether `other`, found at a flow's partner key, is that flow's own other entry: it
+ * rewrites back to the key the flow was found with. A connection that took the partner
+ * key over meanwhile (the client reused its port, so a new flow with a new SNAT source
+ * holds the client side) is not, and a late segment of the old one must leave it alone. */
+static __always_inline int flow_is_partner(const struct xdplb_flow *other, const struct xdplb_flow_key *key)
+{
+	return other->saddr == key->daddr && other->daddr == key->saddr &&
+	       other->sport == key->dport && other->dport == key->sport;
 }
 
 #endif /* XDPLB_FLOWS_H */

@@ -219,9 +219,11 @@ static __noinline void track_tcp_state(struct xdp_md *ctx, const struct xdplb_co
 	if (!(set & ~flags) && !(clear & flags) && !(!from_backend && (tcp_flags & TCP_FLAG_FIN)))
 		return;
 	flow_flags_update(slot, &pkt->key, set, clear);
+	if (!flow_rewrites(flow)) /* dsr or ipip: no other entry */
+		return;
 	flow_partner_key(flow, IPPROTO_TCP, &partner);
 	s = flow_find(cfg, &partner, flow_hash(&partner, cfg->flow_seed), &other, now_ticks(cfg), &where);
-	if (!s)
+	if (!s || !flow_is_partner(&other, &pkt->key))
 		return;
 	if (!from_backend && (tcp_flags & TCP_FLAG_FIN) && (other.flags & XDPLB_FLOW_FIN_BACKEND))
 		note_client_fin(ctx, pkt->ip, pkt->tcp, where.index);

@@ -1,13 +1,15 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
- * xdplb: a full-NAT L4 load balancer in XDP.
+ * xdplb: an L4 load balancer in XDP.
  *
- * A packet for a service (VIP:port/proto) is rewritten client->VIP into SNAT->backend;
- * the backend's reply is rewritten back into VIP->client. Both directions are entries
- * of one flow table keyed by the arriving 5-tuple, so an established packet costs one
- * lookup (inlined: the table is an array, see flows.h) and a rewrite with precomputed
- * checksum deltas. Everything that is not for a
- * service (or a reply of one of its flows) passes to the kernel untouched.
+ * In full NAT, a packet for a service (VIP:port/proto) is rewritten client->VIP into
+ * SNAT->backend; the backend's reply is rewritten back into VIP->client. Both directions
+ * are entries of one flow table keyed by the arriving 5-tuple, so an established packet
+ * costs one lookup (inlined: the table is an array, see flows.h) and a rewrite with
+ * precomputed checksum deltas. Services in dsr or ipip mode have their packets go on as
+ * the client sent them (encap.h) and replies bypass the balancer: one entry per flow.
+ * Everything that is not for a service (or a reply of one of its flows) passes to the
+ * kernel untouched.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -22,6 +24,7 @@
 #include "flows.h"
 #include "packet.h"
 #include "tcpstate.h"
+#include "encap.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -339,11 +342,45 @@ static __always_inline struct xdplb_backend *select_backend(const struct xdplb_s
 	return backend;
 }
 
+/* dsr and ipip: the packet goes on as the client sent it, behind a new Ethernet header or
+ * encapsulated. Also ICMP errors about such a flow's packets (the backend's replies come
+ * from the VIP, so errors about them come here): its backend needs them as they are. */
+static __always_inline int forward_as_sent(struct xdp_md *ctx, const struct xdplb_config *cfg,
+					   struct packet *pkt, const struct xdplb_flow *flow, __u32 event)
+{
+	__u64 bytes = ctx->data_end - ctx->data;
+	__u32 action = flow->ifindex == ctx->ingress_ifindex ? XDP_TX : XDP_REDIRECT, mtu = 0;
+
+	if (!flow_encapsulates(flow)) {
+		rewrite_l2(pkt->eth, flow);
+	} else if (!ipip_fits(ctx, pkt->ip, flow->ifindex, &mtu)) {
+		/* Never an ICMP error about an ICMP error (RFC 1122). */
+		if ((pkt->ip->frag_off & bpf_htons(IP_DF)) && pkt->key.proto != IPPROTO_ICMP) {
+			trace(ctx, cfg, pkt, flow, XDPLB_EV_TOO_BIG, XDP_TX);
+			if (answer_frag_needed(ctx, mtu))
+				return drop(XDPLB_CNT_TOO_BIG);
+			count(XDPLB_CNT_FRAG_NEEDED);
+			count(XDPLB_CNT_TX);
+			return XDP_TX;
+		}
+		trace(ctx, cfg, pkt, flow, XDPLB_EV_TOO_BIG, XDP_DROP);
+		return drop(XDPLB_CNT_TOO_BIG);
+	}
+	account(flow->service_id, &xdplb_svc_stats, bytes, event == XDPLB_EV_NEW_FLOW);
+	account(flow->backend_id, &xdplb_be_stats, bytes, event == XDPLB_EV_NEW_FLOW);
+	trace(ctx, cfg, pkt, flow, event, action);
+	if (flow_encapsulates(flow) && ipip_encapsulate(ctx, pkt->ip, flow))
+		return XDP_ABORTED; /* no headroom: cannot happen, and the xdp_exception tracepoint says so */
+	return transmit(ctx, flow);
+}
+
 static __always_inline int forward(struct xdp_md *ctx, const struct xdplb_config *cfg,
 				   struct packet *pkt, const struct xdplb_flow *flow, __u32 event)
 {
 	__u64 bytes = ctx->data_end - ctx->data;
 
+	if (!flow_rewrites(flow))
+		return forward_as_sent(ctx, cfg, pkt, flow, event);
 	rewrite(pkt, flow);
 	account(flow->service_id, &xdplb_svc_stats, bytes, event == XDPLB_EV_NEW_FLOW);
 	account(flow->backend_id, &xdplb_be_stats, bytes, event == XDPLB_EV_NEW_FLOW);
@@ -418,11 +455,11 @@ static __always_inline void follow_backend_hop(const struct xdplb_config *cfg, s
 
 enum plan_result {
 	PLAN_OK,
-	PLAN_NOT_SYN,      /* TCP without a SYN opens nothing */
+	PLAN_NOT_SYN,      /* TCP without a SYN opens nothing (in full NAT) */
 	PLAN_NOT_ALLOWED,  /* client not in the service's allow-list */
 	PLAN_NO_BACKEND,
 	PLAN_BACKEND_MISMATCH, /* the ring names a backend of another service */
-	PLAN_NO_PORT,      /* no SNAT port configured or no scratch space */
+	PLAN_NO_PORT,      /* no SNAT port (or IPIP source) configured, or no scratch space */
 };
 
 /* Starts a memory access without waiting for it (BPF has no prefetch instruction). */
@@ -438,11 +475,30 @@ static __always_inline void prefetch_slot(const struct xdplb_config *cfg, __u32 
 	}
 }
 
+/* A dsr or ipip flow's state from its first segment. A segment other than a SYN opens
+ * one too (the client's connection was balanced before: by this node before a restart or
+ * a resize of its table, or by another node), established or closing as the segment says. */
+static __always_inline __u8 first_state_as_sent(const struct packet *pkt)
+{
+	__u8 tcp_flags = pkt->tcp_flags, state = 0;
+
+	if (!pkt->tcp)
+		return 0;
+	if ((tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN)
+		return XDPLB_FLOW_HANDSHAKE;
+	if (tcp_flags & TCP_FLAG_RST)
+		state |= XDPLB_FLOW_CLOSING | XDPLB_FLOW_RESET;
+	if (tcp_flags & TCP_FLAG_FIN)
+		state |= XDPLB_FLOW_CLOSING | XDPLB_FLOW_FIN_CLIENT;
+	return state;
+}
+
 /* The first half of a new flow, up to the choice of backend and SNAT port: both
- * entries are built in the per-CPU scratch space. Once the SNAT port is known it
- * touches the two slots the flow will be stored in, so that in a table larger than the
- * caches their memory accesses overlap instead of following each other (for a SYN this
- * runs before the flow lookup). A subprogram: its locals get their own stack frame. */
+ * entries are built in the per-CPU scratch space (one, in dsr and ipip). Once the SNAT
+ * port is known it touches the two slots the flow will be stored in, so that in a table
+ * larger than the caches their memory accesses overlap instead of following each other
+ * (for a SYN this runs before the flow lookup). A subprogram: its locals get their own
+ * stack frame. */
 static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_config *cfg, struct packet *pkt,
 				    const struct xdplb_service *svc)
 {
@@ -456,7 +512,8 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	 * answer either. */
 	if (!client_allowed(svc, pkt->key.saddr))
 		return PLAN_NOT_ALLOWED;
-	if (pkt->tcp && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_SYN)
+	if (pkt->tcp && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_SYN &&
+	    !(svc->flags & SVC_NO_NAT))
 		return PLAN_NOT_SYN;
 	/* Before the backend entry: a next hop written after this read comes with a newer
 	 * generation, which the flow will then follow. */
@@ -474,17 +531,46 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	if (backend->service_id != svc->id)
 		return PLAN_BACKEND_MISMATCH;
 	scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
-	if (!scratch || cfg->snat_port_max < cfg->snat_port_min)
+	if (!scratch)
 		return PLAN_NO_PORT;
 	plan = &scratch->plan;
 	__builtin_memset(plan, 0, sizeof(*plan));
+	fwd = &plan->fwd;
+	rev = &plan->rev;
+
+	/* Client side, but for its source (SNAT: below; none in dsr and ipip): towards the
+	 * backend. */
+	fwd->daddr = backend->addr;
+	fwd->dport = backend->port;
+	fwd->ifindex = backend->ifindex;
+	__builtin_memcpy(fwd->dmac, backend->dmac, ETH_ALEN);
+	__builtin_memcpy(fwd->smac, backend->smac, ETH_ALEN);
+	fwd->service_id = svc->id;
+	fwd->backend_id = backend_id;
+	fwd->hop_gen = hop_gen;
+	if (pkt->key.proto == IPPROTO_UDP)
+		fwd->udp_timeout_s = svc->udp_timeout_s; /* at most 65535: the control plane checks */
+
+	/* dsr and ipip: the client side is the whole flow; its checksum fields say how it is
+	 * forwarded (see struct xdplb_flow; all zero here: dsr). */
+	if (svc->flags & SVC_NO_NAT) {
+		fwd->flags = first_state_as_sent(pkt);
+		if (svc->flags & XDPLB_SVC_IPIP) {
+			if (!cfg->encap_source)
+				return PLAN_NO_PORT;
+			fwd->saddr = cfg->encap_source;
+			fwd->l4_csum_delta = ipip_fixed_sum(fwd->saddr, fwd->daddr);
+		}
+		return PLAN_OK;
+	}
+
+	if (cfg->snat_port_max < cfg->snat_port_min)
+		return PLAN_NO_PORT;
 	/* The key lives in the scratch space: the stack of this call chain is full. */
 	plan->cursor_id = backend->cursor_id;
 	cursor = bpf_map_lookup_elem(&xdplb_port_cur, &plan->cursor_id);
 	if (!cursor)
 		return PLAN_NO_PORT;
-	fwd = &plan->fwd;
-	rev = &plan->rev;
 
 	/* Backend side: SNAT address and port -> client. */
 	plan->rev_key.saddr = backend->addr;
@@ -507,8 +593,7 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	rev->service_id = svc->id;
 	rev->backend_id = backend_id;
 	rev->flags = XDPLB_FLOW_REPLY;
-	if (pkt->key.proto == IPPROTO_UDP)
-		rev->udp_timeout_s = svc->udp_timeout_s; /* at most 65535: the control plane checks */
+	rev->udp_timeout_s = fwd->udp_timeout_s;
 	if (pkt->tcp) {
 		rev->flags |= XDPLB_FLOW_HANDSHAKE;
 		fwd->flags = XDPLB_FLOW_HANDSHAKE;
@@ -516,17 +601,6 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 		plan->syn.has_ts = tcp_timestamps(ctx, sizeof(struct ethhdr) + pkt->ip->ihl * 4);
 		plan->syn.tsval = scratch->ts.tsval;
 	}
-
-	/* Client side, but for its SNAT port: client -> backend. */
-	fwd->daddr = backend->addr;
-	fwd->dport = backend->port;
-	fwd->ifindex = backend->ifindex;
-	__builtin_memcpy(fwd->dmac, backend->dmac, ETH_ALEN);
-	__builtin_memcpy(fwd->smac, backend->smac, ETH_ALEN);
-	fwd->service_id = svc->id;
-	fwd->backend_id = backend_id;
-	fwd->hop_gen = hop_gen;
-	fwd->udp_timeout_s = rev->udp_timeout_s;
 	return PLAN_OK;
 }
 
@@ -578,7 +652,7 @@ __noinline int new_flow_plan(struct xdp_md *ctx)
 }
 
 /* Stores the client side of the planned flow with the SNAT port claim_snat_source()
- * found (host byte order; 0: none) and forwards the packet. */
+ * found (host byte order; 0: none; unused in dsr and ipip) and forwards the packet. */
 __noinline int new_flow(struct xdp_md *ctx, __u32 snat_port)
 {
 	__u32 zero = 0, now;
@@ -597,22 +671,28 @@ __noinline int new_flow(struct xdp_md *ctx, __u32 snat_port)
 	plan = &scratch->plan;
 	fwd = &plan->fwd;
 	rev = &plan->rev;
-	if (!snat_port) {
-		/* The trace names the backend whose sources ran out. */
-		trace(ctx, cfg, &pkt, fwd, XDPLB_EV_SNAT_EXHAUSTED, XDP_DROP);
-		return drop(XDPLB_CNT_SNAT_EXHAUSTED);
+	/* The mode read where it is needed, never kept across the store: the verifier would
+	 * walk the store's probe loop once per value. */
+	if (!(scratch->req.svc.flags & SVC_NO_NAT)) {
+		if (!snat_port) {
+			/* The trace names the backend whose sources ran out. */
+			trace(ctx, cfg, &pkt, fwd, XDPLB_EV_SNAT_EXHAUSTED, XDP_DROP);
+			return drop(XDPLB_CNT_SNAT_EXHAUSTED);
+		}
+		fwd->sport = bpf_htons(snat_port);
+		fwd->saddr = plan->rev_key.daddr;
+		flow_set_deltas(fwd, &pkt.key);
 	}
-	fwd->sport = bpf_htons(snat_port);
-	fwd->saddr = plan->rev_key.daddr;
-	flow_set_deltas(fwd, &pkt.key);
 	/* The lookup that missed chose the slot already; if another CPU (or the backend
 	 * side just stored) took it since, search again. */
 	if (!flow_claim(&pkt.place, &pkt.key, fwd, now))
 		outcome = pkt.place.seq & FLOW_PLACE_EVICTS ? FLOW_STORE_EVICTED : 0;
 	else if (flow_store(cfg, &pkt.key, pkt.hash, fwd, now, FLOW_STORE_ANY, NULL, NULL, &outcome)) {
 		/* Lost a race for the slot: free the SNAT port again. */
-		struct xdplb_flow_slot *s = flow_find(cfg, &plan->rev_key, plan->rev_hash, rev, now, NULL);
+		struct xdplb_flow_slot *s = NULL;
 
+		if (!(scratch->req.svc.flags & SVC_NO_NAT))
+			s = flow_find(cfg, &plan->rev_key, plan->rev_hash, rev, now, NULL);
 		if (s)
 			flow_flags_update(s, &plan->rev_key, XDPLB_FLOW_DEAD, 0);
 		trace(ctx, cfg, &pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
@@ -620,6 +700,8 @@ __noinline int new_flow(struct xdp_md *ctx, __u32 snat_port)
 	}
 	if (outcome & FLOW_STORE_EVICTED)
 		count(XDPLB_CNT_EVICTED);
+	if ((scratch->req.svc.flags & SVC_NO_NAT) && pkt.tcp && !(fwd->flags & XDPLB_FLOW_HANDSHAKE))
+		count(XDPLB_CNT_RECOVERED);
 	count(XDPLB_CNT_NEW_FLOW);
 	return forward(ctx, cfg, &pkt, fwd, XDPLB_EV_NEW_FLOW);
 }
@@ -634,9 +716,11 @@ static __noinline void touch(const struct xdplb_config *cfg, struct xdplb_flow_s
 	struct xdplb_flow_slot *s;
 
 	slot->last_seen = now;
+	if (!flow_rewrites(flow)) /* dsr or ipip: the only entry */
+		return;
 	flow_partner_key(flow, proto, &partner);
 	s = flow_find(cfg, &partner, flow_hash(&partner, cfg->flow_seed), &other, now, NULL);
-	if (s)
+	if (s && flow_is_partner(&other, &slot->key))
 		s->last_seen = now;
 }
 
@@ -667,6 +751,13 @@ static __noinline int translate_icmp_error(struct xdp_md *ctx, const struct xdpl
 	key.proto = inner->protocol;
 	if (!flow_find(cfg, &key, flow_hash(&key, cfg->flow_seed), &copy, 0, NULL))
 		return pass(XDPLB_CNT_PASS);
+	if (!flow_rewrites(flow)) {
+		int action = forward_as_sent(ctx, cfg, pkt, flow, XDPLB_EV_ICMP);
+
+		if (action != XDP_DROP)
+			count(XDPLB_CNT_ICMP_TRANSLATED);
+		return action;
+	}
 
 	if (inner->protocol == IPPROTO_UDP) {
 		if (ports[3])
@@ -855,6 +946,8 @@ int xdplb_main(struct xdp_md *ctx)
 		if (action != NEW_FLOW_PLANNED)
 			return action;
 	}
+	if (scratch->req.svc.flags & SVC_NO_NAT)
+		return new_flow(ctx, 0);
 	/* Backend side first: it owns the SNAT port, which the client side then uses. */
 	return new_flow(ctx, claim_snat_source(now));
 }

@@ -59,6 +59,18 @@
  * while the pool is busy but not exhausted. */
 #define XDPLB_SNAT_PORT_TRIES 32
 
+/* IPIP (XDPLB_SVC_IPIP): the outer header's TTL. A constant, not the inner TTL: the outer
+ * header crosses only the network between the balancer and the backend, whatever hops
+ * the client's packet has left, and a constant keeps the outer checksum's words fixed
+ * for the life of a flow. 64 is Linux's default TTL (net.ipv4.ip_default_ttl). */
+#define XDPLB_IPIP_TTL 64
+/* IPIP adds 20 bytes. The egress MTU is asked for (a helper call) only when the
+ * encapsulated packet would be longer than this: every link towards IPIP backends is
+ * taken to carry at least this much (IPv6's minimum link MTU, which any Ethernet or
+ * usual tunnel meets; below it, packets between its MTU and this would be sent whole,
+ * and lost). Clients' full-sized packets are above it, so they are checked. */
+#define XDPLB_ENCAP_MTU_FLOOR 1280
+
 /* xdplb_ports values: which kinds of traffic use a destination port. */
 enum xdplb_port_flags {
 	XDPLB_PORT_TCP_SERVICE = 1 << 0,
@@ -86,6 +98,11 @@ enum xdplb_service_flags {
 	XDPLB_SVC_ALLOWLIST = 1 << 0, /* only clients in xdplb_clients may use it */
 	/* Clients outside the allow-list pass to the kernel instead of being dropped. */
 	XDPLB_SVC_PASS_NOT_ALLOWED = 1 << 1,
+	/* How packets reach the backends (none: full NAT). Direct server return: only the
+	 * destination MAC changes. IPIP: an outer IPv4 header towards the backend. In both,
+	 * replies bypass the balancer. */
+	XDPLB_SVC_DSR = 1 << 2,
+	XDPLB_SVC_IPIP = 1 << 3,
 };
 
 /* xdplb_backend.flags */
@@ -120,12 +137,15 @@ enum xdplb_counter {
 	XDPLB_CNT_TTL_EXPIRED,       /* TTL <= 1 for a service: passed to the kernel */
 	XDPLB_CNT_NOT_ALLOWED,       /* client not in the service's allow-list: dropped (or passed) */
 	XDPLB_CNT_NEW_FLOW,          /* flows created */
-	XDPLB_CNT_ICMP_TRANSLATED,   /* ICMP errors about a flow, translated */
-	XDPLB_CNT_NO_FLOW,           /* TCP non-SYN of an unknown flow: passed (kernel resets) */
+	XDPLB_CNT_ICMP_TRANSLATED,   /* ICMP errors about a flow, translated (dsr, ipip: relayed to its backend) */
+	XDPLB_CNT_NO_FLOW,           /* full NAT: TCP non-SYN of an unknown flow: passed (kernel resets) */
 	XDPLB_CNT_EVICTED,           /* live flows pushed out by new ones (table too small) */
 	XDPLB_CNT_SNAT_EXHAUSTED,    /* SYN with no SNAT source the backend would accept: dropped */
 	XDPLB_CNT_SNAT_REUSED,       /* a closed flow's SNAT source given to a newer SYN */
 	XDPLB_CNT_BACKEND_MISMATCH,  /* ring slot naming another service's backend: counted no_backend too */
+	XDPLB_CNT_RECOVERED,         /* dsr/ipip: TCP non-SYN of an unknown flow, sent where the ring points */
+	XDPLB_CNT_FRAG_NEEDED,       /* ipip: too big once encapsulated, DF set: ICMP answer sent (tx) */
+	XDPLB_CNT_TOO_BIG,           /* ipip: too big once encapsulated, DF clear: dropped */
 	XDPLB_CNT_MAX,
 };
 
@@ -142,6 +162,7 @@ enum xdplb_trace_event {
 	XDPLB_EV_NO_FLOW,
 	XDPLB_EV_ICMP,
 	XDPLB_EV_SNAT_EXHAUSTED,
+	XDPLB_EV_TOO_BIG, /* ipip: too big once encapsulated (action tx: answered, drop: dropped) */
 };
 
 /* Every trace line starts with this tag and carries exactly these fields, in order:
@@ -203,7 +224,28 @@ struct xdplb_flow_key {
 
 /* How to rewrite a packet of a flow. The checksum deltas are fixed for a flow (they
  * depend only on old and new addresses, ports and the TTL decrement), so they are
- * computed once when the flow is created. */
+ * computed once when the flow is created.
+ *
+ * The flow's forwarding mode is in the checksum fields (no byte is spare):
+ *   l3_csum_delta != 0: full NAT, either entry. Every NAT rewrite decrements the TTL:
+ *     its delta folds a sum of terms each nonzero (the TTL word's change among them),
+ *     and such a fold is never 0 (flow_set_deltas).
+ *   l3_csum_delta == 0: the packet is not rewritten (dsr or ipip, from the service's
+ *     flags when the flow was created). Such a flow has its client-side entry only:
+ *     replies bypass the balancer, so no backend-side entry, no SNAT source, nothing in
+ *     xdplb_flow_ends, and tuple_reusable() never applies (FIN_BACKEND is never set).
+ *     daddr and dport are the backend's (the next hop follows it, see
+ *     follow_backend_hop), sport is 0, and
+ *       l4_csum_delta == 0: dsr, saddr 0: only the Ethernet header changes;
+ *       l4_csum_delta != 0: ipip, saddr the outer source (xdplb_config.encap_source
+ *         when the flow was created), l4_csum_delta the folded sum of the outer
+ *         header's words fixed for the flow (TTL and protocol, addresses), never 0
+ *         since the TTL/protocol word is not.
+ * A flow keeps its mode when its service changes mode: the next flows take the new one.
+ * TCP state of a dsr/ipip flow comes from the client's segments alone: HANDSHAKE from
+ * its SYN until its first ACK without SYN or RST (the handshake's third segment, as in
+ * full NAT: the backend's SYN-ACK is never seen), CLOSING with FIN_CLIENT or RESET from
+ * its FIN or RST. */
 struct xdplb_flow {
 	__be32 saddr;
 	__be32 daddr;
@@ -275,6 +317,8 @@ struct xdplb_config {
 	 * a flow is found where the seed of its creation put it, and hash_seed is a setting
 	 * a user may change (a new Maglev ring) while flows are open. */
 	__u32 flow_seed;
+	/* Source address of the outer header of IPIP packets (services with XDPLB_SVC_IPIP). */
+	__be32 encap_source;
 	/* Sources of packets sent to backends (last: only new flows read them): a backend's
 	 * SNAT cursor c hands out address c % count with port min + (c / count) % span. */
 	__u32 snat_addr_count; /* 1 to XDPLB_MAX_SNAT_ADDRS */

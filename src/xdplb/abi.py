@@ -29,6 +29,8 @@ RING_SLOTS = 65537
 RING_SLOTS_PER_ENTRY = 4
 RING_ENTRIES = (RING_SLOTS + RING_SLOTS_PER_ENTRY - 1) // RING_SLOTS_PER_ENTRY
 SNAT_PORT_TRIES = 32
+IPIP_TTL = 64
+ENCAP_MTU_FLOOR = 1280
 TRACE_LEASE_MAX_TICKS = 1024
 TRACE_TAG = "xdplb1"
 PROGRAM_NAME = "xdplb_main"
@@ -48,6 +50,8 @@ class ConfigFlags(enum.IntFlag):
 class ServiceFlags(enum.IntFlag):
     ALLOWLIST = 1 << 0
     PASS_NOT_ALLOWED = 1 << 1
+    DSR = 1 << 2
+    IPIP = 1 << 3
 
 
 class BackendFlags(enum.IntFlag):
@@ -83,7 +87,10 @@ class Counter(enum.IntEnum):
     SNAT_EXHAUSTED = 14
     SNAT_REUSED = 15
     BACKEND_MISMATCH = 16
-    MAX = 17
+    RECOVERED = 17
+    FRAG_NEEDED = 18
+    TOO_BIG = 19
+    MAX = 20
 
 
 class TraceEvent(enum.IntEnum):
@@ -98,6 +105,7 @@ class TraceEvent(enum.IntEnum):
     NO_FLOW = 8
     ICMP = 9
     SNAT_EXHAUSTED = 10
+    TOO_BIG = 11
 
 
 class ServiceKey(ctypes.Structure):
@@ -124,6 +132,7 @@ class FlowKey(ctypes.Structure):
 
 
 class Flow(ctypes.Structure):
+    # The forwarding mode is in l3_csum_delta / l4_csum_delta: see struct xdplb_flow.
     _fields_ = [("saddr", be32), ("daddr", be32), ("sport", be16), ("dport", be16),
                 ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6),
                 ("l3_csum_delta", u16), ("l4_csum_delta", u16), ("service_id", u16),
@@ -146,7 +155,7 @@ class Config(ctypes.Structure):
                 ("tcp_expiry_ticks", u32), ("tcp_closing_expiry_ticks", u32), ("udp_expiry_ticks", u32),
                 ("tcp_syn_expiry_ticks", u32),
                 ("tick_shift", u32), ("ticks_per_s", u32), ("touch_ticks", u32), ("hop_gen", u32),
-                ("trace_until", u32), ("flow_seed", u32), ("snat_addr_count", u32),
+                ("trace_until", u32), ("flow_seed", u32), ("encap_source", be32), ("snat_addr_count", u32),
                 ("snat_addrs", be32 * MAX_SNAT_ADDRS)]
 
 

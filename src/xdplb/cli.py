@@ -9,7 +9,7 @@ import time
 
 import click
 
-from . import build as build_mod
+from . import backendhost, build as build_mod, decap as decap_mod
 from . import control, lab as lab_mod, model, namespaces, netlink, report, trace as trace_mod
 from .errors import UsageError, XdplbError
 
@@ -91,17 +91,19 @@ def _echo_json(data) -> None:
 
 @main.command()
 def build():
-    """Compile bpf/ into build/xdplb.bpf.o and check the object.
+    """Compile bpf/ into build/xdplb.bpf.o (the balancer) and build/decap.bpf.o (the
+    backends' decapsulator) and check both objects.
 
     \b
     Example:
       xdplb build
     """
-    report = build_mod.compile_object()
-    click.echo(f"built {report.path} ({report.size} bytes, {report.instructions} instructions)")
-    click.echo(f"  libbpf headers: {report.libbpf_headers}")
-    click.echo(f"  licence: {report.license}; BTF: {'yes' if report.btf else 'no'}")
-    click.echo(f"  maps: {', '.join(report.maps)}")
+    objects = build_mod.compile_all()
+    click.echo(f"libbpf headers: {objects[0].libbpf_headers}")
+    for obj in objects:
+        click.echo(f"built {obj.path} ({obj.size} bytes, {obj.instructions} instructions)")
+        click.echo(f"  licence: {obj.license}; BTF: {'yes' if obj.btf else 'no'}")
+        click.echo(f"  maps: {', '.join(obj.maps)}")
 
 
 @main.command()
@@ -125,10 +127,14 @@ def build():
               help=f"Flow table capacity (connections); memory is reserved up front [default: {model.FLOWS_DEFAULT}, "
                    "or the running table's].")
 @click.option("--seed", type=click.IntRange(0, 0xFFFFFFFF), help="Hash seed; the same on every node of a cluster.")
+@click.option("--forward", type=click.Choice(model.FORWARD_MODES), default="nat", show_default=True,
+              help="How packets reach the backends: full NAT, direct server return (backends on this "
+                   "segment, VIP on their lo) or IPIP encapsulation (backends decapsulate: xdplb decap).")
+@click.option("--encap-source", metavar="ADDR", help="Outer source of IPIP packets [default: the first SNAT address].")
 @click.option("--force", is_flag=True, help="Replace an XDP program that is not xdplb's.")
 @click.pass_context
 def attach(ctx, iface, backends, vip, port, proto, mode, clients, not_allowed, snat, snat_ports, flows, seed,
-           force):
+           forward, encap_source, force):
     """Balance VIP:PORT arriving on IFACE over the backends (full NAT).
 
     Running it again with other backends updates the running program in place:
@@ -146,7 +152,9 @@ def attach(ctx, iface, backends, vip, port, proto, mode, clients, not_allowed, s
         vip=model.parse_address(vip, "VIP") if vip else None, port=port_n, proto=proto, mode=mode,
         clients=model.parse_networks(clients) if clients else [], not_allowed=not_allowed, force=force,
         snat_addrs=model.parse_snat_addresses(snat) if snat else None,
-        snat_ports=model.parse_port_range(snat_ports) if snat_ports else None, flows=flows, seed=seed)
+        snat_ports=model.parse_port_range(snat_ports) if snat_ports else None, flows=flows, seed=seed,
+        forward=forward, encap_source=model.parse_address(encap_source, "encapsulation source") if encap_source
+        else None)
     _check_attach_options(req)
     outcome, svc = control.attach(req)
     for note in outcome.notes:
@@ -188,7 +196,7 @@ def _print_status(entry: dict) -> None:
                f"SNAT {','.join(entry['snat']['addresses'])} ports {entry['snat']['ports']}"
                f"{', tracing' if entry['trace'] else ''}")
     for s in entry["services"]:
-        click.echo(f"  service {s['vip']}:{s['port']}/{s['proto']} (clients: {', '.join(s['clients'])}): "
+        click.echo(f"  service {s['vip']}:{s['port']}/{s['proto']} {s['forward']} (clients: {', '.join(s['clients'])}): "
                    f"{s['packets']} packets, {s['bytes']} bytes, {s['new_flows']} flows")
         for b in s["backends"]:
             click.echo(f"    backend {b['address']}:{b['port']} weight {b['weight']}: "
@@ -285,8 +293,10 @@ def service():
               help="Maglev table size (a prime).")
 @click.option("--udp-timeout", type=int, default=0, metavar="SECONDS",
               help="A UDP service's own idle timeout [default: the interface's timeouts.udp].")
+@click.option("--forward", type=click.Choice(model.FORWARD_MODES), default="nat", show_default=True,
+              help="How packets reach the backends (see xdplb attach --help).")
 @click.pass_context
-def service_add(ctx, iface, service, clients, not_allowed, ring_size, udp_timeout):
+def service_add(ctx, iface, service, clients, not_allowed, ring_size, udp_timeout, forward):
     """Add a service with no backends yet (add them with: xdplb backend add).
 
     \b
@@ -296,7 +306,7 @@ def service_add(ctx, iface, service, clients, not_allowed, ring_size, udp_timeou
     """
     _enter(ctx)
     _print_changes(control.service_add(iface, service, model.parse_networks(clients) if clients else [],
-                                       ring_size, udp_timeout, not_allowed))
+                                       ring_size, udp_timeout, not_allowed, forward))
 
 
 @service.command("del")
@@ -329,14 +339,14 @@ def service_list(ctx, iface, as_json):
     (entry,) = report.status(iface)
     services = entry.get("services", [])
     if as_json:
-        _echo_json([{k: s[k] for k in ("vip", "port", "proto", "clients", "not_allowed", "ring_size",
+        _echo_json([{k: s[k] for k in ("vip", "port", "proto", "forward", "clients", "not_allowed", "ring_size",
                                        "udp_timeout")} |
                     {"backends": len(s["backends"])} for s in services])
         return
     for s in services:
         timeout = f"  udp timeout {s['udp_timeout']} s" if s["udp_timeout"] else ""
         passing = "  others passed" if s["not_allowed"] == "pass" else ""
-        click.echo(f"{s['vip']}:{s['port']}/{s['proto']}  backends {len(s['backends'])}  "
+        click.echo(f"{s['vip']}:{s['port']}/{s['proto']}  {s['forward']}  backends {len(s['backends'])}  "
                    f"clients {', '.join(s['clients'])}{passing}  ring {s['ring_size']}{timeout}")
     if not services:
         click.echo(f"no services on {iface}")
@@ -608,9 +618,106 @@ def upgrade(ctx, iface):
     click.echo(control.upgrade(iface))
 
 
+@main.group()
+def decap():
+    """On a backend of ipip services: decapsulate IPIP in XDP, and hold the VIPs.
+
+    This kernel has no ipip module; the balancer's IPIP packets to this host lose their
+    outer header in xdplb's decapsulator and go to the stack as plain packets for a VIP.
+
+    \b
+    Example:
+      xdplb decap attach eth0 --vip 10.0.0.2
+      xdplb decap status
+      xdplb decap detach eth0
+    """
+
+
+@decap.command("attach")
+@click.argument("iface", shell_complete=complete_iface)
+@click.option("--vip", metavar="VIP[,VIP...]",
+              help="Also put these on lo (as /32) and set the ARP sysctls arp_ignore=1, arp_announce=2 "
+                   "(conf.all), so that this host takes their packets but never answers ARP for them "
+                   "[default: none; again on an attached interface: the VIPs it has].")
+@click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "native", "generic"]),
+              help="XDP mode; auto prefers native and falls back to generic.")
+@click.option("--force", is_flag=True, help="Replace an XDP program that is not xdplb's decapsulator.")
+@click.pass_context
+def decap_attach(ctx, iface, vip, mode, force):
+    """Decapsulate IPIP addressed to this host arriving on IFACE.
+
+    Running it again updates the addresses it decapsulates for (this host's) and the VIPs.
+
+    \b
+    Example:
+      xdplb decap attach eth0 --vip 10.0.0.2
+      xdplb -n backend1 decap attach eth0 --vip 10.0.0.2,10.0.0.3 --mode generic
+    """
+    vips = backendhost.parse_vips(vip) if vip is not None else None
+    _enter(ctx)
+    _print_changes(decap_mod.attach(iface, vips, mode, force))
+
+
+@decap.command("detach")
+@click.argument("iface", shell_complete=complete_iface)
+@click.option("--force", is_flag=True, help="Also remove an XDP program that is not xdplb's decapsulator.")
+@click.pass_context
+def decap_detach(ctx, iface, force):
+    """Remove the decapsulator from IFACE and undo what attaching it changed.
+
+    VIPs it added leave lo unless another interface's decapsulator still wants them, and
+    the ARP sysctls get their earlier values back once no interface has VIPs.
+
+    \b
+    Example:
+      xdplb decap detach eth0
+    """
+    _enter(ctx)
+    _print_changes(decap_mod.detach(iface, force))
+
+
+@decap.command("status")
+@click.argument("iface", required=False, shell_complete=complete_iface)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def decap_status(ctx, iface, as_json):
+    """Show the decapsulator's program, mode, VIPs and counters.
+
+    \b
+    Example:
+      xdplb decap status
+      xdplb -n backend1 decap status eth0 --json
+    """
+    _enter(ctx)
+    data = decap_mod.status(iface)
+    if as_json:
+        _echo_json(data)
+        return
+    for e in data["interfaces"]:
+        vips = f"VIPs on lo: {', '.join(e['vips'])}" if e["vips"] else "no VIPs"
+        if e["program_id"] is None:
+            held = f"; {vips} still held: xdplb decap detach {e['interface']} releases them" if e["vips"] else ""
+            click.echo(f"{e['interface']}: no decapsulator{held}")
+            continue
+        click.echo(f"{e['interface']}: decap program {e['program_id']}, {e['mode']} mode, {vips}")
+        click.echo(f"  decapsulates IPIP to: {', '.join(e['local_addresses']) or 'nothing'}")
+        if e["addresses_changed"]:
+            click.echo(f"  this host's addresses changed since: run xdplb decap attach {e['interface']} again")
+        nonzero = {k: v for k, v in e["counters"].items() if v}
+        click.echo("  counters: " + (", ".join(f"{k} {v}" for k, v in nonzero.items()) or "none yet"))
+    if not data["interfaces"]:
+        click.echo("the decapsulator is not attached here")
+    changed = data["host"]["sysctls_changed"]
+    if changed:
+        click.echo("sysctls: " + ", ".join(f"{name} {value} (was {changed[name]['before']})"
+                                           for name, value in data["host"]["sysctls"].items() if name in changed))
+
+
 @main.command()
 @click.option("--backends", type=click.IntRange(1, lab_mod.MAX_BACKENDS), default=lab_mod.DEFAULT_BACKENDS, show_default=True)
-def demo(backends):
+@click.option("--forward", type=click.Choice(model.FORWARD_MODES), default="nat", show_default=True,
+              help="Forwarding mode to show (with dsr and ipip backends see the real client address).")
+def demo(backends, forward):
     """Run the whole demo on the built-in lab, then clean up.
 
     \b
@@ -618,7 +725,7 @@ def demo(backends):
       xdplb demo
     """
     from .demo import run_demo
-    run_demo(backends)
+    run_demo(backends, forward)
 
 
 @main.group()
@@ -634,20 +741,24 @@ def lab():
 @lab.command("up")
 @click.option("--backends", type=int, default=lab_mod.DEFAULT_BACKENDS, show_default=True, help="How many backends.")
 @click.option("--clients", type=int, default=lab_mod.DEFAULT_CLIENTS, show_default=True, help="How many client namespaces.")
+@click.option("--forward", type=click.Choice(model.FORWARD_MODES), default="nat", show_default=True,
+              help="Prepare the backends for this forwarding mode (dsr: the VIP on their lo; ipip: also "
+                   "xdplb decap on their eth0).")
 @click.option("--prefix", default=lab_mod.DEFAULT_PREFIX, show_default=True, hidden=True)
-def lab_up(backends, clients, prefix):
+def lab_up(backends, clients, forward, prefix):
     """Create the lab (idempotent).
 
     \b
     Example:
       xdplb lab up --backends 3
     """
-    hosts = lab_mod.up(backends, clients, prefix)
+    hosts = lab_mod.up(backends, clients, prefix, forward)
     for h in hosts:
         click.echo(f"{h.namespace:22} {h.address:12} {h.role}")
     # The lab gives the peer veth an XDP program and turns checksum offload off: native works.
     click.echo(f"next: xdplb -n {prefix}-lb attach eth0 --mode native --backends "
-               + ",".join(h.address for h in hosts if h.role == "backend"))
+               + ",".join(h.address for h in hosts if h.role == "backend")
+               + (f" --forward {forward}" if forward != "nat" else ""))
 
 
 @lab.command("down")

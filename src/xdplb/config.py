@@ -7,6 +7,7 @@
     flows = 1048576               # flow table capacity (fixed while attached)
     snat = "10.0.0.2"             # default: the interface's primary IPv4 address
     snat_ports = "10000-32767"
+    # encap_source = "10.0.0.2"   # outer source of IPIP packets (default: the first SNAT address)
     seed = 24301
     timeouts = { tcp = 900, tcp_closing = 120, udp = 300, tcp_syn = 5 }
 
@@ -14,6 +15,7 @@
     vip = "10.0.0.2"
     port = 80
     proto = "tcp"
+    forward = "nat"               # nat (full NAT) | dsr (direct server return) | ipip (encapsulation)
     clients = ["10.0.0.0/8"]      # default: every client
     # not_allowed = "pass"        # clients outside `clients`: "drop" (default, counted) or "pass" to the kernel
     # udp_timeout = 30            # UDP services only: their own idle timeout (seconds)
@@ -35,8 +37,9 @@ from .errors import UsageError, XdplbError
 from .health import parse_check
 from .model import FLOWS_DEFAULT, FLOWS_MAX, MODES, Backend, InterfaceConfig, Service  # noqa: F401 (re-exported)
 
-INTERFACE_KEYS = {"mode", "flows", "snat", "snat_ports", "seed", "timeouts", "services"}
-SERVICE_KEYS = {"vip", "port", "proto", "clients", "not_allowed", "backends", "ring_size", "udp_timeout", "health"}
+INTERFACE_KEYS = {"mode", "flows", "snat", "snat_ports", "encap_source", "seed", "timeouts", "services"}
+SERVICE_KEYS = {"vip", "port", "proto", "forward", "clients", "not_allowed", "backends", "ring_size", "udp_timeout",
+                "health"}
 BACKEND_KEYS = {"address", "port", "weight"}
 TIMEOUT_KEYS = set(model.TIMEOUT_FIELDS)
 MAX_TIMEOUT_S = 7 * 86400
@@ -148,6 +151,9 @@ def check(text: str) -> tuple[list[InterfaceConfig], list[str]]:
             parsed = c.parse(f"{where}.snat_ports", model.parse_port_range, text) if text is not None else None
             snat_ports_known = parsed is not None
             iface.snat_ports = parsed or iface.snat_ports
+        if "encap_source" in table and c.string(f"{where}.encap_source", table["encap_source"], '"10.0.0.2"'):
+            iface.encap_source = c.parse(f"{where}.encap_source", model.parse_address, table["encap_source"],
+                                         "encapsulation source")
         iface.seed = c.integer(f"{where}.seed", table.get("seed", iface.seed), 0, 0xFFFFFFFF) or 0
         timeouts = table.get("timeouts", {})
         if c.keys(f"{where}.timeouts", timeouts, TIMEOUT_KEYS):
@@ -219,6 +225,9 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
     for j, net in enumerate(raw_clients or []):
         if c.string(f"{where}.clients[{j}]", net, '"10.0.0.0/8"') is not None:
             clients.extend(c.parse(f"{where}.clients[{j}]", model.parse_networks, net) or [])
+    forward = None
+    if c.string(f"{where}.forward", entry.get("forward", "nat"), '"nat", "dsr" or "ipip"') is not None:
+        forward = c.parse(f"{where}.forward", model.parse_forward, entry.get("forward", "nat"))
     not_allowed = None
     if c.string(f"{where}.not_allowed", entry.get("not_allowed", "drop"), '"drop" or "pass"') is not None:
         not_allowed = c.parse(f"{where}.not_allowed", model.parse_not_allowed, entry.get("not_allowed", "drop"))
@@ -264,7 +273,8 @@ def _service(c: _Checker, where: str, entry) -> Service | None:
                                      f"count): give a prime of at least {least}, like {model.RING_SIZE_DEFAULT}")
     if vip is None or port is None or proto is None or ring_size is None:
         return None
-    return Service(vip, port, proto, backends, clients, ring_size, udp_timeout, not_allowed or "drop")
+    return Service(vip, port, proto, backends, clients, ring_size, udp_timeout, not_allowed or "drop",
+                   forward or "nat")
 
 
 def read(path: str) -> str:
@@ -298,6 +308,8 @@ def dump(interfaces: list[InterfaceConfig]) -> str:
             addrs = [str(a) for a in iface.snat]
             lines.append(f"snat = {_toml_value(addrs[0] if len(addrs) == 1 else addrs)}")
         lines.append(f"snat_ports = {_toml_value(f'{iface.snat_ports[0]}-{iface.snat_ports[1]}')}")
+        if iface.encap_source:
+            lines.append(f"encap_source = {_toml_value(str(iface.encap_source))}")
         lines.append(f"seed = {iface.seed}")
         lines.append(f"timeouts = {_toml_value(iface.timeouts)}")
         for svc in iface.services:
@@ -306,6 +318,8 @@ def dump(interfaces: list[InterfaceConfig]) -> str:
                       f"proto = {_toml_value(svc.proto)}"]
             if svc.clients:
                 lines.append(f"clients = {_toml_value([str(n) for n in svc.clients])}")
+            if svc.forward != "nat":
+                lines.append(f"forward = {_toml_value(svc.forward)}")
             if svc.not_allowed != "drop":
                 lines.append(f"not_allowed = {_toml_value(svc.not_allowed)}")
             if svc.ring_size != model.RING_SIZE_DEFAULT:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import abi, config, layout, loader, locking, maglev, model, namespaces, netlink, plan, report
-from .errors import NotAttachedError, UsageError, XdplbError
+from .errors import UsageError, XdplbError
 from .model import Backend, InterfaceConfig, Service
 
 DRAIN_POLL_S = 0.5
@@ -60,9 +60,35 @@ def problems(wanted: InterfaceConfig, found, link: netlink.Link, where: str = ""
             out.append(f"{where}: service {svc.name}: port {svc.port} is inside the SNAT ports {lo}-{hi}, where the "
                        f"backends' replies arrive: give the service a port outside {lo}-{hi}, or other SNAT "
                        "ports (--snat-ports / snat_ports)")
+        out += [f"{where}: {problem}" for problem in _forwarding_problems(svc, link)]
         if svc.ring_size < len(svc.backends):
             out.append(f"{where}: service {svc.name}: {len(svc.backends)} backends do not fit a ring of "
                        f"{svc.ring_size} slots (some would get no flows); give a larger prime --ring-size")
+    return out
+
+
+def _forwarding_problems(svc: Service, link: netlink.Link) -> list[str]:
+    """dsr and ipip leave the packet's destination (VIP:port) as it is, so a backend must
+    listen on the service's port; dsr changes only the MAC, so a backend must be on a
+    segment of this very interface."""
+    if svc.forward == "nat":
+        return []
+    out = [f"service {svc.name}: backend {b.endpoint}: with --forward {svc.forward} a backend must use the "
+           f"service's port {svc.port} (the packet keeps its destination); give {b.addr}:{svc.port}"
+           for b in svc.backends if b.port != svc.port]
+    on_link = [b for b in svc.backends if netlink.on_link_ifindex(str(b.addr)) == link.index]
+    if svc.forward == "dsr":
+        for b in svc.backends:
+            if b not in on_link:
+                out.append(f"service {svc.name}: backend {b.addr} is not on a segment directly connected to "
+                           f"{link.name}, which --forward dsr needs (only the MAC changes); use --forward ipip "
+                           "for routed backends")
+    primary = netlink.ipv4_addresses(link.index)[:1]
+    if on_link and primary and primary[0].ip == svc.vip:
+        out.append(f"service {svc.name}: with --forward {svc.forward} the VIP must not be {link.name}'s primary "
+                   f"address: this host's ARP requests come from it, and backends, which hold the VIP, ignore "
+                   f"them; add the VIP as another address (ip addr add {svc.vip}/32 dev {link.name}) and use "
+                   "the primary one for the balancer itself")
     return out
 
 
@@ -130,7 +156,7 @@ def change(ifname: str, edit) -> list[str]:
     """Applies edit(wanted) (which changes the running wanted state in place) through
     converge. Returns the lines describing what changed (empty: nothing to do)."""
     with locking.interface(ifname):
-        found = _attached(ifname)
+        found = report.attached(ifname)
         try:
             wanted = report.running_config(ifname, found)
         finally:
@@ -156,6 +182,8 @@ class AttachRequest:
     snat_ports: tuple[int, int] | None = None
     flows: int | None = None  # None: the running table's, or the default
     seed: int | None = None
+    forward: str = "nat"
+    encap_source: ipaddress.IPv4Address | None = None
 
 
 def attach(req: AttachRequest) -> tuple[Outcome, Service]:
@@ -184,7 +212,8 @@ def attach(req: AttachRequest) -> tuple[Outcome, Service]:
             if isinstance(found, loader.Attachment):
                 found.dataplane.close()
         vip = req.vip or _primary_address(link, req)
-        service = Service(vip, req.port, req.proto, req.backends, req.clients, not_allowed=req.not_allowed)
+        service = Service(vip, req.port, req.proto, req.backends, req.clients, not_allowed=req.not_allowed,
+                          forward=req.forward)
         old = wanted.service(service.name)
         if old is not None:  # the options attach has no flag for stay as they are
             service.ring_size, service.udp_timeout_s = old.ring_size, old.udp_timeout_s
@@ -195,6 +224,8 @@ def attach(req: AttachRequest) -> tuple[Outcome, Service]:
             wanted.snat_ports = req.snat_ports
         if req.seed is not None:
             wanted.seed = req.seed
+        if req.encap_source is not None:
+            wanted.encap_source = req.encap_source
         if req.flows is not None:
             wanted.flows = req.flows
         return converge(wanted, force=req.force), service
@@ -231,18 +262,7 @@ def detach(ifname: str, force: bool = False) -> str:
         return f"detached xdplb (program {found.prog_id}, {found.mode} mode) from {ifname}"
 
 
-# ---- reading -------------------------------------------------------------------------------
-
 ensure_root = loader.ensure_root
-
-
-def _attached(ifname: str) -> loader.Attachment:
-    loader.ensure_root()
-    found = loader.find(ifname)
-    if found is None:
-        raise NotAttachedError(f"xdplb is not attached to {ifname}; attach it first: "
-                               f"xdplb attach {ifname} --backends ADDR,...")
-    return found
 
 
 # ---- runtime changes: services and backends ------------------------------------------
@@ -259,7 +279,7 @@ def _check_not_allowed(action: str, clients: list) -> None:
 
 
 def service_add(ifname: str, spec: str, clients: list, ring_size: int, udp_timeout: int = 0,
-                not_allowed: str = "drop") -> list[str]:
+                not_allowed: str = "drop", forward: str = "nat") -> list[str]:
     vip, port, proto = model.parse_service(spec)
     _check_not_allowed(not_allowed, clients)
     if not maglev.is_prime(ring_size) or ring_size > model.RING_SIZE_MAX:
@@ -272,7 +292,7 @@ def service_add(ifname: str, spec: str, clients: list, ring_size: int, udp_timeo
     def edit(wanted):
         if any((s.vip, s.port, s.proto) == (vip, port, proto) for s in wanted.services):
             raise UsageError(f"service {vip}:{port}/{proto} already exists; change its backends with: xdplb backend")
-        wanted.services.append(Service(vip, port, proto, [], clients, ring_size, udp_timeout, not_allowed))
+        wanted.services.append(Service(vip, port, proto, [], clients, ring_size, udp_timeout, not_allowed, forward))
     return change(ifname, edit)
 
 
@@ -389,7 +409,7 @@ def upgrade_running(ifname: str) -> tuple[int, int] | None:
 
 def upgrade(ifname: str) -> str:
     with locking.interface(ifname):
-        found = _attached(ifname)
+        found = report.attached(ifname)
         try:
             old, new, warning = loader.upgrade(found)
         finally:

@@ -33,34 +33,36 @@ def _run(args: list[str], capture: bool = False) -> str:
 
 
 def fetch(vip: str, port: int, count: int) -> collections.Counter:
-    """count requests, one new connection each; returns answers per backend."""
+    """count requests, one new connection each; returns answers per (backend, the client
+    address the backend saw)."""
     def work():
         seen: collections.Counter = collections.Counter()
         for _ in range(count):
             conn = http.client.HTTPConnection(vip, port, timeout=5)
             conn.request("GET", "/")
             resp = conn.getresponse()
-            seen[resp.getheader("X-Backend") or "?"] += 1
+            seen[(resp.getheader("X-Backend") or "?", resp.getheader("X-Client") or "?")] += 1
             resp.read()
             conn.close()
         return seen
     return run_in_netns(f"{lab.DEFAULT_PREFIX}-client", work)
 
 
-def run_demo(backends: int = lab.DEFAULT_BACKENDS) -> None:
+def run_demo(backends: int = lab.DEFAULT_BACKENDS, forward: str = "nat") -> None:
     lb_ns = f"{lab.DEFAULT_PREFIX}-lb"
-    _run(["lab", "up", "--backends", str(backends)])
+    _run(["lab", "up", "--backends", str(backends), "--forward", forward])
     addresses = [h.address for h in lab.hosts(lab.DEFAULT_PREFIX, backends, 1) if h.role == "backend"]
     try:
+        vip = str(lab.LB_ADDR if forward == "nat" else lab.BYPASS_VIP)
         _run(["-n", lb_ns, "attach", "eth0", "--mode", "native", "--backends", ",".join(addresses),
-              "--flows", "65536"])
+              "--flows", "65536", "--forward", forward, "--vip", vip])
         click.echo(f"\nsending {REQUESTS} HTTP requests from {lab.DEFAULT_PREFIX}-client to "
-                   f"http://{lab.LB_ADDR}/ (a new connection each)")
+                   f"http://{vip}/ (a new connection each)")
         start = time.monotonic()
-        seen = fetch(str(lab.LB_ADDR), lab.HTTP_PORT, REQUESTS)
+        seen = fetch(vip, lab.HTTP_PORT, REQUESTS)
         elapsed = time.monotonic() - start
-        for name, n in sorted(seen.items()):
-            click.echo(f"  {name}: {n} requests")
+        for (name, client), n in sorted(seen.items()):
+            click.echo(f"  {name}: {n} requests (it saw them come from {client})")
         click.echo(f"  {sum(seen.values())}/{REQUESTS} answered in {elapsed:.1f}s\n")
 
         click.echo(click.style(f"$ xdplb -n {lb_ns} trace eth0   # while the client sends 2 requests",
@@ -69,7 +71,7 @@ def run_demo(backends: int = lab.DEFAULT_BACKENDS) -> None:
                                    "--duration", "3"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                   text=True)
         time.sleep(1.0)
-        fetch(str(lab.LB_ADDR), lab.HTTP_PORT, 2)
+        fetch(vip, lab.HTTP_PORT, 2)
         out, _ = tracer.communicate(timeout=10)
         lines = out.splitlines()
         for line in lines[:8]:

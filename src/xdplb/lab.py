@@ -33,6 +33,9 @@ from .namespaces import run_in_netns
 DEFAULT_PREFIX = "xdplb"
 SUBNET = ipaddress.IPv4Network("10.42.0.0/24")
 LB_ADDR = SUBNET[2]
+# The VIP of dsr and ipip services: the backends hold it on lo and ignore ARP requests
+# from an address they hold, so it cannot be the balancer's own (primary) address.
+BYPASS_VIP = SUBNET[3]
 CLIENT_BASE = 10
 BACKEND_BASE = 101
 STATE_DIR = Path("/run/xdplb/lab")
@@ -187,8 +190,11 @@ def _wait_listening(host: Host, timeout: float = 5.0) -> None:
                      f"{STATE_DIR}/*/{host.namespace}.log")
 
 
-def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix: str = DEFAULT_PREFIX) -> list[Host]:
-    """Creates what is missing of the lab (idempotent) and returns its hosts."""
+def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix: str = DEFAULT_PREFIX,
+       forward: str = "nat") -> list[Host]:
+    """Creates what is missing of the lab (idempotent) and returns its hosts. With forward
+    dsr or ipip the backends are prepared for it: the VIP on lo with the ARP settings
+    (dsr, ipip) and the decapsulator on their eth0 (ipip)."""
     _check_prefix(prefix)
     if not 1 <= backends <= MAX_BACKENDS:
         raise UsageError(f"--backends {backends}: give 1 to {MAX_BACKENDS}")
@@ -207,15 +213,33 @@ def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix:
             _ensure_host(bridge_ns, host)
         lb = next(h for h in lab if h.role == "lb")
         attach_pass_program(bridge_ns, _bridge_port(lb))
+        if str(BYPASS_VIP) not in {str(a.ip) for a in netlink.ipv4_addresses_in("eth0", lb.namespace)}:
+            netlink.add_ipv4_address("eth0", str(BYPASS_VIP), 32, netns=lb.namespace)
         for host in lab:
             if host.role == "backend":
                 host.pid = _start_server(prefix, host)
         for host in lab:
             if host.role == "backend":
                 _wait_listening(host)
+                prepare_backend(host, forward)
     except (netlink.NetlinkError, OSError) as exc:
         raise XdplbError(f"lab setup failed: {exc}; clean up with: xdplb lab down") from exc
     return lab
+
+
+def prepare_backend(host: Host, forward: str) -> None:
+    """What a backend of a dsr or ipip service needs (xdplb decap, run in its namespace);
+    for nat, undoes it, so that the lab can be switched between modes."""
+    from . import backendhost, decap
+
+    def work():
+        if forward == "ipip":
+            decap.attach("eth0", [BYPASS_VIP], mode="generic")
+            return
+        if any(e["program_id"] for e in decap.status("eth0")["interfaces"]):
+            decap.detach("eth0")
+        backendhost.converge("eth0", [str(BYPASS_VIP)] if forward == "dsr" else None)
+    run_in_netns(host.namespace, work)
 
 
 def existing_hosts(prefix: str = DEFAULT_PREFIX) -> list[Host]:
@@ -233,6 +257,8 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
     _check_prefix(prefix)
     removed = []
     for host in existing_hosts(prefix):
+        if host.role == "backend":
+            prepare_backend(host, "nat")  # drops the decapsulator's pins and records
         pid = _read_pid(prefix, host)
         if pid:
             os.killpg(pid, signal.SIGTERM)
@@ -251,6 +277,6 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
 
 def status(prefix: str = DEFAULT_PREFIX) -> dict:
     lab = existing_hosts(prefix)
-    return {"prefix": prefix, "up": bool(lab), "vip": str(LB_ADDR), "http_port": HTTP_PORT,
+    return {"prefix": prefix, "up": bool(lab), "vip": str(LB_ADDR), "bypass_vip": str(BYPASS_VIP), "http_port": HTTP_PORT,
             "udp_port": UDP_PORT, "hosts": [asdict(h) for h in lab]}
 

@@ -4,7 +4,8 @@ the backend, like the demo's nginx hello page. Run as: python -m xdplb.labserver
 from __future__ import annotations
 
 import argparse
-import socketserver
+import socket
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,10 +23,14 @@ def make_handler(name: str, address: str):
         disable_nagle_algorithm = True
 
         def do_GET(self):
+            # A body (an upload test) is read in full and its size sent back.
+            received = len(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("X-Backend", name)
+            self.send_header("X-Client", self.client_address[0])  # who the backend saw: SNAT or real client
+            self.send_header("X-Received", str(received))
             self.end_headers()
             self.wfile.write(body)
 
@@ -35,12 +40,23 @@ def make_handler(name: str, address: str):
     return Handler
 
 
-class UdpEcho(socketserver.BaseRequestHandler):
-    reply_prefix = b""
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 
-    def handle(self):
-        data, sock = self.request
-        sock.sendto(self.reply_prefix + data, self.client_address)
+
+def udp_echo(port: int, prefix: bytes) -> None:
+    """Echoes datagrams, answering from the address each was sent to (IP_PKTINFO): with
+    dsr and ipip the VIP sits on lo, and a plain sendto would answer from eth0's address,
+    which a client talking to the VIP ignores."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+    sock.bind(("0.0.0.0", port))
+    while True:
+        data, ancillary, _, client = sock.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO.size))
+        local = next((_PKTINFO.unpack(c[:_PKTINFO.size])[2] for level, kind, c in ancillary
+                      if level == socket.SOL_IP and kind == IP_PKTINFO), None)
+        cmsg = [(socket.SOL_IP, IP_PKTINFO, _PKTINFO.pack(0, local, bytes(4)))] if local else []
+        sock.sendmsg([prefix + data], cmsg, 0, client)
 
 
 def main() -> None:
@@ -53,9 +69,8 @@ def main() -> None:
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer.request_queue_size = 1024
     http = ThreadingHTTPServer(("0.0.0.0", args.http_port), make_handler(args.name, args.address))
-    UdpEcho.reply_prefix = f"{args.name} ({args.address}): ".encode()
-    udp = socketserver.ThreadingUDPServer(("0.0.0.0", args.udp_port), UdpEcho)
-    threading.Thread(target=udp.serve_forever, daemon=True).start()
+    threading.Thread(target=udp_echo, args=(args.udp_port, f"{args.name} ({args.address}): ".encode()),
+                     daemon=True).start()
     http.serve_forever()
 
 

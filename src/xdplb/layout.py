@@ -70,7 +70,8 @@ def config_value(s: Settings, jiffy_ns: int, current: abi.Config | None, slots: 
         udp_timeout_s=s.udp_timeout_s, tcp_syn_timeout_s=s.tcp_syn_timeout_s,
         tcp_expiry_ticks=expiry(s.tcp_timeout_s), tcp_closing_expiry_ticks=expiry(s.tcp_closing_timeout_s),
         udp_expiry_ticks=expiry(s.udp_timeout_s), tcp_syn_expiry_ticks=expiry(s.tcp_syn_timeout_s),
-        tick_shift=shift, ticks_per_s=clock.to_ticks(1, jiffy_ns, shift), touch_ticks=touch)
+        tick_shift=shift, ticks_per_s=clock.to_ticks(1, jiffy_ns, shift), touch_ticks=touch,
+        encap_source=be32(s.encap_source or s.snat_addrs[0]) if s.snat_addrs else 0)
     keep_running_fields(cfg, current)
     return cfg
 
@@ -89,7 +90,9 @@ def settings_from(cfg: abi.Config, tracing: bool = False) -> Settings:
         snat_addrs=[from_be32(a) for a in cfg.snat_addrs[:cfg.snat_addr_count]], snat_port_min=cfg.snat_port_min,
         snat_port_max=cfg.snat_port_max, hash_seed=cfg.hash_seed,
         tcp_timeout_s=cfg.tcp_timeout_s, tcp_closing_timeout_s=cfg.tcp_closing_timeout_s,
-        udp_timeout_s=cfg.udp_timeout_s, tcp_syn_timeout_s=cfg.tcp_syn_timeout_s, trace=tracing)
+        udp_timeout_s=cfg.udp_timeout_s, tcp_syn_timeout_s=cfg.tcp_syn_timeout_s, trace=tracing,
+        encap_source=from_be32(cfg.encap_source) if cfg.encap_source and cfg.snat_addr_count and
+        cfg.encap_source != cfg.snat_addrs[0] else None)
 
 
 # ---- services, backends, client rules ---------------------------------------------------
@@ -98,10 +101,18 @@ def service_key(vip, port: int, proto: str) -> abi.ServiceKey:
     return abi.ServiceKey(vip=be32(vip), port=socket.htons(port), proto=PROTOCOLS[proto])
 
 
+_FORWARD_FLAGS = {"nat": 0, "dsr": abi.ServiceFlags.DSR, "ipip": abi.ServiceFlags.IPIP}
+
+
+def forward_of(value: abi.Service) -> str:
+    return next((mode for mode, flag in _FORWARD_FLAGS.items() if flag and value.flags & flag), "nat")
+
+
 def service_value(svc: Service, svc_id: int) -> abi.Service:
     flags = abi.ServiceFlags.ALLOWLIST if svc.clients else 0
     if svc.not_allowed == "pass":
         flags |= abi.ServiceFlags.PASS_NOT_ALLOWED
+    flags |= _FORWARD_FLAGS[svc.forward]
     return abi.Service(id=svc_id, ring_size=svc.ring_size, flags=flags, udp_timeout_s=svc.udp_timeout_s)
 
 
@@ -161,7 +172,8 @@ def services_from(table: dict[tuple, abi.Service], backends: dict[int, abi.Backe
                          for b in backends.values() if b.service_id == value.id)
         nets = sorted(ipaddress.IPv4Network((addr, plen)) for addr, plen in clients.get(value.id, ()))
         out.append(Service(vip, port, proto, members, nets, value.ring_size, value.udp_timeout_s,
-                           "pass" if value.flags & abi.ServiceFlags.PASS_NOT_ALLOWED else "drop"))
+                           "pass" if value.flags & abi.ServiceFlags.PASS_NOT_ALLOWED else "drop",
+                           forward_of(value)))
     return out
 
 

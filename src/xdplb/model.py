@@ -44,6 +44,7 @@ class Service:
     ring_size: int = RING_SIZE_DEFAULT
     udp_timeout_s: int = 0  # a UDP service's idle timeout; 0: the interface's timeouts.udp
     not_allowed: str = "drop"  # clients outside `clients`: "drop" (counted) or "pass" to the kernel
+    forward: str = "nat"  # how packets reach the backends: one of FORWARD_MODES
 
     @property
     def name(self) -> str:
@@ -61,6 +62,7 @@ class Settings:
     tcp_closing_timeout_s: int = 120
     udp_timeout_s: int = 300
     tcp_syn_timeout_s: int = 5
+    encap_source: ipaddress.IPv4Address | None = None  # outer source of IPIP packets; None: the SNAT address
     trace: bool = False  # read back only: a trace lease is live (see DataPlane.renew_trace)
 
     def timeouts(self) -> dict[str, int]:
@@ -78,6 +80,9 @@ TIMEOUT_FIELDS = {"tcp": "tcp_timeout_s", "tcp_closing": "tcp_closing_timeout_s"
                   "tcp_syn": "tcp_syn_timeout_s"}
 
 MODES = ("auto", "native", "generic")
+# nat: full NAT (replies come back through the balancer); dsr: only the destination MAC
+# changes; ipip: encapsulated towards the backend. In dsr and ipip replies bypass it.
+FORWARD_MODES = ("nat", "dsr", "ipip")
 FLOWS_DEFAULT = 1_048_576
 FLOWS_MAX = 1 << 22  # 16M slots of 64 bytes: 1 GiB of flow table
 
@@ -91,6 +96,7 @@ class InterfaceConfig:
     flows: int = FLOWS_DEFAULT
     snat: list[ipaddress.IPv4Address] | None = None  # None: the interface's primary address
     snat_ports: tuple[int, int] = (Settings.snat_port_min, Settings.snat_port_max)
+    encap_source: ipaddress.IPv4Address | None = None  # IPIP outer source; None: the first SNAT address
     seed: int = Settings.hash_seed
     timeouts: dict = field(default_factory=lambda: Settings(snat_addrs=[]).timeouts())
     services: list[Service] = field(default_factory=list)
@@ -98,7 +104,8 @@ class InterfaceConfig:
 
     def settings(self, default_snat: list[ipaddress.IPv4Address]) -> Settings:
         return Settings(snat_addrs=list(self.snat or default_snat), snat_port_min=self.snat_ports[0],
-                        snat_port_max=self.snat_ports[1], hash_seed=self.seed).with_timeouts(self.timeouts)
+                        snat_port_max=self.snat_ports[1], hash_seed=self.seed,
+                        encap_source=self.encap_source).with_timeouts(self.timeouts)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
@@ -204,6 +211,14 @@ def parse_not_allowed(text: str) -> str:
     if action not in NOT_ALLOWED_ACTIONS:
         raise UsageError(f"bad not-allowed action {text!r}: use drop (the default) or pass")
     return action
+
+
+def parse_forward(text: str) -> str:
+    mode = text.lower()
+    if mode not in FORWARD_MODES:
+        raise UsageError(f"bad forwarding mode {text!r}: use nat (full NAT, the default), dsr (direct server "
+                         "return) or ipip (encapsulation)")
+    return mode
 
 
 def parse_proto(text: str) -> str:

@@ -265,3 +265,40 @@ def resolve_next_hops(addrs: list[str]) -> dict[str, NextHop]:
                                  f"check that it is up and reachable (ping {hop})")
             out[addr] = _next_hop(ipr, macs, known, oif, hop)
         return out
+
+
+def on_link_ifindex(addr: str) -> int | None:
+    """The interface addr is directly reachable on (a route without a gateway), or None
+    (routed through a gateway, this host's own, or no route)."""
+    with IPRoute() as ipr:
+        path = _path(ipr, addr)
+    if path is None or path[2] or path[1] != addr:
+        return None
+    return path[0]
+
+
+# A backend of ipip services (decap.py, backendhost.py): its addresses, the VIPs on lo.
+
+def ipv4_addresses_by_link() -> dict[str, list[ipaddress.IPv4Interface]]:
+    """Every interface's IPv4 addresses (the local end of a point-to-point one), by name."""
+    with IPRoute() as ipr:
+        names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
+        out: dict[str, list[ipaddress.IPv4Interface]] = {name: [] for name in names.values()}
+        for m in ipr.get_addr(family=socket.AF_INET):
+            local = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
+            out.setdefault(names.get(m["index"], str(m["index"])), []).append(
+                ipaddress.IPv4Interface(f"{local}/{m['prefixlen']}"))
+    return out
+
+
+def remove_ipv4_address(ifname: str, address: str, prefixlen: int) -> None:
+    with IPRoute() as ipr:
+        ipr.addr("del", index=ipr.link_lookup(ifname=ifname)[0], address=address, prefixlen=prefixlen)
+
+
+def ipv4_addresses_in(ifname: str, netns: str | None = None) -> list[ipaddress.IPv4Interface]:
+    """ifname's IPv4 addresses, in a namespace given by name."""
+    with _ipr(netns) as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        return [ipaddress.IPv4Interface(f"{m.get_attr('IFA_LOCAL') or m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}")
+                for m in ipr.get_addr(family=socket.AF_INET, index=index)]

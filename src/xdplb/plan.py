@@ -382,6 +382,8 @@ def _diff_service(where: str, old: Service, new: Service) -> list[str]:
     if sorted(old.clients) != sorted(new.clients):
         fmt = lambda nets: ", ".join(map(str, nets)) or "any"  # noqa: E731
         out.append(f"{where}: ~ clients {fmt(old.clients)} -> {fmt(new.clients)}")
+    if old.forward != new.forward:
+        out.append(f"{where}: ~ forward {old.forward} -> {new.forward}")
     if old.not_allowed != new.not_allowed:
         out.append(f"{where}: ~ not_allowed {old.not_allowed} -> {new.not_allowed}")
     if old.ring_size != new.ring_size:
@@ -396,6 +398,7 @@ def diff_settings(ifname: str, old: Settings, new: Settings) -> list[str]:
     out = []
     pairs = [("snat", ",".join(map(str, old.snat_addrs)), ",".join(map(str, new.snat_addrs))),
              ("snat_ports", f"{old.snat_port_min}-{old.snat_port_max}", f"{new.snat_port_min}-{new.snat_port_max}"),
+             ("encap_source", old.encap_source or "the SNAT address", new.encap_source or "the SNAT address"),
              ("seed", old.hash_seed, new.hash_seed),
              *[(f"timeouts.{key}", old.timeouts()[key], new.timeouts()[key]) for key in old.timeouts()]]
     for key, a, b in pairs:

@@ -49,7 +49,7 @@ def describe(ifname: str, attachment: loader.Attachment) -> dict:
             backends.append({"address": str(b.addr), "port": b.port, "weight": b.weight, "id": bid,
                              **asdict(dp.traffic("backend", bid))})
         services.append({"vip": str(s.vip), "port": s.port, "proto": s.proto, "id": sid,
-                         "clients": [str(n) for n in s.clients] or ["any"], "not_allowed": s.not_allowed,
+                         "clients": [str(n) for n in s.clients] or ["any"], "not_allowed": s.not_allowed, "forward": s.forward,
                          "ring_size": s.ring_size, "udp_timeout": s.udp_timeout_s,
                          **asdict(dp.traffic("service", sid)),
                          "backends": backends})
@@ -155,7 +155,7 @@ def running_config(ifname: str, found: loader.Attachment) -> InterfaceConfig:
     dp = found.dataplane
     s = dp.read_settings()
     return InterfaceConfig(name=ifname, mode=found.mode, flows=dp.flow_capacity(), snat=s.snat_addrs,
-                           snat_ports=(s.snat_port_min, s.snat_port_max), seed=s.hash_seed,
+                           snat_ports=(s.snat_port_min, s.snat_port_max), encap_source=s.encap_source, seed=s.hash_seed,
                            timeouts=s.timeouts(), services=dp.services())
 
 

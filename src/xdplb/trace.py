@@ -32,6 +32,7 @@ EVENTS = {
     abi.TraceEvent.TTL_EXPIRED: "ttl-expired", abi.TraceEvent.FRAGMENT: "fragment",
     abi.TraceEvent.TABLE_FULL: "table-full", abi.TraceEvent.NO_FLOW: "no-flow",
     abi.TraceEvent.ICMP: "icmp-error", abi.TraceEvent.SNAT_EXHAUSTED: "snat-exhausted",
+    abi.TraceEvent.TOO_BIG: "too-big",
 }
 TCP_FLAGS = "FSRPAUEC"
 PROTOS = {6: "tcp", 17: "udp", 1: "icmp"}

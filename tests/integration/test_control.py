@@ -48,8 +48,8 @@ def test_service_and_backend_commands(attached):
     assert r.exit_code == 2
     assert lines(r) == [f"Error: no backend 10.42.0.9:8080 in {VIP}:8080/tcp (backends: {C}:80)"]
     r = run("service", "list", "eth0")
-    assert lines(r) == [f"{VIP}:80/tcp  backends 2  clients any  ring 65537",
-                        f"{VIP}:8080/tcp  backends 1  clients any  ring 65537"]
+    assert lines(r) == [f"{VIP}:80/tcp  nat  backends 2  clients any  ring 65537",
+                        f"{VIP}:8080/tcp  nat  backends 1  clients any  ring 65537"]
     r = run("service", "del", "eth0", f"{VIP}:8080")
     assert lines(r) == [f"eth0: - service {VIP}:8080/tcp"]
     r = run("service", "del", "eth0", f"{VIP}:9999")

@@ -48,3 +48,38 @@ def udp(src, sport, dst, dport, smac=CLIENT_MAC, dmac=LB_MAC, ttl=64, payload=b"
         raw[UDP].chksum = 0
         return bytes(raw)
     return build(pkt)
+
+
+def _ones_sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def checksum_errors(frame: bytes) -> list[str]:
+    """Checks an Ethernet/IPv4 frame's IPv4 header checksum and its TCP or UDP checksum
+    from scratch (RFC 1071 over the bytes as they are, pseudo-header included), without
+    scapy: what is wrong, or [] if both are right. A UDP checksum of 0 means none."""
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return ["not an IPv4 frame"]
+    ihl = (frame[14] & 0x0F) * 4
+    total = int.from_bytes(frame[16:18], "big")
+    header = frame[14:14 + ihl]
+    errors = []
+    if ihl < 20 or len(frame) < 14 + total or total < ihl:
+        return [f"bad lengths: ihl {ihl}, total {total}, frame {len(frame)}"]
+    if _ones_sum(header) != 0xFFFF:
+        errors.append(f"IPv4 header checksum {header[10:12].hex()} is wrong")
+    proto, l4 = header[9], frame[14 + ihl:14 + total]
+    if proto in (6, 17):
+        if proto == 17 and l4[6:8] == b"\0\0":
+            return errors
+        pseudo = header[12:20] + bytes([0, proto]) + len(l4).to_bytes(2, "big")
+        if _ones_sum(pseudo + l4) != 0xFFFF:
+            name = "TCP" if proto == 6 else "UDP"
+            at = 16 if proto == 6 else 6
+            errors.append(f"{name} checksum {l4[at:at + 2].hex()} is wrong")
+    return errors

@@ -482,6 +482,9 @@ def test_hundreds_of_services_each_reach_their_backend(harness):
                         [Backend(ipaddress.IPv4Address(P.BACKEND if i % 3 else P.BACKEND2), 8000 + i)], [], 13)
                 for i in range(n)]
     services = many(300)
+    # The flows below stay in their handshake for the whole test, which on a loaded
+    # machine can outlast the default tcp_syn timeout (5 s).
+    harness.sync(settings=dataclasses.replace(harness.settings, tcp_syn_timeout_s=120))
     harness.configure(services)
     for i, svc in enumerate(services):
         action, out = harness.run(P.tcp(P.CLIENT, 41000 + i, str(svc.vip), svc.port, flags="S", smac=P.CLIENT_MAC))

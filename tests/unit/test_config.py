@@ -266,3 +266,36 @@ def test_timeouts_that_would_leak_snat_sources_are_refused():
         "120 (the default) or at least 60"]
     # tcp and udp may still be 0: never expire, as documented.
     assert problems(interface="timeouts = { tcp = 0, udp = 0, tcp_closing = 60, tcp_syn = 1 }") == []
+
+
+def test_a_forwarding_mode_and_an_encapsulation_source_round_trip():
+    text = GOOD.replace('snat_ports = "40000-50000"', 'snat_ports = "40000-50000"\nencap_source = "10.0.0.9"') \
+        .replace('port = 53\nproto = "udp"', 'port = 53\nproto = "udp"\nforward = "ipip"')
+    (iface,) = config.parse(text)
+    assert iface.encap_source == ipaddress.IPv4Address("10.0.0.9")
+    assert [s.forward for s in iface.services] == ["nat", "ipip"]
+    (again,) = config.parse(config.dump([iface]))
+    assert again == iface
+    assert "forward" not in config.dump([config.parse(GOOD)[0]])  # the default is not written out
+    dsr = Service(ipaddress.IPv4Address("10.0.0.2"), 80, "tcp", forward="dsr")
+    assert plan.diff_services("eth0", [Service(dsr.vip, 80, "tcp")], [dsr]) == [
+        "eth0: service 10.0.0.2:80/tcp: ~ forward nat -> dsr"]
+
+
+def test_a_bad_forwarding_mode_is_refused_with_its_location():
+    _, problems = config.check(GOOD.replace('port = 53\nproto = "udp"', 'port = 53\nproto = "udp"\nforward = "tunnel"'))
+    assert problems == ["interfaces.eth0.services[1].forward: bad forwarding mode 'tunnel': use nat (full NAT, the "
+                        "default), dsr (direct server return) or ipip (encapsulation)"]
+
+
+def test_dsr_and_ipip_backends_must_use_the_service_port():
+    from types import SimpleNamespace
+
+    from xdplb import control
+    from xdplb.model import InterfaceConfig
+    svc = Service(ipaddress.IPv4Address("10.0.0.2"), 80, "tcp",
+                  [Backend(ipaddress.IPv4Address("10.0.0.11"), 8080)], forward="ipip")
+    link = SimpleNamespace(up=True, index=2, name="eth0")
+    assert control.problems(InterfaceConfig("eth0", services=[svc]), None, link) == [
+        "eth0: service 10.0.0.2:80/tcp: backend 10.0.0.11:8080: with --forward ipip a backend must use the "
+        "service's port 80 (the packet keeps its destination); give 10.0.0.11:80"]
