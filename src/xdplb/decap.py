@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,31 +125,8 @@ def _attach_with_mode(link: netlink.Link, prog_fd: int, mode: str, replace: bool
                      + ("; try --mode generic" if mode != "generic" else ""))
 
 
-def _pin(ifname: str, prog_fd: int, fds: dict[str, int]) -> str | None:
-    """Pins program and maps; a warning instead of a failure without bpffs."""
-    try:
-        namespaces.ensure_bpffs()
-    except XdplbError as exc:
-        return f"warning: not pinned ({exc})"
-    directory = pin_dir(ifname)
-    remove_pins(ifname)
-    directory.mkdir(parents=True, mode=0o700)
-    lib = libbpf()
-    lib.check(lib.bpf_obj_pin(prog_fd, str(directory / "prog").encode()), "pin the decapsulator")
-    for name, fd in fds.items():
-        lib.check(lib.bpf_obj_pin(fd, str(directory / name).encode()), f"pin {name}")
-    return None
-
-
 def remove_pins(ifname: str) -> None:
-    directory = pin_dir(ifname)
-    if directory.exists():
-        shutil.rmtree(directory, ignore_errors=True)
-    for level in (directory.parent, loader.PIN_ROOT):  # nothing of ours lingers empty
-        try:
-            level.rmdir()
-        except OSError:
-            break
+    loader.remove_pin_dir(pin_dir(ifname))
 
 
 def _usable(link: netlink.Link, found, mode: str, force: bool) -> None:
@@ -204,7 +180,7 @@ def _load_and_attach(link: netlink.Link, mode: str, replace: bool, vips: list[st
         host_changed = True
         local = local_addresses()
         write_local(fds[decap_abi.LOCAL_MAP], local)
-        warning = _pin(link.name, prog_fd, fds)
+        warning = loader.pin_into(pin_dir(link.name), prog_fd, fds)
         chosen, note = _attach_with_mode(link, prog_fd, mode, replace)
         return [*lines, *(x for x in (warning, note) if x),
                 _summary("attached to", prog_id, chosen, link.name, local, vips)]

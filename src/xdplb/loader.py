@@ -126,7 +126,10 @@ def remove_stale_pins(ifname: str, prog_id: int) -> None:
 
 
 def remove_pins(ifname: str) -> None:
-    directory = pin_dir(ifname)
+    remove_pin_dir(pin_dir(ifname))
+
+
+def remove_pin_dir(directory: Path) -> None:
     if directory.exists():
         shutil.rmtree(directory, ignore_errors=True)
     # Drop the now empty namespace level so nothing of ours lingers.
@@ -138,13 +141,17 @@ def remove_pins(ifname: str) -> None:
 
 
 def _pin(ifname: str, prog_fd: int, map_fds: dict[str, int]) -> str | None:
-    """Pins program and maps; returns a warning instead of failing without bpffs."""
+    return pin_into(pin_dir(ifname), prog_fd, map_fds)
+
+
+def pin_into(directory: Path, prog_fd: int, map_fds: dict[str, int]) -> str | None:
+    """Pins program and maps (replacing what the directory held); returns a warning
+    instead of failing without bpffs."""
     try:
         namespaces.ensure_bpffs()
     except XdplbError as exc:
         return f"warning: maps not pinned ({exc})"
-    directory = pin_dir(ifname)
-    remove_pins(ifname)
+    remove_pin_dir(directory)
     directory.mkdir(parents=True, mode=0o700)
     lib = libbpf()
     lib.check(lib.bpf_obj_pin(prog_fd, str(directory / "prog").encode()), "pin program")
