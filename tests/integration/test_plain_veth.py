@@ -98,3 +98,32 @@ def test_native_on_a_veth_warns_about_both_causes(plain_bridge):
         assert "peer veth has an XDP program" in output and "checksum offload" in output, output
     finally:
         xdplb("detach", "eth0")
+
+
+@pytest.mark.parametrize("forward", ["dsr", "ipip"])
+def test_dsr_and_ipip_on_a_plain_bridge(plain_bridge, forward):
+    """The backend prepared with `xdplb decap attach --vip` (its VIP on lo, the ARP
+    settings, the decapsulator), the VIP a second address of the balancer: replies go
+    straight from the backend to the client, checksums checked by every receiver."""
+    vip = "10.43.0.3"
+    backend = f"{ADDRESSES[BACKEND_NS]}:{PORT}"
+    ip("-n", LB_NS, "addr", "add", f"{vip}/32", "dev", "eth0")
+    prepared = subprocess.run([sys.executable, "-m", "xdplb", "-n", BACKEND_NS, "decap", "attach", "eth0",
+                               "--vip", vip], capture_output=True, text=True, timeout=60)
+    try:
+        assert prepared.returncode == 0, prepared.stderr
+        attached = xdplb("attach", "eth0", "--vip", vip, "--port", str(PORT), "--backends", backend,
+                         "--flows", "4096", "--forward", forward)
+        assert attached.returncode == 0, attached.stderr
+        try:
+            answers = [curl(f"http://{vip}:{PORT}/") for _ in range(20)]
+            assert [a.stdout for a in answers] == ["hello from the backend\n"] * 20, [a.stderr for a in answers]
+            (entry,) = json.loads(xdplb("stats", "eth0", "--json", "--interval", "0").stdout)
+            assert entry["counters"]["new_flow"] == 20, entry["counters"]
+            assert entry["services"][0]["forward"] == forward
+        finally:
+            xdplb("detach", "eth0")
+    finally:
+        subprocess.run([sys.executable, "-m", "xdplb", "-n", BACKEND_NS, "decap", "detach", "eth0"],
+                       capture_output=True, timeout=60)
+        ip("-n", LB_NS, "addr", "del", f"{vip}/32", "dev", "eth0")
