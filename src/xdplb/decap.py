@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import backendhost, build, decap_abi, loader, locking, namespaces, netlink
 from .errors import UsageError, XdplbError
-from .libbpf import MapInfo, ProgInfo, libbpf
+from .libbpf import ProgInfo, libbpf
 
 LOCK_NAME = "decap"  # one lock for every interface: they share backendhost's record
 
@@ -52,15 +52,7 @@ def open_attached(link: netlink.Link) -> Decap | loader.ForeignProgram | None:
         if name != decap_abi.PROGRAM_NAME:
             return loader.ForeignProgram(link.xdp_prog_id, name)
         found = Decap(link, link.xdp_prog_id, link.xdp_mode)
-        for map_id in lib.prog_map_ids(prog_fd):
-            fd = lib.bpf_map_get_fd_by_id(map_id)
-            if fd < 0:
-                continue
-            map_name = lib.obj_info(fd, MapInfo()).name.decode()
-            if map_name in decap_abi.MAPS:
-                found.fds[map_name] = fd
-            else:
-                os.close(fd)
+        found.fds.update(loader.program_maps(prog_fd, set(decap_abi.MAPS)))
     finally:
         os.close(prog_fd)
     if set(found.fds) != set(decap_abi.MAPS):

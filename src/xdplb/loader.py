@@ -70,16 +70,7 @@ def open_attached(link: netlink.Link) -> Attachment | ForeignProgram | None:
         name = _prog_name(prog_fd)
         if name != abi.PROGRAM_NAME:
             return ForeignProgram(link.xdp_prog_id, name)
-        fds = {}
-        for map_id in lib.prog_map_ids(prog_fd):
-            fd = lib.bpf_map_get_fd_by_id(map_id)
-            if fd < 0:
-                continue
-            map_name = lib.obj_info(fd, MapInfo()).name.decode()
-            if map_name in abi.MAPS:
-                fds[map_name] = fd
-            else:
-                os.close(fd)
+        fds = program_maps(prog_fd, set(abi.MAPS))
     finally:
         os.close(prog_fd)
     if "xdplb_config" not in fds:
@@ -87,6 +78,22 @@ def open_attached(link: netlink.Link) -> Attachment | ForeignProgram | None:
             os.close(fd)
         return ForeignProgram(link.xdp_prog_id, name)
     return Attachment(link, link.xdp_prog_id, link.xdp_mode, DataPlane(fds))
+
+
+def program_maps(prog_fd: int, names: set[str]) -> dict[str, int]:
+    """Open fds of the program's maps whose names are in `names` (the caller closes them)."""
+    lib = libbpf()
+    fds = {}
+    for map_id in lib.prog_map_ids(prog_fd):
+        fd = lib.bpf_map_get_fd_by_id(map_id)
+        if fd < 0:
+            continue
+        name = lib.obj_info(fd, MapInfo()).name.decode()
+        if name in names:
+            fds[name] = fd
+        else:
+            os.close(fd)
+    return fds
 
 
 def find(ifname: str) -> Attachment | None:
