@@ -1,11 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """End to end in a lab of its own: HTTP (wrk, keep-alive and a new connection per
-request) and TCP throughput (iperf3) directly to one backend, through xdplb, through
-nftables DNAT/SNAT and through HAProxy, interleaved round by round on one topology.
+request) and TCP throughput (iperf3) directly to one backend, through xdplb in each
+forwarding mode (nat, dsr, ipip), through nftables DNAT/SNAT and through HAProxy,
+interleaved round by round on one topology.
 
 Backends run nginx on port 8080 and iperf3 on 5201. Besides requests/s, the whole
 machine's CPU time per request above the direct run shows what the load balancer costs
-even when the client or the backends are the bottleneck (they share the 2 CPUs).
+even when the client or the backends are the bottleneck (they share the 2 CPUs); for
+xdplb, the run time of its XDP program per request (kernel.bpf_stats_enabled, on only
+during the benchmark) is the balancer's own share.
 """
 from __future__ import annotations
 
@@ -18,17 +21,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xdplb import lab
+from xdplb import lab, netlink
+from xdplb.libbpf import libbpf
 
 PREFIX = "xdplb-b"
 LB_NS, CLIENT_NS = f"{PREFIX}-lb", f"{PREFIX}-client"
 BACKEND_NS = [f"{PREFIX}-backend-a", f"{PREFIX}-backend-b"]
 BACKENDS = [str(lab.SUBNET[lab.BACKEND_BASE + i]) for i in range(2)]
 VIP = str(lab.LB_ADDR)
+BYPASS_VIP = str(lab.BYPASS_VIP)  # dsr and ipip: not the balancer's own address, on the backends' lo
 HTTP_PORT, IPERF_PORT = 8080, 5201
 STATUS_PORT = 8081  # nginx stub_status, on each backend's loopback only (counts requests there)
 STATE = Path("/run/xdplb/bench")
-MODES = ["direct", "xdplb", "nftables", "haproxy"]
+MODES = ["direct", "xdplb", "xdplb-dsr", "xdplb-ipip", "nftables", "haproxy"]
+FORWARD = {"xdplb": "nat", "xdplb-dsr": "dsr", "xdplb-ipip": "ipip"}
 TESTS = ["keepalive", "newconn", "iperf3"]
 
 
@@ -38,6 +44,7 @@ class Sample:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     cpu_us_per_req: float = 0.0
+    xdp_ns_per_req: float = 0.0  # the balancer's XDP program, xdplb modes only
 
 
 @dataclass
@@ -130,37 +137,47 @@ table ip xdplb_bench {{
 # SNAT source safely; a shorter tcp_closing hands sources back blindly.
 # Native mode: the lab gives the peer veths an XDP program and turns checksum offload off
 # (auto would choose generic on a veth).
-XDPLB_CONFIG = f"""
+def xdplb_config(forward: str) -> str:
+    vip = VIP if forward == "nat" else BYPASS_VIP
+    return f"""
 [interfaces.eth0]
 mode = "native"
 flows = 262144
 
 [[interfaces.eth0.services]]
-vip = "{VIP}"
+vip = "{vip}"
 port = {HTTP_PORT}
+forward = "{forward}"
 backends = [ {{ address = "{BACKENDS[0]}" }}, {{ address = "{BACKENDS[1]}" }} ]
 
 [[interfaces.eth0.services]]
-vip = "{VIP}"
+vip = "{vip}"
 port = {IPERF_PORT}
+forward = "{forward}"
 backends = [ {{ address = "{BACKENDS[0]}" }} ]
 """
 
 
 class Mode:
-    """Sets a mode up on the load balancer, and tears it down again."""
+    """Sets a mode up on the load balancer (and the backends, for dsr and ipip), and tears
+    it down again."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, backends: list):
         self.name = name
+        self.backends = backends  # the lab's backend hosts
         self.proc = None
 
     def target(self) -> str:
-        return BACKENDS[0] if self.name == "direct" else VIP
+        if self.name == "direct":
+            return BACKENDS[0]
+        return BYPASS_VIP if FORWARD.get(self.name, "nat") != "nat" else VIP
 
     def __enter__(self):
-        if self.name == "xdplb":
+        if self.name in FORWARD:
+            for host in self.backends:
+                lab.prepare_backend(host, FORWARD[self.name])
             path = STATE / "xdplb.toml"
-            path.write_text(XDPLB_CONFIG)
+            path.write_text(xdplb_config(FORWARD[self.name]))
             subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "apply", str(path)], check=True,
                            capture_output=True)
         elif self.name == "nftables":
@@ -172,8 +189,10 @@ class Mode:
         return self
 
     def __exit__(self, *exc):
-        if self.name == "xdplb":
+        if self.name in FORWARD:
             subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "detach", "eth0"], capture_output=True)
+            for host in self.backends:
+                lab.prepare_backend(host, "nat")
         elif self.name == "nftables":
             subprocess.run(["ip", "netns", "exec", LB_NS, "nft", "delete", "table", "ip", "xdplb_bench"],
                            capture_output=True)
@@ -181,6 +200,40 @@ class Mode:
         elif self.proc:
             lab.stop_process(self.proc)
         settle()
+
+    def xdp_run_ns(self) -> int | None:
+        """Total run time so far of the XDP program on the balancer's eth0 (None in the
+        modes without one)."""
+        if self.name not in FORWARD:
+            return None
+        return program_run_ns(netlink.get_link("eth0", netns=LB_NS).xdp_prog_id)
+
+
+def program_run_ns(prog_id: int) -> int:
+    """A BPF program's accumulated run time: its fdinfo's run_time_ns, counted while
+    kernel.bpf_stats_enabled is 1."""
+    import os
+    fd = libbpf().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        raise RuntimeError(f"BPF program {prog_id} is gone")
+    try:
+        info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    finally:
+        os.close(fd)
+    return int(re.search(r"^run_time_ns:\s+(\d+)", info, re.M).group(1))
+
+
+@contextlib.contextmanager
+def bpf_stats():
+    """BPF run-time accounting on for the duration (it is machine-wide, and costs a little
+    on every program run), then back as it was."""
+    knob = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = knob.read_text().strip()
+    knob.write_text("1")
+    try:
+        yield
+    finally:
+        knob.write_text(before)
 
 
 def settle() -> None:
@@ -211,13 +264,14 @@ def _busy_seconds() -> float:
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def _wrk(target: str, seconds: int, close: bool) -> Sample:
+def _wrk(mode: Mode, seconds: int, close: bool) -> Sample:
+    target = mode.target()
     cmd = ["wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", f"http://{target}:{HTTP_PORT}/"]
     if close:
         cmd[1:1] = ["-H", "Connection: close"]
-    before = _busy_seconds()
+    before, xdp_before = _busy_seconds(), mode.xdp_run_ns()
     out = subprocess.run(_ns(CLIENT_NS, *cmd), capture_output=True, text=True, check=True).stdout
-    busy = _busy_seconds() - before
+    busy, xdp_after = _busy_seconds() - before, mode.xdp_run_ns()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -225,7 +279,8 @@ def _wrk(target: str, seconds: int, close: bool) -> Sample:
         raise RuntimeError(f"wrk got {bad.group(1)} error responses through {target}")
     pct = {m.group(1): float(m.group(2)) * _UNITS[m.group(3)]
            for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
-    return Sample(rps, pct.get("50", 0.0), pct.get("99", 0.0), busy * 1e6 / max(total, 1))
+    xdp = (xdp_after - xdp_before) / max(total, 1) if xdp_before is not None else 0.0
+    return Sample(rps, pct.get("50", 0.0), pct.get("99", 0.0), busy * 1e6 / max(total, 1), xdp)
 
 
 def _iperf(target: str, seconds: int) -> Sample:
@@ -243,14 +298,14 @@ def lab_with_servers():
     lab.down(PREFIX)
     servers = []
     try:
-        lab.up(backends=2, clients=1, prefix=PREFIX)
+        hosts = lab.up(backends=2, clients=1, prefix=PREFIX)
         subprocess.run(["ip", "netns", "exec", CLIENT_NS, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"], check=True)
         for ns, name in zip(BACKEND_NS, ("backend-a", "backend-b")):
             servers.append(_start(ns, "nginx", "-c", str(_nginx_conf(ns, name))))
             servers.append(_start(ns, "iperf3", "-s", "-p", str(IPERF_PORT)))
         for b in BACKENDS:
             _wait_port(CLIENT_NS, b, HTTP_PORT)
-        yield
+        yield [h for h in hosts if h.role == "backend"]
     finally:
         for proc in servers:
             lab.stop_process(proc)
@@ -259,15 +314,15 @@ def lab_with_servers():
 
 
 def run(seconds: int, rounds: int) -> Results:
-    with lab_with_servers():
+    with lab_with_servers() as backends, bpf_stats():
         res = Results(seconds, rounds)
         for _ in range(rounds):
             for mode in MODES:  # interleaved: drift hits every mode alike
-                with Mode(mode) as m:
+                with Mode(mode, backends) as m:
                     _wait_port(CLIENT_NS, m.target(), HTTP_PORT)
-                    res.samples.setdefault((mode, "keepalive"), []).append(_wrk(m.target(), seconds, False))
+                    res.samples.setdefault((mode, "keepalive"), []).append(_wrk(m, seconds, False))
                     settle()
-                    res.samples.setdefault((mode, "newconn"), []).append(_wrk(m.target(), seconds, True))
+                    res.samples.setdefault((mode, "newconn"), []).append(_wrk(m, seconds, True))
                     settle()
                     res.samples.setdefault((mode, "iperf3"), []).append(_iperf(m.target(), seconds))
         return res
@@ -275,25 +330,33 @@ def run(seconds: int, rounds: int) -> Results:
 
 def table(res: Results) -> list[str]:
     lines = [f"{res.rounds} interleaved rounds of {res.seconds} s per test, medians (min-max). wrk: 1 thread, "
-             "16 connections; iperf3: one TCP stream to backend a. CPU/req: whole machine, above direct.", "",
-             "| mode | keep-alive req/s | p50 / p99 ms | CPU us/req | new-conn req/s | p50 / p99 ms | CPU us/req "
-             "| iperf3 Gbit/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "16 connections; iperf3: one TCP stream to backend a, client to server. xdplb is xdplb-nat; dsr "
+             "and ipip serve a VIP that the backends hold on lo. CPU/req: whole machine, above direct. XDP ns/req: "
+             "the run time of the balancer's XDP program per request (both directions in nat, the client's "
+             "only in dsr and ipip).", "",
+             "| mode | keep-alive req/s | p50 / p99 ms | CPU us/req | XDP ns/req | new-conn req/s | p50 / p99 ms "
+             "| CPU us/req | XDP ns/req | iperf3 Gbit/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     base_ka = res.median("direct", "keepalive", "cpu_us_per_req")
     base_nc = res.median("direct", "newconn", "cpu_us_per_req")
+
+    def xdp(mode: str, test: str) -> str:
+        return f"{res.median(mode, test, 'xdp_ns_per_req'):,.0f}" if mode in FORWARD else "-"
     for mode in MODES:
         ka, nc, ip = (res.spread(mode, t) for t in TESTS)
         lines.append(
             f"| {mode} | {res.median(mode, 'keepalive'):,.0f} ({ka[0]:,.0f}-{ka[1]:,.0f}) | "
             f"{res.median(mode, 'keepalive', 'p50_ms'):.2f} / {res.median(mode, 'keepalive', 'p99_ms'):.2f} | "
-            f"{res.median(mode, 'keepalive', 'cpu_us_per_req') - base_ka:+.1f} | "
+            f"{res.median(mode, 'keepalive', 'cpu_us_per_req') - base_ka:+.1f} | {xdp(mode, 'keepalive')} | "
             f"{res.median(mode, 'newconn'):,.0f} ({nc[0]:,.0f}-{nc[1]:,.0f}) | "
             f"{res.median(mode, 'newconn', 'p50_ms'):.2f} / {res.median(mode, 'newconn', 'p99_ms'):.2f} | "
-            f"{res.median(mode, 'newconn', 'cpu_us_per_req') - base_nc:+.1f} | "
+            f"{res.median(mode, 'newconn', 'cpu_us_per_req') - base_nc:+.1f} | {xdp(mode, 'newconn')} | "
             f"{res.median(mode, 'iperf3'):.2f} ({ip[0]:.2f}-{ip[1]:.2f}) |")
     lines.append("")
-    for other in ("nftables", "haproxy"):
-        ratios = ", ".join(f"{t} {res.median('xdplb', t) / res.median(other, t):.2f}x" for t in TESTS)
-        lines.append(f"xdplb / {other}: {ratios}.  ")
+    for ours in FORWARD:
+        for other in ("direct", "nftables", "haproxy"):
+            ratios = ", ".join(f"{t} {res.median(ours, t) / res.median(other, t):.2f}x" for t in TESTS)
+            lines.append(f"{ours} / {other}: {ratios}.  ")
     return lines
 
 
@@ -312,7 +375,7 @@ def plot(res: Results, path: Path) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     labels = {"keepalive": "HTTP keep-alive (req/s)", "newconn": "HTTP new connection (req/s)",
               "iperf3": "TCP throughput (Gbit/s)"}
     for ax, test in zip(axes, TESTS):
@@ -320,9 +383,9 @@ def plot(res: Results, path: Path) -> bool:
         lows = [meds[i] - res.spread(m, test)[0] for i, m in enumerate(MODES)]
         highs = [res.spread(m, test)[1] - meds[i] for i, m in enumerate(MODES)]
         ax.bar(MODES, meds, yerr=[lows, highs], capsize=4,
-               color=["#888888", "#2a7ab0", "#d08a2a", "#8a5ab0"])
+               color=["#888888", "#2a7ab0", "#4a9ad0", "#7abae0", "#d08a2a", "#8a5ab0"])
         ax.set_title(labels[test], fontsize=10)
-        ax.tick_params(axis="x", labelsize=9)
+        ax.tick_params(axis="x", labelsize=8, rotation=30)
     fig.suptitle("xdplb vs. the alternatives, same lab, same run (bars: median, whiskers: min-max)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -19,7 +19,7 @@ from xdplb.libbpf import BPF_F_TEST_XDP_LIVE_FRAMES, libbpf
 from xdplb.namespaces import run_in_netns
 from xdplb.netlink import NextHop
 
-from .perpacket import BENCH_OBJECT, CLIENT, VIP, Bench, tcp
+from .perpacket import BENCH_OBJECT, BYPASS_VIPS, CLIENT, VIP, Bench, tcp
 
 NS = "xdplb-b-live"
 BATCH = 64
@@ -74,12 +74,13 @@ def run(repeat: int, runs: int) -> list[Rate]:
             with IPRoute(netns=NS) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="sink0")[0],
                          xdp={"attrs": [("IFLA_XDP_FD", sink_fd), ("IFLA_XDP_FLAGS", 1 << 2)]})
-            syn, ack = tcp(CLIENT, 40000, VIP, 80, "S"), tcp(CLIENT, 40000, VIP, 80, "A")
-            bench.run_once(syn)  # the flow exists: every live frame is an established-flow packet
-            ctx = bytes(XdpMd(data_end=len(ack), ingress_ifindex=lb_index))  # data_end: the frame length
+            cases = [("MAC-swap XDP_TX (floor)", bench.progs["bench_macswap"], tcp(CLIENT, 40000, VIP, 80, "A"))]
+            for mode, vip in (("nat", VIP), *BYPASS_VIPS.items()):
+                bench.run_once(tcp(CLIENT, 40000, vip, 80, "S"))  # every live frame is an established-flow packet
+                cases.append((f"xdplb, established flow, {mode}", bench.xdplb, tcp(CLIENT, 40000, vip, 80, "A")))
             out = []
-            for name, target, frame in (("MAC-swap XDP_TX (floor)", bench.progs["bench_macswap"], ack),
-                                        ("xdplb, established flow", bench.xdplb, ack)):
+            for name, target, frame in cases:
+                ctx = bytes(XdpMd(data_end=len(frame), ingress_ifindex=lb_index))  # data_end: the frame length
                 rates, sent, got = [], 0, 0
                 for _ in range(runs):
                     before = _total(lib, sink_count, bench.dp.ncpus)

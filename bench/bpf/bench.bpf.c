@@ -66,6 +66,7 @@ int bench_reset(struct xdp_md *ctx)
 	__u32 zero = 0, len;
 	struct bench_frame *f = bpf_map_lookup_elem(&bench_frame, &zero);
 	__u64 *n = bpf_map_lookup_elem(&bench_count, &zero);
+	long cur;
 
 	if (!f || !n)
 		return XDP_ABORTED;
@@ -73,6 +74,11 @@ int bench_reset(struct xdp_md *ctx)
 	if (len < IPV4_SADDR_OFFSET + 4 || len > BENCH_MAX_FRAME)
 		return XDP_ABORTED;
 	*n += 1;
+	/* The last iteration may have moved the start of the frame (an IPIP header pushed in
+	 * front): move it back, or the frame would grow by one header per iteration. */
+	cur = (long)ctx->data_end - (long)ctx->data;
+	if (cur != len && bpf_xdp_adjust_head(ctx, (int)(cur - len)))
+		return XDP_ABORTED;
 	/* The new client goes into the saved frame, which is then copied in one go: every
 	 * mode costs the same single store. */
 	*(__be32 *)&f->data[IPV4_SADDR_OFFSET] =
