@@ -24,13 +24,13 @@ from xdplb import namespaces
 
 from . import e2e
 
-MODES = ["direct", "xdplb", "nftables"]
+MODES = ["direct", "xdplb", "xdplb-dsr", "nftables"]
 CONNECTIONS = 32
 FIRST_S, LAST_S = 15, 30  # the start-up and the steady-state windows of the table
 # xdplb's counters shown in the table; newer data planes add some, older ones lack them.
 COUNTERS = ["new_flow", "table_full", "evicted", "snat_exhausted", "snat_reused"]
 CLIENT_TCP = ["TcpExtTCPSynRetrans", "TcpActiveOpens", "TcpAttemptFails"]
-COLORS = {"direct": "#888888", "xdplb": "#2a7ab0", "nftables": "#d08a2a"}  # as in benchmarks-e2e.png
+COLORS = {"direct": "#888888", "xdplb": "#2a7ab0", "xdplb-dsr": "#4a9ad0", "nftables": "#d08a2a"}  # as in benchmarks-e2e.png
 
 
 @dataclass
@@ -172,23 +172,23 @@ def _leftover() -> dict:
     return {"time_wait": tw, "conntrack": int(ct) if ct.isdigit() else 0}
 
 
-def _run_mode(mode: str, seconds: int) -> Run:
+def _run_mode(mode: str, seconds: int, backends: list) -> Run:
     leftover = _leftover()
-    with e2e.Mode(mode) as m:  # its exit settles: TIME_WAIT killed, conntrack flushed
+    with e2e.Mode(mode, backends) as m:  # its exit settles: TIME_WAIT killed, conntrack flushed
         e2e._wait_port(e2e.CLIENT_NS, m.target(), e2e.HTTP_PORT)
-        xdplb_before = _xdplb_counters() if mode == "xdplb" else {}
+        xdplb_before = _xdplb_counters() if mode in e2e.FORWARD else {}
         tcp_before = _client_tcp()
         per_second, (total, errors) = _counted_at_backends(seconds, lambda: _wrk(m.target(), seconds))
         tcp = _delta(tcp_before, _client_tcp())
-        counters = _delta(xdplb_before, _xdplb_counters()) if mode == "xdplb" else {}
+        counters = _delta(xdplb_before, _xdplb_counters()) if mode in e2e.FORWARD else {}
     return Run(mode, per_second, total, errors, tcp, counters, leftover)
 
 
 def run(seconds: int) -> Results:
     """One run per mode (at 120 s, drift between them matters less than at 5 s)."""
-    with e2e.lab_with_servers():
+    with e2e.lab_with_servers() as backends:
         e2e.settle()
-        return Results(seconds, [_run_mode(mode, seconds) for mode in MODES])
+        return Results(seconds, [_run_mode(mode, seconds, backends) for mode in MODES])
 
 
 # ---- report ---------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def _ratios(run: Run, base: Run | None) -> str:
 
 
 def _counters_cell(run: Run) -> str:
-    if run.mode != "xdplb":
+    if run.mode not in e2e.FORWARD:
         return "-"
     return ", ".join(f"{k} {run.counters[k]:,}" if k in run.counters else f"{k} n/a" for k in COUNTERS)
 
