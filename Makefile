@@ -10,6 +10,8 @@ BUILD := build
 OBJECT := $(BUILD)/xdplb.bpf.o
 DECAP_OBJECT := $(BUILD)/decap.bpf.o
 BPF_SOURCES := $(wildcard bpf/*.c bpf/*.h)
+NATIVE := $(BUILD)/libxdplb_maglev.so
+NATIVE_SOURCES := $(wildcard src/xdplb/native/*.c)
 
 # Debian packages the build, the lab, the tests and the benchmarks use (the test suite
 # runs a small benchmark, so it needs the benchmark's servers too); libatomic1 gives the
@@ -52,12 +54,13 @@ $(LIBBPF_OUT)/libbpf.so.1: $(wildcard $(LIBBPF_SRC)/*.[ch] $(LIBBPF_SRC)/Makefil
 	$(MAKE) -C $(LIBBPF_SRC) BUILD_STATIC_ONLY= OBJDIR=$(LIBBPF_OUT)/obj DESTDIR=$(LIBBPF_OUT) \
 		INCLUDEDIR=/include LIBDIR=/ UAPIDIR= install
 
-# One `xdplb build` makes both objects (&: a grouped target, GNU make 4.3).
-$(OBJECT) $(DECAP_OBJECT) &: $(BPF_SOURCES) $(LIBBPF_TARGET) | venv
+# One `xdplb build` makes both objects and the native Maglev fill (&: a grouped target,
+# GNU make 4.3).
+$(OBJECT) $(DECAP_OBJECT) $(NATIVE) &: $(BPF_SOURCES) $(NATIVE_SOURCES) $(LIBBPF_TARGET) | venv
 	@echo "libbpf: $(LIBBPF_USED)"
 	$(XDPLB) build
 
-build: deps $(OBJECT) $(DECAP_OBJECT)
+build: deps $(OBJECT) $(DECAP_OBJECT) $(NATIVE)
 
 demo: build
 	$(XDPLB) demo

@@ -44,7 +44,7 @@ def fake_backends(n: int, base: str = "10.200.0.0") -> list[str]:
 
 
 def ring_swaps(sizes: list[int], runs: int) -> list[Timing]:
-    """DataPlane.sync after one backend changes weight: Maglev recomputed in Python,
+    """DataPlane.sync after one backend changes weight: Maglev recomputed (natively),
     a new inner map filled and swapped in."""
     bench = Bench(10_000)
     out = []

@@ -22,6 +22,10 @@ SOURCE = BPF_DIR / "xdplb.bpf.c"
 # The backends' decapsulator (ipip mode), loaded by decap.py.
 DECAP_OBJECT = BUILD_DIR / "decap.bpf.o"
 DECAP_SOURCE = BPF_DIR / "decap.bpf.c"
+# The control plane's native Maglev fill (maglev.py loads it; without it the Python
+# reference does the same work, a hundred times slower).
+NATIVE_MAGLEV = BUILD_DIR / "libxdplb_maglev.so"
+NATIVE_MAGLEV_SOURCE = Path(__file__).resolve().parent / "native" / "maglev.c"
 # libbpf built from the libbpf/ submodule by `make build` installs its headers here.
 BUNDLED_HEADERS = BUILD_DIR / "libbpf" / "include"
 SYSTEM_HEADERS = Path("/usr/include")
@@ -94,10 +98,30 @@ def compile_object(output: Path = OBJECT, clang: str | None = None, source: Path
     return report
 
 
-def compile_all(clang: str | None = None) -> list[ObjectReport]:
-    """What `xdplb build` makes: the data plane and the backends' decapsulator."""
-    return [compile_object(OBJECT, clang, SOURCE),
-            compile_object(DECAP_OBJECT, clang, DECAP_SOURCE, required_maps=decap_abi.MAPS)]
+def compile_all(clang: str | None = None) -> tuple[list[ObjectReport], Path]:
+    """What `xdplb build` makes: the data plane and the backends' decapsulator, and the
+    native Maglev fill."""
+    objects = [compile_object(OBJECT, clang, SOURCE),
+               compile_object(DECAP_OBJECT, clang, DECAP_SOURCE, required_maps=decap_abi.MAPS)]
+    return objects, compile_native(clang)
+
+
+def compile_native(clang: str | None = None, output: Path = NATIVE_MAGLEV) -> Path:
+    """The Maglev fill as a shared object for this machine. It uses no libc (no headers
+    to install, nothing to link), only the compiler the BPF objects need."""
+    clang = clang or os.environ.get("CLANG", "clang")
+    if shutil.which(clang) is None:
+        raise PrerequisiteError(f"{clang} not found; install it with: apt-get install clang llvm")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".tmp")
+    proc = subprocess.run([clang, "-O2", "-shared", "-fPIC", "-nostdlib", "-Wall", "-Werror",
+                           str(NATIVE_MAGLEV_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise XdplbError(f"clang failed to build {NATIVE_MAGLEV_SOURCE.name}:\n  "
+                         + "\n  ".join(proc.stderr.splitlines()[:20]))
+    tmp.replace(output)  # a new inode: a process that loaded the old one keeps it intact
+    return output
 
 
 def inspect_object(path: Path, required=abi.MAPS) -> ObjectReport:

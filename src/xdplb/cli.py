@@ -92,18 +92,20 @@ def _echo_json(data) -> None:
 @main.command()
 def build():
     """Compile bpf/ into build/xdplb.bpf.o (the balancer) and build/decap.bpf.o (the
-    backends' decapsulator) and check both objects.
+    backends' decapsulator) and check both objects; build the control plane's native
+    Maglev fill (build/libxdplb_maglev.so).
 
     \b
     Example:
       xdplb build
     """
-    objects = build_mod.compile_all()
+    objects, native = build_mod.compile_all()
     click.echo(f"libbpf headers: {objects[0].libbpf_headers}")
     for obj in objects:
         click.echo(f"built {obj.path} ({obj.size} bytes, {obj.instructions} instructions)")
         click.echo(f"  licence: {obj.license}; BTF: {'yes' if obj.btf else 'no'}")
         click.echo(f"  maps: {', '.join(obj.maps)}")
+    click.echo(f"built {native} (the control plane's Maglev fill)")
 
 
 @main.command()

@@ -218,10 +218,11 @@ def ring_values(svc: Service, ids: dict[str, int], seed: int) -> tuple[ctypes.Ar
     """A whole ring map's values, the digest in place. Backends take their turns in
     address order, so the ring does not depend on how the user listed them."""
     order = sorted(svc.backends, key=lambda b: (b.addr, b.port))
-    table = maglev.populate([(b.endpoint, b.weight) for b in order], svc.ring_size, seed)
-    packed = pack_ring([abi.NO_BACKEND if slot == maglev.EMPTY else ids[order[slot].endpoint] for slot in table])
     values = (ctypes.c_uint64 * abi.RING_ENTRIES)()
-    ctypes.memmove(values, packed, ctypes.sizeof(packed))
+    # Slot i is the i-th 16-bit word in memory only on a little-endian host.
+    assert sys.byteorder == "little", "ring packing assumes a little-endian host"
+    maglev.ring_slots([(b.endpoint, b.weight) for b in order], [ids[b.endpoint] for b in order], svc.ring_size,
+                      seed, abi.NO_BACKEND, values)
     digest = ring_digest(svc, ids, seed)
     keep = (1 << RING_DIGEST_SHIFT) - 1  # the slots below the digest (padding above them is never read)
     values[RING_DIGEST_ENTRY] = values[RING_DIGEST_ENTRY] & keep | digest << RING_DIGEST_SHIFT

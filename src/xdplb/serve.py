@@ -218,9 +218,11 @@ class Server:
         return out
 
     def snapshot(self) -> list[dict]:
-        with self.lock:
-            names = [iface.name for iface in self.desired]
-            return [e for e in report.stats(None) if e["interface"] in names]
+        """What a scrape shows. Reads the maps without the lock: a flow-table scan must
+        not hold up a health change or a reload, and every map is readable while one is
+        being written (a reader sees the old value or the new one)."""
+        names = [iface.name for iface in self.desired]
+        return [e for e in report.stats(None) if e["interface"] in names]
 
     # ---- events --------------------------------------------------------------------
     def _on_health(self, key, up: bool, reason: str) -> None:

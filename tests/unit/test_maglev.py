@@ -62,3 +62,50 @@ def test_same_input_same_table_order_independent_of_node():
 def test_size_must_be_prime():
     with pytest.raises(ValueError):
         maglev.populate([("a:80", 1)], 65536, seed=1)
+
+
+# ---- the native fill (native/maglev.c) against the Python reference ----------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from xdplb import abi, build, layout  # noqa: E402
+
+PRIMES = [2, 3, 7, 13, 101, 251, 1009, 4099, 65537]
+
+
+def test_native_fill_is_built_and_loads():
+    """`make build` builds it; without it every ring change would take the slow path,
+    so in CI its absence is a failure, not a skip."""
+    if not build.NATIVE_MAGLEV.exists():
+        build.compile_native()
+    assert maglev.native() is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=0, max_size=40), st.sampled_from(PRIMES),
+       st.integers(0, 2**32 - 1))
+def test_native_fill_equals_the_reference_slot_for_slot(weights, size, seed):
+    assert maglev.native() is not None
+    backends = [(f"10.1.{i // 200}.{i % 200 + 1}:80", w) for i, w in enumerate(weights)]
+    assert maglev.populate(backends, size, seed) == maglev.populate_reference(backends, size, seed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=0, max_size=20), st.sampled_from(PRIMES), st.integers(0, 2**16))
+def test_native_ring_slots_equal_packing_the_reference_table(weights, size, seed):
+    """What ring_values writes into the map: the reference table, mapped to backend ids
+    and packed four to a word (pack_ring), the padding NO_BACKEND, the rest zero."""
+    backends = [(f"10.2.0.{i + 1}:80", w) for i, w in enumerate(weights)]
+    ids = [100 + 7 * i for i in range(len(backends))]
+    table = maglev.populate_reference(backends, size, seed)
+    expect = layout.pack_ring([abi.NO_BACKEND if t == maglev.EMPTY else ids[t] for t in table])
+    got = (layout.ctypes.c_uint64 * abi.RING_ENTRIES)()
+    maglev.ring_slots(backends, ids, size, seed, abi.NO_BACKEND, got)
+    assert list(got[:len(expect)]) == list(expect)
+    assert not any(got[len(expect):])
+
+
+def test_non_prime_sizes_are_refused_by_both():
+    for fill in (maglev.populate, maglev.populate_reference):
+        with pytest.raises(ValueError, match="not prime"):
+            fill([("a:80", 1)], 15, seed=1)
