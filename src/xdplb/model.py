@@ -3,6 +3,7 @@
 become map entries (layout.py), and the parsing of what users type for them."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -29,7 +30,7 @@ class Backend:
     port: int
     weight: int = 1
 
-    @property
+    @functools.cached_property  # formatting an address is slow, and plans ask thousands of times
     def endpoint(self) -> str:
         return f"{self.addr}:{self.port}"
 
