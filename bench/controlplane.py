@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Control-plane timings: recomputing and swapping a service's Maglev ring for 10, 100
-and 1000 backends (library calls on a loaded program), and, end to end through the CLI
-in the lab, attaching and changing one backend of a service with 100 backends."""
+and 1000 backends (library calls on a loaded program), scanning the flow table for
+counts, and, end to end through the CLI in the lab, attaching and changing one backend
+of a service with 100 backends."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import statistics
 import subprocess
 import sys
@@ -95,3 +97,54 @@ def end_to_end(runs: int, backends: int = 100) -> list[Timing]:
     finally:
         subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "detach", "eth0"], capture_output=True)
         lab.down(PREFIX)
+
+
+def flow_scans(runs: int, flows: int = 1_000_000) -> list[Timing]:
+    """What `stats` and every scrape compute from the flow table: the active-flow count
+    and the SNAT usage, on the default 4M-slot table, empty and with `flows` flows (both
+    entries of each written straight into the table: live, half of them closing).
+    Timed on a data plane that has mapped the table already (serve's case) and, apart,
+    the first scan of a fresh one (a CLI command's)."""
+    import numpy as np
+    from xdplb import abi, build
+    from xdplb.dataplane import DataPlane
+    from xdplb.layout import flow_slots
+    from xdplb.libbpf import libbpf
+    from xdplb.model import FLOWS_DEFAULT
+    lib = libbpf()
+    obj = lib.load_object(str(build.require_object()), {"xdplb_flows": flow_slots(FLOWS_DEFAULT)})
+    fds = {name: os.dup(lib.map_fd(obj, name)) for name in abi.MAPS}
+    lib.bpf_object__close(obj)
+    dp = DataPlane(fds)
+    out = []
+    try:
+        start = time.perf_counter()
+        dp.active_flows()
+        out.append(Timing(f"active-flow count, first scan of a fresh process, {dp.flow_slot_count():,} slots, empty",
+                          [time.perf_counter() - start]))
+        for label in ("empty", f"{flows:,} flows"):
+            if label != "empty":
+                _fill(dp, flows, np)
+            for name, scan in (("active-flow count", dp.active_flows), ("SNAT usage", dp.snat_usage)):
+                times = []
+                for _ in range(runs):
+                    start = time.perf_counter()
+                    scan()
+                    times.append(time.perf_counter() - start)
+                out.append(Timing(f"{name}, {dp.flow_slot_count():,} slots, {label}", times))
+    finally:
+        dp.close()
+    return out
+
+
+def _fill(dp, flows: int, np) -> None:
+    """Both entries of `flows` TCP flows at random slots, stamped now."""
+    from xdplb import clock
+    rows = dp._flows()._rows
+    picked = np.random.default_rng(1).choice(len(rows), 2 * flows, replace=False)
+    r = rows[picked]
+    r["proto"] = 6
+    r["backend_id"] = np.arange(len(picked)) % 100
+    r["flags"] = np.where(np.arange(len(picked)) % 2, 1, 0)  # every other entry the reply side
+    r["last_seen"] = clock.now_ticks(dp._config().tick_shift)
+    rows[picked] = r

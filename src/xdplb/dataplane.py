@@ -58,8 +58,12 @@ class DataPlane:
         self.lib = lib or libbpf()
         self.memo = memo or snatmemo.Memo()
         self.ncpus = self.lib.libbpf_num_possible_cpus()
+        self._mapped: FlowTable | None = None  # the flow table, mapped by the first scan
 
     def close(self) -> None:
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
@@ -270,8 +274,7 @@ class DataPlane:
         """After the backend entries: a flow that sees the new generation sees them too."""
         cfg = self._config()
         cfg.hop_gen = (cfg.hop_gen + 1) & 0xFFFFFFFF
-        with self.flow_table() as table:
-            table.before_hop_bump(cfg.hop_gen)  # before: no moment where a wrapped generation looks current
+        self._flows().before_hop_bump(cfg.hop_gen)  # before: no moment where a wrapped generation looks current
         cfg.flags &= ~int(abi.ConfigFlags.HOPS_PENDING) & 0xFFFFFFFF
         self._write_config(cfg)
 
@@ -349,27 +352,29 @@ class DataPlane:
         from .flowtable import FlowTable
         return FlowTable(self.fds["xdplb_flows"], self.flow_slot_count())
 
+    def _flows(self) -> FlowTable:
+        """The flow table, mapped once for the life of this object: a long-lived reader
+        (serve's scrapes) pays for the mapping's page faults once, not at every scan."""
+        if self._mapped is None:
+            self._mapped = self.flow_table()
+        return self._mapped
+
     def flow_count(self) -> int:
         """Entries in the flow table (two per flow), expired ones included."""
-        with self.flow_table() as table:
-            return table.count()
+        return self._flows().count()
 
     def active_flows(self) -> dict[int, int]:
         """Per backend id: client-side flows neither closing nor idle past their timeout."""
-        with self.flow_table() as table:
-            return table.active_flows(self._config())
+        return self._flows().active_flows(self._config())
 
     def snat_usage(self) -> list[SnatUse]:
-        with self.flow_table() as table:
-            return table.snat_usage(self._config())
+        return self._flows().snat_usage(self._config())
 
     def held_snat_ports(self) -> frozenset[int]:
-        with self.flow_table() as table:
-            return table.held_snat_ports(self._config())
+        return self._flows().held_snat_ports(self._config())
 
     def reset_flows(self, backend_id: int) -> int:
         """Forgets every flow (both directions) of a backend. Their next packets find no
         flow: a client's TCP segment is then answered with a reset by the kernel, so
         clients of a dead backend learn at once instead of timing out."""
-        with self.flow_table() as table:
-            return table.reset_flows(backend_id)
+        return self._flows().reset_flows(backend_id)

@@ -71,6 +71,18 @@ SLOT_DTYPE = np.dtype({
 })
 
 
+# Scans take the table in chunks small enough (1 MB) for the caches: a slot's proto and
+# flags are then read from memory once, the copy of a used slot comes from the cache, and
+# a scan of the default 4M-slot table (256 MB) costs one pass over memory.
+CHUNK_SLOTS = 16384
+# proto and flags as (32-bit word of the slot, bit shift in it): one strided read each.
+_PROTO_WORD = (_KEY + abi.FlowKey.proto.offset) // 4
+_FLAGS_BYTE_WORD = _FLAGS // 4
+assert sys.byteorder == "little", "the chunked scan reads bytes out of little-endian words"
+_PROTO_SHIFT = (_KEY + abi.FlowKey.proto.offset) % 4 * 8
+_FLAGS_BYTE_SHIFT = _FLAGS % 4 * 8
+
+
 def expiry_ticks(cfg: abi.Config, proto, flags, udp_timeout_s):
     """The data plane's flow_expiry_ticks() (bpf/flows.h), elementwise over arrays (or
     scalars): ticks after which an entry idle since last_seen is free; 0: never."""
@@ -145,6 +157,7 @@ class FlowTable:
         self._map = mmap.mmap(fd, slot_count * SLOT_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._rows = np.frombuffer(self._map, dtype=SLOT_DTYPE)
         self._slots = np.frombuffer(self._map, dtype=f"V{SLOT_SIZE}")  # whole slots, for copying
+        self._words = np.frombuffer(self._map, dtype=np.uint32).reshape(slot_count, SLOT_SIZE // 4)
         self._anchor = ctypes.c_char.from_buffer(self._map)  # for the slots' addresses
         self._address = ctypes.addressof(self._anchor)
         self._atomics: _Atomics | None = None  # loaded by the first kill
@@ -152,7 +165,7 @@ class FlowTable:
     def close(self) -> None:
         if self._map is None:
             return
-        self._rows = self._slots = self._anchor = None  # they export the mapping, which cannot close under them
+        self._rows = self._slots = self._words = self._anchor = None  # they export the mapping, which cannot close under them
         self._map.close()
         self._map = None
 
@@ -163,27 +176,39 @@ class FlowTable:
         self.close()
 
     # ---- reading --------------------------------------------------------------------
+    def _used_in(self, start: int) -> np.ndarray:
+        """Indexes (from start) of the slots of one chunk holding an entry that is not dead."""
+        words = self._words[start:start + CHUNK_SLOTS]
+        proto = (words[:, _PROTO_WORD] >> _PROTO_SHIFT) & 0xFF
+        dead = (words[:, _FLAGS_BYTE_WORD] >> _FLAGS_BYTE_SHIFT) & _DEAD
+        return np.flatnonzero((proto != 0) & (dead == 0))
+
     def _used(self):
         """Indexes of the slots holding an entry that is not dead."""
-        proto, flags = self._rows["proto"], self._rows["flags"]
-        return np.flatnonzero((proto != 0) & ((flags & _DEAD) == 0))
+        parts = [used + start for start in range(0, self.slot_count, CHUNK_SLOTS)
+                 if (used := self._used_in(start)).size]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def _live(self, cfg: abi.Config, now: int | None):
-        """A copy of the used slots, one row each, and which of them are not idle past
-        their timeout as the data plane judges it (slot_expired in bpf/flows.h)."""
-        # Whole slots copied first (one pass over the table), fields taken from the copy:
-        # much faster than picking fields out of the shared mapping one by one. Rows are
-        # not filtered (copying records is slow): callers pick the fields they need.
-        rows = np.take(self._slots, self._used()).view(SLOT_DTYPE)
+        """Per chunk with entries: a copy of its used slots, one row each, and which of
+        them are not idle past their timeout as the data plane judges it (slot_expired
+        in bpf/flows.h)."""
         if now is None:
             now = clock.now_ticks(cfg.tick_shift)
-        ticks = expiry_ticks(cfg, rows["proto"], rows["flags"], rows["udp_timeout_s"])
-        idle = (np.uint32(now & 0xFFFFFFFF) - rows["last_seen"]).view(np.int32)  # ticks_since()
-        return rows, (ticks == 0) | (idle <= ticks)
+        for start in range(0, self.slot_count, CHUNK_SLOTS):
+            used = self._used_in(start)
+            if not used.size:
+                continue
+            # Whole slots copied (from the cache, the chunk was just read), fields taken
+            # from the copy: much faster than picking fields out of the shared mapping.
+            rows = np.take(self._slots[start:start + CHUNK_SLOTS], used).view(SLOT_DTYPE)
+            ticks = expiry_ticks(cfg, rows["proto"], rows["flags"], rows["udp_timeout_s"])
+            idle = (np.uint32(now & 0xFFFFFFFF) - rows["last_seen"]).view(np.int32)  # ticks_since()
+            yield rows, (ticks == 0) | (idle <= ticks)
 
     def count(self) -> int:
         """Entries in the table (two per flow), expired ones included."""
-        return len(self._used())
+        return sum(self._used_in(start).size for start in range(0, self.slot_count, CHUNK_SLOTS))
 
     def slots(self):
         """(index, last_seen, proto, backend_id, flags) of every entry, expired ones
@@ -202,16 +227,22 @@ class FlowTable:
         """Per backend id: client-side flows neither closing nor idle past their timeout
         (the data plane's own notion of a live flow). cfg: the config map's value; now:
         the data plane's tick (read from the kernel when None)."""
-        rows, live = self._live(cfg, now)
-        counts = np.bincount(rows["backend_id"][live & ((rows["flags"] & (_REPLY | _CLOSING)) == 0)])
+        counts = np.zeros(1 << 16, dtype=np.int64)  # backend ids are 16 bits
+        for rows, live in self._live(cfg, now):
+            counts += np.bincount(rows["backend_id"][live & ((rows["flags"] & (_REPLY | _CLOSING)) == 0)],
+                                  minlength=1 << 16)
         found = np.flatnonzero(counts)
         return dict(zip(found.tolist(), counts[found].tolist()))
 
     def _backend_sides(self, cfg: abi.Config, now: int | None, *fields: str) -> list:
         """The given fields of the backend-side entries not expired."""
-        rows, live = self._live(cfg, now)
-        keep = live & ((rows["flags"] & _REPLY) != 0)
-        return [rows[f][keep] for f in fields]
+        parts = [[] for _ in fields]
+        for rows, live in self._live(cfg, now):
+            keep = live & ((rows["flags"] & _REPLY) != 0)
+            for part, f in zip(parts, fields):
+                part.append(rows[f][keep])
+        return [np.concatenate(part) if part else np.zeros(0, dtype=SLOT_DTYPE.fields[f][0])
+                for part, f in zip(parts, fields)]
 
     def snat_usage(self, cfg: abi.Config, now: int | None = None) -> list[SnatUse]:
         """SNAT sources held per (SNAT address, backend endpoint), from the backend-side
@@ -244,10 +275,9 @@ class FlowTable:
     def backend_slots(self, backend_id: int) -> list[SlotRef]:
         """The entries (both directions, expired or not) of a backend's flows, as they
         are now: the first step of reset_flows."""
-        rows = self._rows
-        candidates = np.flatnonzero((rows["backend_id"] == backend_id) & (rows["proto"] != 0)
-                                    & ((rows["flags"] & _DEAD) == 0))
-        found = rows[candidates]
+        used = self._used()
+        candidates = used[self._rows["backend_id"][used] == backend_id]
+        found = self._rows[candidates]
         return [SlotRef(index, seq, bytes(key), backend_id)
                 for index, seq, key in zip(candidates.tolist(), found["seq"].tolist(), found["key"].tolist())
                 if not seq & 1]
