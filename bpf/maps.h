@@ -17,10 +17,14 @@ struct {
 } xdplb_config SEC(".maps");
 
 /* Per destination port: is any service or the SNAT range using it (enum xdplb_port_flags).
- * Lets a packet for an unrelated port leave after one array read. */
+ * Lets a packet for an unrelated port leave after one array read. Mappable, as are the
+ * backends, the service table and the rings: the control plane reads and writes them
+ * with memory copies, not one syscall's worth of work per entry (a batch of 65536
+ * entries takes 20 ms). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, XDPLB_PORTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, __u8);
 } xdplb_ports SEC(".maps");
@@ -31,6 +35,7 @@ struct {
 struct xdplb_service_table {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, XDPLB_SERVICE_SLOTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, sizeof(struct xdplb_service_slot));
 };
@@ -48,6 +53,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, XDPLB_MAX_BACKENDS);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, struct xdplb_backend);
 } xdplb_backends SEC(".maps");
@@ -57,12 +63,15 @@ struct {
 struct xdplb_ring {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, XDPLB_RING_ENTRIES);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, __u64);
 };
 
-/* Service id -> its Maglev ring. The control plane builds a new ring and swaps it in
- * with one update, so a packet never sees a half-written ring. */
+/* Service id -> its Maglev ring. The control plane creates a service's ring once and then
+ * rewrites it in place (a swap waits for an RCU grace period, milliseconds per ring): a
+ * new flow picking a slot meanwhile gets the old ring's backend or the new one's, both
+ * valid then, since a backend is cleared only after the rings that drop it are written. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
 	__uint(max_entries, XDPLB_MAX_SERVICES);

@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define XDPLB_ABI_VERSION 6
+#define XDPLB_ABI_VERSION 7
 
 /* Limits. Map sizes derived from these are fixed at load time. */
 #define XDPLB_MAX_SERVICES 512

@@ -13,7 +13,7 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 # Network byte order fields are kept as raw bytes-in-an-integer: converted at the edge.
 be16, be32 = ctypes.c_uint16, ctypes.c_uint32
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 MAX_SERVICES = 512
 SERVICE_SLOTS = 4096
 SERVICE_PROBES = 16

@@ -11,18 +11,19 @@ and a re-run of a command changes only what differs.
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
+import mmap
 import os
 import secrets
 import socket
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import abi, clock, layout, plan, snatmemo, trace
 from .errors import XdplbError
 from .layout import from_be32
-from .libbpf import BPF_ANY, Libbpf, MapInfo, libbpf
+from .libbpf import BPF_ANY, Libbpf, MapInfo, array_stride, libbpf
 from .model import Service, Settings
 from .netlink import NextHop
 
@@ -32,10 +33,18 @@ if TYPE_CHECKING:
 _IN_USE = int(abi.BackendFlags.IN_USE)
 
 
-@functools.lru_cache(maxsize=8)
-def _indexes(n: int):
-    """0..n-1 as a C array: the keys of a batch update of a whole array map."""
-    return (ctypes.c_uint32 * n)(*range(n))
+_SLOT_PROTO = abi.ServiceSlot.key.offset + abi.ServiceKey.proto.offset
+# Mapped arrays are read entry by entry at the kernel's stride (a multiple of 8), and a
+# flag is read as the low byte of its field.
+assert all(ctypes.sizeof(t) == array_stride(ctypes.sizeof(t)) for t in (abi.Backend, abi.ServiceSlot))
+assert sys.byteorder == "little"
+
+
+def _entries_with(memory, size: int, count: int, offset: int, mask: int) -> list[int]:
+    """Indexes of the entries of a mapped array (entries of `size` bytes) whose byte at
+    `offset` has a bit of `mask` set: a strided slice, not a Python object per entry."""
+    marks = memory[offset:size * count:size]
+    return [i for i, b in enumerate(marks) if b & mask]
 
 
 @dataclass
@@ -59,11 +68,15 @@ class DataPlane:
         self.memo = memo or snatmemo.Memo()
         self.ncpus = self.lib.libbpf_num_possible_cpus()
         self._mapped: FlowTable | None = None  # the flow table, mapped by the first scan
+        self._arrays: dict[str, mmap.mmap] = {}  # mappable arrays, mapped at first use
 
     def close(self) -> None:
         if self._mapped is not None:
             self._mapped.close()
             self._mapped = None
+        for memory in self._arrays.values():
+            memory.close()
+        self._arrays = {}
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
@@ -84,20 +97,32 @@ class DataPlane:
     def read_abi_version(self) -> int:
         return self._config().abi_version
 
+    def _array(self, name: str, value_type, entries: int) -> mmap.mmap:
+        """One of the program's mappable arrays (bpf/maps.h), mapped once for the life of
+        this object."""
+        memory = self._arrays.get(name)
+        if memory is None:
+            memory = self._arrays[name] = self.lib.map_memory(self.fds[name], ctypes.sizeof(value_type), entries)
+        return memory
+
     def _service_entries(self) -> dict[tuple, abi.Service]:
-        table_id = ctypes.c_uint32()
-        if not self.lib.lookup(self.fds["xdplb_services"], ctypes.c_uint32(0), table_id):
+        fd = self._inner_fd("xdplb_services", 0)
+        if fd is None:
             return {}
-        fd = self.lib.check(self.lib.bpf_map_get_fd_by_id(table_id.value), "open the service table")
         try:
-            slots = self.lib.array_values(fd, abi.ServiceSlot, abi.SERVICE_SLOTS)
+            memory = self.lib.map_memory(fd, ctypes.sizeof(abi.ServiceSlot), abi.SERVICE_SLOTS)
         finally:
             os.close(fd)
-        return {layout.table_key(s.key): abi.Service.from_buffer_copy(s.svc) for s in slots if s.key.proto}
+        with memory:
+            used = _entries_with(memory, ctypes.sizeof(abi.ServiceSlot), abi.SERVICE_SLOTS, _SLOT_PROTO, 0xFF)
+            slots = [abi.ServiceSlot.from_buffer_copy(memory, i * ctypes.sizeof(abi.ServiceSlot)) for i in used]
+        return {layout.table_key(s.key): abi.Service.from_buffer_copy(s.svc) for s in slots}
 
     def _backend_entries(self) -> dict[int, abi.Backend]:
-        values = self.lib.array_values(self.fds["xdplb_backends"], abi.Backend, abi.MAX_BACKENDS)
-        return {i: abi.Backend.from_buffer_copy(v) for i, v in enumerate(values) if v.flags & _IN_USE}
+        memory = self._array("xdplb_backends", abi.Backend, abi.MAX_BACKENDS)
+        size = ctypes.sizeof(abi.Backend)
+        return {i: abi.Backend.from_buffer_copy(memory, i * size)
+                for i in _entries_with(memory, size, abi.MAX_BACKENDS, abi.Backend.flags.offset, _IN_USE)}
 
     def _client_rules(self) -> dict[int, set[tuple]]:
         out: dict[int, set] = {}
@@ -132,7 +157,7 @@ class DataPlane:
             config=cfg if cfg.abi_version else None, flow_slots=self.flow_slot_count(),
             services=self._service_entries(), backends=self._backend_entries(), clients=self._client_rules(),
             rings=self._ring_digests(),
-            ports=bytes(self.lib.array_values(self.fds["xdplb_ports"], ctypes.c_uint8, abi.PORTS)),
+            ports=self.port_flags(),
             jiffy_ns=clock.jiffy_ns())
 
     def sync(self, wanted: plan.Wanted, ifname: str = "", dry_run: bool = False) -> plan.Plan:
@@ -186,9 +211,12 @@ class DataPlane:
             if after_each is not None:
                 after_each(i)
 
+    def port_flags(self) -> bytes:
+        """xdplb_ports, one byte per port."""
+        return self._array("xdplb_ports", ctypes.c_uint8, abi.PORTS)[::array_stride(1)]
+
     def _do_SetPorts(self, op: plan.SetPorts) -> None:
-        values = (ctypes.c_uint8 * abi.PORTS).from_buffer_copy(op.flags)
-        self.lib.update_batch(self.fds["xdplb_ports"], _indexes(abi.PORTS), values, abi.PORTS)
+        self._array("xdplb_ports", ctypes.c_uint8, abi.PORTS)[::array_stride(1)] = op.flags
 
     def _do_SetConfig(self, op: plan.SetConfig) -> None:
         value = abi.Config.from_buffer_copy(op.value)
@@ -204,7 +232,8 @@ class DataPlane:
         slots = layout.service_table([(layout.service_key(*key), value) for key, value in op.entries.items()])
         fd = self.lib.create_array("xdplb_svc_table", ctypes.sizeof(abi.ServiceSlot), abi.SERVICE_SLOTS)
         try:
-            self.lib.update_batch(fd, _indexes(len(slots)), slots, len(slots))
+            with self.lib.map_memory(fd, ctypes.sizeof(abi.ServiceSlot), abi.SERVICE_SLOTS) as memory:
+                memory[:ctypes.sizeof(slots)] = bytes(slots)
             self.lib.update(self.fds["xdplb_services"], ctypes.c_uint32(0), ctypes.c_uint32(fd))
         finally:
             os.close(fd)
@@ -213,12 +242,23 @@ class DataPlane:
         self.lib.delete(self.fds["xdplb_rings"], ctypes.c_uint32(op.service_id))
 
     def _do_SetRing(self, op: plan.SetRing) -> None:
-        """A new ring, swapped in with one update of xdplb_rings."""
-        fd = self.lib.create_array(f"xdplb_ring{op.service_id}"[:15], ctypes.sizeof(ctypes.c_uint64),
-                                   abi.RING_ENTRIES)
+        """Writes a service's ring in place (see xdplb_rings in bpf/maps.h), the entry
+        holding the digest last: a writer killed half-way leaves the old digest, and the
+        next plan writes the ring again. A service's first ring is filled before it is
+        put in xdplb_rings."""
+        fd = self._inner_fd("xdplb_rings", op.service_id)
+        new = fd is None
+        if new:
+            fd = self.lib.create_array(f"xdplb_ring{op.service_id}"[:15], ctypes.sizeof(ctypes.c_uint64),
+                                       abi.RING_ENTRIES)
         try:
-            self.lib.update_batch(fd, _indexes(abi.RING_ENTRIES), op.values, abi.RING_ENTRIES)
-            self.lib.update(self.fds["xdplb_rings"], ctypes.c_uint32(op.service_id), ctypes.c_uint32(fd))
+            with self.lib.map_memory(fd, ctypes.sizeof(ctypes.c_uint64), abi.RING_ENTRIES) as memory:
+                values = memoryview(op.values).cast("B")
+                last = layout.RING_DIGEST_ENTRY * ctypes.sizeof(ctypes.c_uint64)
+                memory[:last] = values[:last]
+                memory[last:len(values)] = values[last:]
+            if new:
+                self.lib.update(self.fds["xdplb_rings"], ctypes.c_uint32(op.service_id), ctypes.c_uint32(fd))
         finally:
             os.close(fd)
 

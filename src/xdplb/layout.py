@@ -6,6 +6,7 @@ tests build on this, and only dataplane.py moves the results in and out of the k
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import ipaddress
 import socket
@@ -28,7 +29,10 @@ def from_be32(raw: int) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(raw.to_bytes(4, _BYTEORDER))
 
 
+@functools.lru_cache(maxsize=8192)
 def mac_bytes(mac: str):
+    """A MAC as a struct field's value (shared between calls: never modify it; a field
+    assignment copies it)."""
     return (ctypes.c_uint8 * 6)(*bytes.fromhex(mac.replace(":", "")))
 
 
@@ -123,7 +127,7 @@ def backend_value(b: Backend, svc_id: int, hop: NextHop, cursor_id: int) -> abi.
 
 
 def endpoint_of(b: abi.Backend) -> str:
-    return f"{from_be32(b.addr)}:{socket.ntohs(b.port)}"
+    return f"{socket.inet_ntoa(b.addr.to_bytes(4, _BYTEORDER))}:{socket.ntohs(b.port)}"  # as str(IPv4Address)
 
 
 def next_hop_of(b: abi.Backend) -> NextHop:
@@ -192,11 +196,17 @@ RING_DIGEST_SHIFT = 32
 assert (RING_DIGEST_ENTRY * abi.RING_SLOTS_PER_ENTRY + RING_DIGEST_SHIFT // 16) >= abi.RING_SLOTS
 
 
+def _backend_order(b: Backend) -> tuple:
+    """Backends in address order (as Backend's own ordering, without its slow compares);
+    one address and port appears once in a service."""
+    return int(b.addr), b.port, b.weight
+
+
 def ring_digest(svc: Service, ids: dict[str, int], seed: int) -> int:
     """32 bits (never 0) of the ring's inputs: size, seed, and each backend's endpoint,
     weight and id."""
     text = f"{svc.ring_size}/{seed}/" + ",".join(
-        f"{b.endpoint}={b.weight}@{ids[b.endpoint]}" for b in sorted(svc.backends))
+        f"{b.endpoint}={b.weight}@{ids[b.endpoint]}" for b in sorted(svc.backends, key=_backend_order))
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") or 1
 
 
@@ -217,7 +227,7 @@ def unpack_ring(values, size: int) -> list[int]:
 def ring_values(svc: Service, ids: dict[str, int], seed: int) -> tuple[ctypes.Array, int]:
     """A whole ring map's values, the digest in place. Backends take their turns in
     address order, so the ring does not depend on how the user listed them."""
-    order = sorted(svc.backends, key=lambda b: (b.addr, b.port))
+    order = sorted(svc.backends, key=_backend_order)
     values = (ctypes.c_uint64 * abi.RING_ENTRIES)()
     # Slot i is the i-th 16-bit word in memory only on a little-endian host.
     assert sys.byteorder == "little", "ring packing assumes a little-endian host"
@@ -248,8 +258,11 @@ def port_flags(services: list[Service], snat_range: tuple[int, int], held: froze
 def snat_ports_outside(flags: bytes, snat_range: tuple[int, int]) -> bool:
     """Whether flags mark SNAT ports outside the range (left from an earlier range)."""
     lo, hi = snat_range
-    snat = int(abi.PortFlags.SNAT)
-    return any(f & snat for f in flags[:lo]) or any(f & snat for f in flags[hi + 1:])
+    outside = flags[:lo] + flags[hi + 1:]
+    return outside.translate(_SNAT_BIT).count(0) != len(outside)  # bytes at C speed, not a loop
+
+
+_SNAT_BIT = bytes(i & int(abi.PortFlags.SNAT) for i in range(256))  # a byte -> its SNAT flag
 
 
 def union(a: bytes, b: bytes) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ BPF_ANY = 0
 BPF_MAP_TYPE_ARRAY = 2
 BPF_PROG_TYPE_XDP = 6
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+BPF_F_MMAPABLE = 1 << 10
 BPF_OBJ_NAME_LEN = 16
 PRINT_BUFFER_BYTES = 4 << 20  # room for a verifier log of the largest size libbpf asks for
 
@@ -34,6 +36,11 @@ class TestRunOpts(ctypes.Structure):
         ("retval", c_uint32), ("repeat", c_int), ("duration", c_uint32),
         ("flags", c_uint32), ("cpu", c_uint32), ("batch_size", c_uint32),
     ]
+
+
+def array_stride(value_size: int) -> int:
+    """Bytes between two values of a mappable array map."""
+    return (value_size + 7) // 8 * 8
 
 
 class MapCreateOpts(ctypes.Structure):
@@ -255,6 +262,13 @@ class Libbpf:
             raise BpfError(f"array batch lookup: {n.value} of {count} values read")
         return values
 
+    @staticmethod
+    def map_memory(fd: int, value_size: int, entries: int) -> mmap.mmap:
+        """A BPF_F_MMAPABLE array map's values, shared with the kernel: entry i at
+        i * stride, the stride being value_size rounded up to 8 (as the kernel lays
+        them out)."""
+        return mmap.mmap(fd, array_stride(value_size) * entries, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
     def obj_info(self, fd: int, info):
         size = c_uint32(ctypes.sizeof(info))
         self.check(self.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
@@ -268,8 +282,10 @@ class Libbpf:
         self.obj_info(prog_fd, info2)
         return list(ids)
 
-    def create_array(self, name: str, value_size: int, entries: int) -> int:
-        opts = MapCreateOpts(sz=ctypes.sizeof(MapCreateOpts))
+    def create_array(self, name: str, value_size: int, entries: int, flags: int = BPF_F_MMAPABLE) -> int:
+        """An array map like the inner maps of the data plane (mappable, as their
+        templates in bpf/maps.h are: an inner map must match its template)."""
+        opts = MapCreateOpts(sz=ctypes.sizeof(MapCreateOpts), map_flags=flags)
         fd = self.lib.bpf_map_create(BPF_MAP_TYPE_ARRAY, name.encode(), 4, value_size, entries,
                                      ctypes.byref(opts))
         return self.check(fd, f"create map {name}")

@@ -30,9 +30,14 @@ class Backend:
     port: int
     weight: int = 1
 
-    @functools.cached_property  # formatting an address is slow, and plans ask thousands of times
+    # Formatting an address is slow, and a plan asks thousands of times.
+    @functools.cached_property
+    def host(self) -> str:
+        return str(self.addr)
+
+    @functools.cached_property
     def endpoint(self) -> str:
-        return f"{self.addr}:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 @dataclass

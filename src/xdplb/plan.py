@@ -12,7 +12,7 @@ Order is what keeps packets right while the maps change:
   old range's ports stay flagged while open flows use them;
 - a service becomes visible (service table) only once its backends, allow-list and
   ring are in place, and leaves it before they are removed;
-- a backend entry is cleared only after a ring without it is swapped in (its flows keep
+- a backend entry is cleared only after a ring without it is written (its flows keep
   forwarding from their own copy of its address);
 - the next-hop generation is bumped after the backend entries it makes flows re-read.
 """
@@ -312,7 +312,7 @@ class _Planner:
             if fresh:
                 self.ops.append(StartCursor(cursor_id, layout.memo_key(self.w.settings, b.addr, b.port, svc.proto),
                                             self.w.settings))
-            hop = self.w.next_hops[str(b.addr)]
+            hop = self.w.next_hops[b.host]
             value = layout.backend_value(b, svc_id, hop, cursor_id)
             old = self.backends.get(be_id)
             if old is None or bytes(old) != bytes(value):
