@@ -5,6 +5,7 @@ counts, and, end to end through the CLI in the lab, attaching and changing one b
 of a service with 100 backends."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import statistics
@@ -148,3 +149,31 @@ def _fill(dp, flows: int, np) -> None:
     r["flags"] = np.where(np.arange(len(picked)) % 2, 1, 0)  # every other entry the reply side
     r["last_seen"] = clock.now_ticks(dp._config().tick_shift)
     rows[picked] = r
+
+
+def seed_change(services: int, backends: int, runs: int) -> list[Timing]:
+    """A new hash seed for an interface with `services` services of `backends` backends
+    each: every ring recomputed and rewritten, in one DataPlane.sync."""
+    bench = Bench(10_000)
+    out = []
+    try:
+        addrs = fake_backends(backends)
+        hops = {a: NextHop(LOOPBACK, "02:00:00:00:00:b0", LB_MAC) for a in addrs}
+        members = [Backend(ipaddress.IPv4Address(a), 80, 1) for a in addrs]
+        base = int(ipaddress.IPv4Address("10.210.0.0"))
+        svcs = [Service(ipaddress.IPv4Address(base + i // 4), 80 + i % 4, "tcp", list(members))
+                for i in range(services)]
+        bench.dp.sync(plan.Wanted(bench.settings, svcs, hops))
+        times = []
+        for r in range(runs):
+            settings = dataclasses.replace(bench.settings, hash_seed=bench.settings.hash_seed + 1 + r)
+            start = time.perf_counter()
+            p = bench.dp.sync(plan.Wanted(settings, svcs, hops))
+            times.append(time.perf_counter() - start)
+            rings = sum(isinstance(op, plan.SetRing) for op in p.ops)
+            if rings != services:
+                raise RuntimeError(f"a seed change rewrote {rings} rings of {services}")
+        out.append(Timing(f"seed change: {services} services x {backends} backends, every ring rewritten", times))
+    finally:
+        bench.close()
+    return out

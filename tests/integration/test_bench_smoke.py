@@ -23,11 +23,16 @@ def test_bench_smoke_runs_every_section(bpf_object):
     assert any("floor" in n for n in names) and any("new flow" in n for n in names)
     assert all(f["checked"] for f in data["per_packet"])
     assert all(0.99 <= r["delivered"] <= 1.01 for r in data["live_frames"]), data["live_frames"]
-    assert {k.split("/")[0] for k in data["end_to_end"]} == {"direct", "xdplb", "nftables", "haproxy"}
+    for mode in ("dsr", "ipip"):
+        assert any(n.endswith(f"), {mode}") for n in names) and any(f"{mode}, table" in n for n in names)
+    assert [r["name"].rsplit(", ", 1)[-1] for r in data["live_frames"][1:]] == ["nat", "dsr", "ipip"]
+    assert {k.split("/")[0] for k in data["end_to_end"]} == {"direct", "xdplb", "xdplb-dsr", "xdplb-ipip",
+                                                              "nftables", "haproxy"}
     assert all(s[0]["value"] > 0 for s in data["end_to_end"].values())
-    assert len(data["control_plane"]) >= 3
+    assert any(t["name"].startswith("seed change") for t in data["control_plane"])
+    assert any(t["name"].startswith("active-flow count") for t in data["control_plane"])
     runs = data["sustained"]["runs"]
-    assert [r["mode"] for r in runs] == ["direct", "xdplb", "nftables"]
+    assert [r["mode"] for r in runs] == ["direct", "xdplb", "xdplb-dsr", "nftables"]
     assert all(len(r["per_second"]) == data["sustained"]["seconds"] and r["mean_rps"] > 0 for r in runs), runs
     assert all("TcpExtTCPSynRetrans" in r["client_tcp"] for r in runs)
-    assert "new_flow" in runs[1]["counters"]
+    assert "new_flow" in runs[1]["counters"] and runs[2]["counters"]["new_flow"] > 0
