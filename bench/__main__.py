@@ -62,7 +62,7 @@ def _run_sections(args, want: set[str]) -> dict:
         out["perpacket"] = perpacket.run(repeat, runs, fills)
     if "controlplane" in want:
         out["controlplane"] = (controlplane.ring_swaps([10, 100] if smoke else [10, 100, 1000], 2 if smoke else 5)
-                               + controlplane.seed_change(16 if smoke else 512, 10, 1 if smoke else 3)
+                               + controlplane.seed_change(16 if smoke else 512, 8, 1 if smoke else 3)
                                + controlplane.flow_scans(1 if smoke else 5, 10_000 if smoke else 1_000_000)
                                + controlplane.end_to_end(1 if smoke else 3))
     if "live" in want:
