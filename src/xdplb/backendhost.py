@@ -39,7 +39,10 @@ def parse_vips(text: str) -> list[ipaddress.IPv4Address]:
         if not item.strip():
             raise UsageError(f"bad --vip {text!r}: an empty item; give addresses separated by commas, "
                              "like 10.0.0.2,10.0.0.3")
-        vip = model.parse_address(item.strip(), "VIP")
+        vip = model.parse_address(item.strip(), "VIP", family=4)
+        if vip.version != 4:
+            raise UsageError(f"bad VIP {item.strip()!r}: backends are prepared for IPv4 VIPs only so far "
+                             "(the balancer does not serve IPv6 yet)")
         if vip.is_unspecified or vip.is_loopback or vip.is_multicast or vip.is_reserved:
             raise UsageError(f"bad VIP {item.strip()!r}: not an address a service can have "
                              "(unspecified, loopback, multicast or reserved); give the service's VIP")

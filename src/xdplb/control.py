@@ -54,6 +54,9 @@ def problems(wanted: InterfaceConfig, found, link: netlink.Link, where: str = ""
                        f"resizing needs xdplb detach {wanted.name} (which drops established flows)")
     elif not link.up:
         out.append(f"{where}: {wanted.name} is down; bring it up with: ip link set {wanted.name} up")
+    families = _family_problems(wanted)
+    if families:  # the checks below assume IPv4 throughout
+        return out + [f"{where}: {problem}" for problem in families]
     lo, hi = wanted.snat_ports
     for svc in wanted.services:
         if lo <= svc.port <= hi:
@@ -64,6 +67,29 @@ def problems(wanted: InterfaceConfig, found, link: netlink.Link, where: str = ""
         if svc.ring_size < len(svc.backends):
             out.append(f"{where}: service {svc.name}: {len(svc.backends)} backends do not fit a ring of "
                        f"{svc.ring_size} slots (some would get no flows); give a larger prime --ring-size")
+    return out
+
+
+def _family_problems(wanted: InterfaceConfig) -> list[str]:
+    """IPv6 addresses parse everywhere an address is given (model.parse_address), but
+    the data plane balances IPv4 only so far: IPv6 services are refused here, before
+    anything changes, and a service's backends, client networks, SNAT and IPIP sources
+    must be of its address family."""
+    out = []
+    for svc in wanted.services:
+        if svc.vip.version == 6:
+            out.append(f"service {svc.name}: IPv6 services are not balanced yet (the data plane handles IPv4; "
+                       "IPv6 packets pass to the kernel untouched): give an IPv4 VIP")
+            continue
+        out += [f"service {svc.name}: backend {b.endpoint} is IPv6 but the VIP is IPv4: a service's backends are "
+                "of its address family" for b in svc.backends if b.addr.version != 4]
+        out += [f"service {svc.name}: client network {n} is IPv6 but the VIP is IPv4: give IPv4 networks"
+                for n in svc.clients if n.version != 4]
+    out += [f"SNAT address {a} is IPv6: the SNAT sources of IPv4 services are IPv4 addresses"
+            for a in wanted.snat or [] if a.version != 4]
+    if wanted.encap_source is not None and wanted.encap_source.version != 4:
+        out.append(f"IPIP source {wanted.encap_source} is IPv6: the outer header of IPv4 services is IPv4; "
+                   "give an IPv4 --encap-source")
     return out
 
 

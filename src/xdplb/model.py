@@ -24,9 +24,17 @@ MAX_WEIGHT = 65535
 MAX_UDP_TIMEOUT_S = 65535  # a flow keeps its service's udp_timeout in 16 bits
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def host_text(addr: Address) -> str:
+    """An address as it is written before ":PORT": IPv6 in brackets ([fd00::1]:80)."""
+    return f"[{addr}]" if addr.version == 6 else str(addr)
+
+
 @dataclass(frozen=True, order=True)
 class Backend:
-    addr: ipaddress.IPv4Address
+    addr: Address
     port: int
     weight: int = 1
 
@@ -37,16 +45,16 @@ class Backend:
 
     @functools.cached_property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{host_text(self.addr)}:{self.port}"
 
 
 @dataclass
 class Service:
-    vip: ipaddress.IPv4Address
+    vip: Address
     port: int
     proto: str = "tcp"
     backends: list[Backend] = field(default_factory=list)
-    clients: list[ipaddress.IPv4Network] = field(default_factory=list)  # empty: everyone
+    clients: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)  # empty: everyone
     ring_size: int = RING_SIZE_DEFAULT
     udp_timeout_s: int = 0  # a UDP service's idle timeout; 0: the interface's timeouts.udp
     not_allowed: str = "drop"  # clients outside `clients`: "drop" (counted) or "pass" to the kernel
@@ -54,7 +62,7 @@ class Service:
 
     @property
     def name(self) -> str:
-        return f"{self.vip}:{self.port}/{self.proto}"
+        return f"{host_text(self.vip)}:{self.port}/{self.proto}"
 
 
 @dataclass
@@ -127,7 +135,7 @@ def parse_port(text: str, what: str = "port") -> int:
     return port
 
 
-def parse_snat_addresses(text: str) -> list[ipaddress.IPv4Address]:
+def parse_snat_addresses(text: str) -> list[Address]:
     """ADDR[,ADDR...]: the SNAT pool."""
     out = []
     for item in text.split(","):
@@ -152,12 +160,21 @@ def looks_numeric(text: str) -> bool:
     return bool(text) and all(_NUMERIC_PART.fullmatch(part) for part in text.split("."))
 
 
-def parse_address(text: str, what: str = "address") -> ipaddress.IPv4Address:
-    """An IPv4 address, or a host name resolved to one."""
+def parse_address(text: str, what: str = "address", family: int | None = None) -> Address:
+    """An IPv4 or IPv6 address (IPv6 bare or in brackets), or a host name resolved to
+    one: of `family` (4 or 6) when given, else IPv4 if the name has an IPv4 address."""
+    literal = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     try:
-        return ipaddress.IPv4Address(text)
+        addr = ipaddress.ip_address(literal)
     except ValueError:
-        pass
+        addr = None
+    if addr is not None:
+        if addr.version == 6 and addr.scope_id:
+            raise UsageError(f"bad {what} {text!r}: an address with a zone (%{addr.scope_id}) is link-local to "
+                             "one interface; give a global or unique-local IPv6 address")
+        return addr
+    if literal != text or ":" in text:
+        raise UsageError(f"bad {what} {text!r}: not an IPv6 address (give it like fd00::1 or [fd00::1])")
     # getaddrinfo would turn these into surprising addresses ("10" is 0.0.0.10, "010.0.0.1"
     # is 8.0.0.1) instead of failing: only the four-decimal form above is an address.
     if looks_numeric(text):
@@ -168,11 +185,43 @@ def parse_address(text: str, what: str = "address") -> ipaddress.IPv4Address:
                              "like 10.0.0.1") from None
         raise UsageError(f"bad {what} {text!r}: write the IPv4 address in full, as four decimal numbers "
                          f"(this shorthand means {meant})")
+    af = {4: socket.AF_INET, 6: socket.AF_INET6}.get(family, socket.AF_UNSPEC)
     try:
-        infos = socket.getaddrinfo(text, None, socket.AF_INET, socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(text, None, af, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise UsageError(f"bad {what} {text!r}: give an IPv4 address or a resolvable name") from None
-    return ipaddress.IPv4Address(infos[0][4][0])
+        kind = {4: "an IPv4 address or a name with one", 6: "an IPv6 address or a name with one"}.get(
+            family, "an address or a resolvable name")
+        raise UsageError(f"bad {what} {text!r}: give {kind}") from None
+    found = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    return next((a for a in found if a.version == 4), found[0])
+
+
+def split_host_port(text: str, what: str) -> tuple[str, str | None]:
+    """ADDR, NAME, ADDR:PORT, NAME:PORT, [IPV6] or [IPV6]:PORT -> (host, port or None).
+    A bare IPv6 address takes no port; one whose last group could be a port is refused
+    as ambiguous (fd00::1:80 is an address, not fd00::1 port 80)."""
+    if text.startswith("["):
+        host, sep, rest = text.partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise UsageError(f"bad {what} {text!r}: write an IPv6 address with a port as [ADDR]:PORT, "
+                             "like [fd00::1]:80")
+        return host + "]", rest[1:] if rest else None
+    if text.count(":") > 1:
+        head, _, last = text.rpartition(":")
+        if last.isdigit() and 1 <= int(last) <= 65535 and _is_ipv6(head) and _is_ipv6(text):
+            raise UsageError(f"bad {what} {text!r}: ambiguous: it reads as the IPv6 address {text}; for port "
+                             f"{last} write [{head}]:{last}, for the address alone [{text}]")
+        return text, None
+    host, sep, port = text.rpartition(":")
+    return (host, port) if sep else (text, None)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+        return True
+    except ValueError:
+        return False
 
 
 def parse_weight(text: str) -> int:
@@ -193,10 +242,8 @@ def parse_backend(text: str, default_port: int, weight: int = 1) -> Backend:
     text, sep, w = text.partition("=")
     if sep:
         weight = parse_weight(w)
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(default_port)
-    return Backend(parse_address(host, "backend"), parse_port(port, "backend port"), weight)
+    host, port = split_host_port(text, "backend")
+    return Backend(parse_address(host, "backend"), parse_port(port or str(default_port), "backend port"), weight)
 
 
 def parse_backends(text: str, default_port: int) -> list[Backend]:
@@ -234,20 +281,20 @@ def parse_proto(text: str) -> str:
     return proto
 
 
-def parse_networks(text: str) -> list[ipaddress.IPv4Network]:
+def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     out = []
     for part in text.split(","):
         try:
-            out.append(ipaddress.IPv4Network(part.strip()))
+            out.append(ipaddress.ip_network(part.strip()))
             continue
         except ValueError:
             pass
         # 10.0.0.1/8 most likely means 10.0.0.0/8, but it may be a typo for 10.0.0.1/32:
         # say which network it is rather than guess.
         try:
-            network = ipaddress.IPv4Network(part.strip(), strict=False)
+            network = ipaddress.ip_network(part.strip(), strict=False)
         except ValueError:
-            raise UsageError(f"bad client network {part!r}: give CIDRs like 10.0.0.0/24") from None
+            raise UsageError(f"bad client network {part!r}: give CIDRs like 10.0.0.0/24 or fd00::/64") from None
         raise UsageError(f"bad client network {part!r}: it has host bits set; write the network, {network}")
     return out
 
@@ -260,12 +307,16 @@ def parse_port_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def parse_service(text: str) -> tuple[ipaddress.IPv4Address, int, str]:
-    """VIP:PORT[/tcp|udp]."""
+def parse_service(text: str) -> tuple[Address, int, str]:
+    """VIP:PORT[/tcp|udp], an IPv6 VIP in brackets ([fd00::1]:80/tcp)."""
     spec, _, proto = text.partition("/")
-    host, sep, port = spec.rpartition(":")
-    if not sep:
-        raise UsageError(f"bad service {text!r}: give VIP:PORT[/tcp|udp], like 10.0.0.2:80/tcp")
+    if not spec.startswith("[") and spec.count(":") > 1:
+        head, _, last = spec.rpartition(":")
+        hint = f"[{head}]:{last}" if last.isdigit() and _is_ipv6(head) else "[VIP]:PORT"
+        raise UsageError(f"bad service {text!r}: write an IPv6 VIP in brackets, like {hint}/{proto or 'tcp'}")
+    host, port = split_host_port(spec, "service")
+    if port is None:
+        raise UsageError(f"bad service {text!r}: give VIP:PORT[/tcp|udp], like 10.0.0.2:80/tcp or [fd00::1]:80/tcp")
     return parse_address(host, "VIP"), parse_port(port), parse_proto(proto or "tcp")
 
 
@@ -275,7 +326,8 @@ def find_service(services: list[Service], spec: str) -> Service:
         if (s.vip, s.port, s.proto) == (vip, port, proto):
             return s
     names = ", ".join(s.name for s in services) or "none"
-    raise UsageError(f"no service {vip}:{port}/{proto} here (services: {names}); add it with: xdplb service add")
+    raise UsageError(f"no service {host_text(vip)}:{port}/{proto} here (services: {names}); add it with: "
+                     "xdplb service add")
 
 
 def find_backend(svc: Service, backend_text: str) -> Backend:

@@ -93,3 +93,102 @@ def test_trace_line_decodes():
 def test_trace_ignores_foreign_lines():
     assert trace.decode("sshd-1 [000] bpf_trace_printk: hello 1 2 3") is None
     assert trace.decode(f"x: {abi.TRACE_TAG} 1 2") is None
+
+
+# ---- IPv6 syntax (the data plane is IPv4-only so far: control.problems refuses them) ----
+
+V6 = ipaddress.IPv6Address
+
+
+@pytest.mark.parametrize("text,addr,port,weight", [
+    ("fd00::1", "fd00::1", 80, 1),
+    ("[fd00::1]", "fd00::1", 80, 1),
+    ("[fd00::1]:8080", "fd00::1", 8080, 1),
+    ("[fd00::1]:8080=3", "fd00::1", 8080, 3),
+    ("fd00::1=0", "fd00::1", 80, 0),
+    ("2001:db8:0:0:0:0:1:80", "2001:db8::1:80", 80, 1),  # eight groups: no room for a port
+    ("[fd00::1:80]", "fd00::1:80", 80, 1),
+])
+def test_ipv6_backends(text, addr, port, weight):
+    b = model.parse_backend(text, 80)
+    assert (b.addr, b.port, b.weight) == (V6(addr), port, weight)
+    assert b.endpoint == f"[{V6(addr)}]:{port}"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("fd00::1:80", r"ambiguous: it reads as the IPv6 address fd00::1:80; for port 80 write \[fd00::1\]:80, "
+                   r"for the address alone \[fd00::1:80\]"),
+    ("[fd00::1", r"write an IPv6 address with a port as \[ADDR\]:PORT"),
+    ("[fd00::1]80", r"write an IPv6 address with a port as \[ADDR\]:PORT"),
+    ("[fd00::1]:0", "bad backend port '0'"),
+    ("[10.0.0.1x]", "not an IPv6 address"),
+    ("fe80::1%eth0", "with a zone"),
+    ("fd00::g", "not an IPv6 address"),
+])
+def test_bad_ipv6_backends_name_the_problem(text, message):
+    with pytest.raises(UsageError, match=message):
+        model.parse_backend(text, 80)
+
+
+def test_ipv6_services_take_brackets():
+    assert model.parse_service("[fd00::1]:443/udp") == (V6("fd00::1"), 443, "udp")
+    assert model.parse_service("[fd00::1]:443") == (V6("fd00::1"), 443, "tcp")
+    with pytest.raises(UsageError, match=r"write an IPv6 VIP in brackets, like \[fd00::1\]:80/tcp"):
+        model.parse_service("fd00::1:80/tcp")
+    with pytest.raises(UsageError, match=r"like \[VIP\]:PORT/udp"):
+        model.parse_service("fd00::1/udp")
+    with pytest.raises(UsageError, match="give VIP:PORT"):
+        model.parse_service("[fd00::1]/tcp")
+    svc = model.Service(V6("fd00::1"), 80, "tcp", [model.Backend(V6("fd00::2"), 80)])
+    assert svc.name == "[fd00::1]:80/tcp"
+    assert model.find_service([svc], "[fd00::1]:80/tcp") is svc
+    assert model.find_backend(svc, "[fd00::2]:80") is svc.backends[0]
+
+
+def test_ipv6_networks_and_names():
+    assert model.parse_networks("fd00::/64, 10.0.0.0/8") == [ipaddress.IPv6Network("fd00::/64"),
+                                                             ipaddress.IPv4Network("10.0.0.0/8")]
+    with pytest.raises(UsageError, match="host bits set.*fd00::/64"):
+        model.parse_networks("fd00::1/64")
+    assert model.parse_address("localhost").version == 4
+
+
+def test_names_resolve_to_either_family(monkeypatch):
+    """A name with both families gives its IPv4 address unless IPv6 is asked for; a name
+    with AAAA records only gives IPv6. (This host's resolver has no IPv6 names: the
+    resolver's answers are given here.)"""
+    records = {"both.example": ["fd00::5", "10.0.0.5"], "six.example": ["fd00::6"]}
+    asked = []
+
+    def getaddrinfo(host, port, family, kind):
+        asked.append(family)
+        found = [a for a in records.get(host, [])
+                 if family == model.socket.AF_UNSPEC or (family == model.socket.AF_INET6) == (":" in a)]
+        if not found:
+            raise model.socket.gaierror("not found")
+        return [(model.socket.AF_INET6 if ":" in a else model.socket.AF_INET, kind, 6, "", (a, 0)) for a in found]
+    monkeypatch.setattr(model.socket, "getaddrinfo", getaddrinfo)
+    assert model.parse_address("both.example") == ipaddress.IPv4Address("10.0.0.5")
+    assert model.parse_address("both.example", family=6) == V6("fd00::5")
+    assert model.parse_backend("six.example:8080", 80).addr == V6("fd00::6")
+    assert asked == [model.socket.AF_UNSPEC, model.socket.AF_INET6, model.socket.AF_UNSPEC]
+    with pytest.raises(UsageError, match="bad VIP 'six.example': give an IPv4 address or a name with one"):
+        model.parse_address("six.example", "VIP", family=4)
+
+
+def test_ipv6_services_are_refused_before_anything_changes():
+    from xdplb import control, netlink
+    link = netlink.Link(index=7, name="eth0", kind="veth", mac="02:00:00:00:00:01", up=True, xdp_prog_id=0,
+                        xdp_mode="")
+    v6 = model.Service(V6("fd00::1"), 80, "tcp", [model.Backend(V6("fd00::2"), 80)])
+    mixed = model.Service(ipaddress.IPv4Address("10.0.0.2"), 80, "tcp", [model.Backend(V6("fd00::2"), 80)],
+                          clients=[ipaddress.IPv6Network("fd00::/64")])
+    wanted = model.InterfaceConfig(name="eth0", services=[v6, mixed], snat=[V6("fd00::9")])
+    assert control.problems(wanted, None, link) == [
+        "eth0: service [fd00::1]:80/tcp: IPv6 services are not balanced yet (the data plane handles IPv4; "
+        "IPv6 packets pass to the kernel untouched): give an IPv4 VIP",
+        "eth0: service 10.0.0.2:80/tcp: backend [fd00::2]:80 is IPv6 but the VIP is IPv4: a service's backends "
+        "are of its address family",
+        "eth0: service 10.0.0.2:80/tcp: client network fd00::/64 is IPv6 but the VIP is IPv4: give IPv4 networks",
+        "eth0: SNAT address fd00::9 is IPv6: the SNAT sources of IPv4 services are IPv4 addresses",
+    ]
