@@ -20,6 +20,7 @@
 
 #include "decap_abi.h"
 #include "parse.h"
+#include "csum.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -82,12 +83,44 @@ static __always_inline int inner_ok(const struct iphdr *inner, const void *end, 
 	return len >= inner->ihl * 4 && len <= outer_payload;
 }
 
+#define ECN_MASK 3
+#define ECN_ECT_1 1
+#define ECN_ECT_0 2
+#define ECN_CE 3
+
+/* RFC 6040's decapsulation (normal mode), as the kernel's tunnels apply it: the balancer
+ * copied the inner ECN field to the outer header, so a router between it and here that
+ * signals congestion marks the outer one (CE), and the mark must reach the inner packet
+ * or the endpoints never slow down. Returns 0, or -1 for a packet to drop (CE on an inner
+ * packet that is not ECN-capable). */
+static __always_inline int ecn_decapsulate(const struct iphdr *outer, struct iphdr *inner)
+{
+	__u8 out = outer->tos & ECN_MASK, in = inner->tos & ECN_MASK, tos;
+	__u16 old_word, new_word;
+
+	if (out == ECN_CE) {
+		if (!in)
+			return -1;
+		tos = inner->tos | ECN_CE;
+	} else if (out == ECN_ECT_1 && in == ECN_ECT_0) {
+		tos = (inner->tos & ~ECN_MASK) | ECN_ECT_1;
+	} else {
+		return 0;
+	}
+	/* tos shares a 16-bit word of the checksum with version and ihl. */
+	old_word = *(__u16 *)inner;
+	inner->tos = tos;
+	new_word = *(__u16 *)inner;
+	inner->check = csum_apply(inner->check, csum_fold32(csum_delta16(0, old_word, new_word)));
+	return 0;
+}
+
 SEC("xdp")
 int xdplb_decap(struct xdp_md *ctx)
 {
 	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
 	struct ethhdr *eth, saved;
-	struct iphdr *outer;
+	struct iphdr *outer, *inner;
 	__u32 outer_len;
 
 	if (parse_ethhdr(&c, &eth) != bpf_htons(ETH_P_IP))
@@ -104,8 +137,13 @@ int xdplb_decap(struct xdp_md *ctx)
 	if (ip_is_fragment(outer))
 		return counted(XDPLB_DC_FRAGMENT, XDP_PASS);
 	outer_len = outer->ihl * 4;
-	if (!inner_ok(c.pos, c.end, bpf_ntohs(outer->tot_len) - outer_len))
+	inner = c.pos;
+	if (!inner_ok(inner, c.end, bpf_ntohs(outer->tot_len) - outer_len))
 		return counted(XDPLB_DC_INNER_MALFORMED, XDP_PASS);
+	if ((void *)(inner + 1) > c.end) /* checked in inner_ok, again where the verifier sees it */
+		return counted(XDPLB_DC_INNER_MALFORMED, XDP_PASS);
+	if (ecn_decapsulate(outer, inner))
+		return counted(XDPLB_DC_ECN_DROP, XDP_DROP);
 
 	/* Options or not, the outer header goes as a whole: the Ethernet header moves to
 	 * just before the inner one. */

@@ -16,6 +16,9 @@ enum xdplb_dc_counter {
 	XDPLB_DC_INNER_MALFORMED, /* IPIP whose inner packet is no complete IPv4 header */
 	XDPLB_DC_FRAGMENT,        /* a fragment of an IPIP packet: only the kernel can reassemble it */
 	XDPLB_DC_ERROR,           /* bpf_xdp_adjust_head refused */
+	/* Congestion marked on the outer header (CE) of an inner packet that is not ECN-capable:
+	 * dropped, as RFC 6040 and the kernel's tunnels do (the mark cannot be passed on). */
+	XDPLB_DC_ECN_DROP,
 	XDPLB_DC_MAX,
 };
 

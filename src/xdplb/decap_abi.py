@@ -9,4 +9,5 @@ LOCAL_MAP = "xdplb_dc_local"
 STATS_MAP = "xdplb_dc_stats"
 MAPS = (LOCAL_MAP, STATS_MAP)
 # enum xdplb_dc_counter, in order, as XDPLB_DC_<NAME>.lower()
-COUNTERS = ("decapsulated", "not_ipip", "not_local", "malformed", "inner_malformed", "fragment", "error")
+COUNTERS = ("decapsulated", "not_ipip", "not_local", "malformed", "inner_malformed", "fragment", "error",
+            "ecn_drop")

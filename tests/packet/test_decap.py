@@ -20,7 +20,8 @@ from xdplb.libbpf import ProgInfo, libbpf
 
 from . import packets as P
 
-XDP_PASS = 2
+XDP_DROP, XDP_PASS = 1, 2
+ECN_ECT1, ECN_ECT0, ECN_CE = 1, 2, 3
 BACKEND = "10.0.0.101"  # this host's address: the outer destination the balancer uses
 OTHER_HOST = "10.0.0.102"
 LB = "10.0.0.2"  # the balancer's encap source
@@ -225,8 +226,9 @@ def test_counters_count_each_packet_once_by_outcome(decap_object):
                   + [ipip(inner_syn())[:20]] + [ipip(inner_syn(), flags="MF")] + [P.tcp(P.CLIENT, 1, BACKEND, 80)] * 4)
         for f in frames:
             assert d.run(f)[0] == XDP_PASS
+        assert d.run(ipip(inner_syn(), tos=ECN_CE))[0] == XDP_DROP
         assert d.counters() == {"decapsulated": 3, "not_ipip": 4, "not_local": 2, "malformed": 1,
-                                "inner_malformed": 1, "fragment": 1, "error": 0}
+                                "inner_malformed": 1, "fragment": 1, "error": 0, "ecn_drop": 1}
     finally:
         d.close()
 
@@ -242,6 +244,29 @@ def test_local_addresses_are_replaced_not_added_to(decap_object):
         assert d.outcome(frame) == (XDP_PASS, frame, ["not_local"])
     finally:
         d.close()
+
+
+# ---- ECN (RFC 6040) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("outer_ecn,inner_ecn,after", [
+    (ECN_CE, ECN_ECT0, ECN_CE), (ECN_CE, ECN_ECT1, ECN_CE), (ECN_CE, ECN_CE, ECN_CE),
+    (ECN_ECT1, ECN_ECT0, ECN_ECT1),
+    (ECN_ECT0, ECN_ECT1, ECN_ECT1), (ECN_ECT0, 0, 0), (ECN_ECT1, 0, 0), (0, ECN_ECT0, ECN_ECT0), (0, ECN_CE, ECN_CE),
+])
+def test_congestion_marks_on_the_outer_header_reach_the_inner_packet(dc, outer_ecn, inner_ecn, after):
+    """A router between the balancer and this host marks the outer header; the inner
+    packet gets the mark (its DSCP and everything else kept, its checksum right)."""
+    def inner(ecn):
+        return P.build(P.IP(src=P.CLIENT, dst=VIP, tos=0xb8 | ecn, id=7) / P.TCP(sport=1, dport=80, flags="A"))
+    frame = ipip(inner(inner_ecn), tos=0xb8 | outer_ecn)
+    action, out, moved = dc.outcome(frame)
+    assert (action, out, moved) == (XDP_PASS, frame[:14] + inner(after), ["decapsulated"])
+
+
+def test_congestion_mark_on_a_packet_that_cannot_carry_it_drops_it(dc):
+    frame = ipip(P.build(P.IP(src=P.CLIENT, dst=VIP, tos=0xb8) / P.UDP(sport=1, dport=53) / b"q"), tos=ECN_CE)
+    action, _, moved = dc.outcome(frame)
+    assert (action, moved) == (XDP_DROP, ["ecn_drop"])
 
 
 # ---- the contract with Python ------------------------------------------------------------
@@ -296,7 +321,29 @@ def expected(frame: bytes) -> str:
     inner_tot = int.from_bytes(inner[2:4], "big")
     if inner_tot < (inner[0] & 0xF) * 4 or inner_tot > tot - hl:
         return "inner_malformed"
+    if ip[1] & 3 == ECN_CE and not inner[1] & 3:
+        return "ecn_drop"
     return "decapsulated"
+
+
+def inner_after_ecn(outer_tos: int, inner: bytes) -> bytes:
+    """RFC 6040's decapsulation, written from the RFC's table: CE outside marks an
+    ECN-capable inner packet CE; ECT(1) outside turns ECT(0) inside into ECT(1). The inner
+    checksum is recomputed from scratch, whatever it was (an incremental update keeps a
+    wrong one wrong)."""
+    out, ecn = outer_tos & 3, inner[1] & 3
+    new = 3 if out == ECN_CE else 1 if (out, ecn) == (ECN_ECT1, ECN_ECT0) else ecn
+    if new == ecn:
+        return inner
+    changed = bytearray(inner)
+    changed[1] = inner[1] & ~3 | new
+    old_word, new_word = int.from_bytes(inner[0:2], "big"), int.from_bytes(changed[0:2], "big")
+    check = int.from_bytes(inner[10:12], "big")
+    total = (~check & 0xFFFF) + (~old_word & 0xFFFF) + new_word  # RFC 1624, eqn. 3
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    changed[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
+    return bytes(changed)
 
 
 @st.composite
@@ -304,14 +351,15 @@ def frames(draw):
     """Mostly IPIP frames close to valid, each field sometimes off, so that every branch
     is taken; sometimes cut short or padded."""
     inner = draw(st.one_of(
-        st.builds(lambda n, payload: P.build(P.IP(src=P.CLIENT, dst=VIP, ttl=n) / P.UDP() / payload),
-                  st.integers(1, 255), st.binary(max_size=40)),
+        st.builds(lambda n, tos, payload: P.build(P.IP(src=P.CLIENT, dst=VIP, ttl=n, tos=tos) / P.UDP() / payload),
+                  st.integers(1, 255), st.integers(0, 255), st.binary(max_size=40)),
         st.just(inner_syn()),
         st.binary(max_size=60)))
     options = draw(st.sampled_from([b"", b"\x01\x01\x01\x00", b"\x07\x0b\x04" + b"\0" * 9]))
     hl = 20 + len(options)
     dst = ipaddress.IPv4Address(draw(st.sampled_from([BACKEND, "192.0.2.7", OTHER_HOST]))).packed
-    outer = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | hl // 4, 0, hl + len(inner), 1, 0, 64, 4, 0,
+    tos = draw(st.sampled_from([0, 0, 0, ECN_ECT1, ECN_ECT0, ECN_CE, 0xb8 | ECN_CE]))
+    outer = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | hl // 4, tos, hl + len(inner), 1, 0, 64, 4, 0,
                                   ipaddress.IPv4Address(LB).packed, dst) + options)
     if draw(st.integers(0, 9)) == 0:
         outer[9] = draw(st.sampled_from([6, 17, 41, 0, 255]))
@@ -337,11 +385,11 @@ def frames(draw):
 @given(frame=st.one_of(frames(), frames(), frames(), st.binary(min_size=14, max_size=120)))
 def test_generated_frames_are_untouched_or_lose_exactly_the_outer_header(dc, frame):
     action, out, moved = dc.outcome(frame)
-    assert action == XDP_PASS
     want = expected(frame)
     assert moved == [want]
+    assert action == (XDP_DROP if want == "ecn_drop" else XDP_PASS)
     if want == "decapsulated":
         hl = (frame[14] & 0xF) * 4
-        assert out == frame[:14] + frame[14 + hl:]
-    else:
+        assert out == frame[:14] + inner_after_ecn(frame[15], frame[14 + hl:])
+    elif want != "ecn_drop":
         assert out == frame
