@@ -130,13 +130,13 @@ def converge(ifname: str, vips: list[str] | None) -> list[str]:
                 continue
             record["added"].append(vip)
             _save(record)
-            netlink.add_ipv4_address(LOOPBACK, vip, 32)
+            netlink.add_address(LOOPBACK, vip, 32)
             undo.append(lambda vip=vip: netlink.remove_ipv4_address(LOOPBACK, vip, 32))
             lines.append(f"added {vip}/32 to lo")
         for vip in [v for v in record["added"] if v not in wanted]:
             if vip in on_lo:
                 netlink.remove_ipv4_address(LOOPBACK, vip, 32)
-                undo.append(lambda vip=vip: netlink.add_ipv4_address(LOOPBACK, vip, 32))
+                undo.append(lambda vip=vip: netlink.add_address(LOOPBACK, vip, 32))
                 lines.append(f"removed {vip}/32 from lo")
             record["added"].remove(vip)
             _save(record)

@@ -795,6 +795,6 @@ def lab_status(as_json, prefix):
         return
     for h in data["hosts"]:
         server = f"server pid {h['pid']}" if h["pid"] else ("server not running" if h["role"] == "backend" else "")
-        click.echo(f"{h['namespace']:22} {h['address']:12} {h['role']:8} {server}")
+        click.echo(f"{h['namespace']:22} {h['address']:12} {h['address6']:16} {h['role']:8} {server}")
 
 

@@ -101,7 +101,7 @@ def probe(spec: CheckSpec, address: str, port: int) -> tuple[bool, str]:
                 conn.close()
             return status == spec.expect_status, f"HTTP {status}"
         if spec.type == "udp":
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.settimeout(spec.timeout)
                 s.connect((address, port))
                 s.send(spec.send.encode())

@@ -32,6 +32,8 @@ from .namespaces import run_in_netns
 
 DEFAULT_PREFIX = "xdplb"
 SUBNET = ipaddress.IPv4Network("10.42.0.0/24")
+# Every host also has a unique-local IPv6 address, host number for host number.
+SUBNET6 = ipaddress.IPv6Network("fd42:42::/64")
 LB_ADDR = SUBNET[2]
 # The VIP of dsr and ipip services: the backends hold it on lo and ignore ARP requests
 # from an address they hold, so it cannot be the balancer's own (primary) address.
@@ -56,6 +58,11 @@ class Host:
     address: str
     name: str
     pid: int | None = None
+
+    @property
+    def address6(self) -> str:
+        """The IPv6 twin of address: same host number in SUBNET6."""
+        return str(SUBNET6[int(ipaddress.IPv4Address(self.address)) - int(SUBNET.network_address)])
 
 
 def hosts(prefix: str, backends: int, clients: int) -> list[Host]:
@@ -124,7 +131,8 @@ def _ensure_host(bridge_ns: str, host: Host) -> None:
         port = _bridge_port(host)
         netlink.add_veth(port, "eth0", netns=bridge_ns, peer_netns=host.namespace)
         netlink.set_link_up(port, netns=bridge_ns, master="br0")
-        netlink.add_ipv4_address("eth0", host.address, SUBNET.prefixlen, netns=host.namespace)
+        netlink.add_address("eth0", host.address, SUBNET.prefixlen, netns=host.namespace)
+        netlink.add_address("eth0", host.address6, SUBNET6.prefixlen, netns=host.namespace)
         netlink.set_link_up("eth0", netns=host.namespace)
         _ethtool_offloads_off(host.namespace)
 
@@ -214,7 +222,7 @@ def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix:
         lb = next(h for h in lab if h.role == "lb")
         attach_pass_program(bridge_ns, _bridge_port(lb))
         if str(BYPASS_VIP) not in {str(a.ip) for a in netlink.ipv4_addresses_in("eth0", lb.namespace)}:
-            netlink.add_ipv4_address("eth0", str(BYPASS_VIP), 32, netns=lb.namespace)
+            netlink.add_address("eth0", str(BYPASS_VIP), 32, netns=lb.namespace)
         for host in lab:
             if host.role == "backend":
                 host.pid = _start_server(prefix, host)
@@ -278,5 +286,5 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
 def status(prefix: str = DEFAULT_PREFIX) -> dict:
     lab = existing_hosts(prefix)
     return {"prefix": prefix, "up": bool(lab), "vip": str(LB_ADDR), "bypass_vip": str(BYPASS_VIP), "http_port": HTTP_PORT,
-            "udp_port": UDP_PORT, "hosts": [asdict(h) for h in lab]}
+            "udp_port": UDP_PORT, "hosts": [asdict(h) | {"address6": h.address6} for h in lab]}
 

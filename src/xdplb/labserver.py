@@ -69,9 +69,21 @@ def main() -> None:
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer.request_queue_size = 1024
     http = ThreadingHTTPServer(("0.0.0.0", args.http_port), make_handler(args.name, args.address))
+    http6 = HTTP6Server(("::", args.http_port), make_handler(args.name, args.address))
     threading.Thread(target=udp_echo, args=(args.udp_port, f"{args.name} ({args.address}): ".encode()),
                      daemon=True).start()
+    threading.Thread(target=http6.serve_forever, daemon=True).start()
     http.serve_forever()
+
+
+class HTTP6Server(ThreadingHTTPServer):
+    """The same server on IPv6, beside the IPv4 one rather than dual-stack: an IPv4
+    client then keeps its own address in X-Client, not an IPv4-mapped IPv6 one."""
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
 
 
 if __name__ == "__main__":

@@ -167,9 +167,15 @@ def add_veth(name: str, peer: str, netns: str | None = None, peer_netns: str | N
         ipr.link("add", ifname=name, kind="veth", peer=peer_spec)
 
 
-def add_ipv4_address(ifname: str, address: str, prefixlen: int, netns: str | None = None) -> None:
+IFA_F_NODAD = 0x02
+
+
+def add_address(ifname: str, address: str, prefixlen: int, netns: str | None = None) -> None:
+    """An IPv4 or IPv6 address on ifname. IPv6 ones skip duplicate address detection:
+    usable at once, not a second or two later (every address given here is one we chose)."""
     with _ipr(netns) as ipr:
-        ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=address, prefixlen=prefixlen)
+        extra = {"flags": IFA_F_NODAD} if ":" in address else {}
+        ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=address, prefixlen=prefixlen, **extra)
 
 
 @dataclass
@@ -180,18 +186,22 @@ class NextHop:
 
 
 def _neighbours(ipr) -> dict[tuple[int, str], str]:
-    """(ifindex, address) -> MAC for every usable IPv4 neighbour entry."""
+    """(ifindex, address) -> MAC for every usable neighbour entry, ARP's (IPv4) and
+    neighbour discovery's (IPv6; addresses in the compressed form str() of an address
+    gives)."""
     out = {}
-    for n in ipr.get_neighbours(family=socket.AF_INET):
-        mac = n.get_attr("NDA_LLADDR")
-        if mac and n["state"] & NUD_VALID:
-            out[(n["ifindex"], n.get_attr("NDA_DST"))] = mac
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for n in ipr.get_neighbours(family=family):
+            mac = n.get_attr("NDA_LLADDR")
+            if mac and n["state"] & NUD_VALID:
+                out[(n["ifindex"], str(ipaddress.ip_address(n.get_attr("NDA_DST"))))] = mac
     return out
 
 
 def _provoke_resolution(addr: str) -> None:
-    """Makes the kernel resolve addr's MAC: a datagram to the discard port needs it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    """Makes the kernel resolve addr's MAC (ARP or neighbour discovery): a datagram to
+    the discard port needs it."""
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.sendto(b"", (addr, 9))
         except OSError:
@@ -206,10 +216,12 @@ def _path(ipr, addr: str) -> tuple[int, str, bool] | None:
     """(egress ifindex, next hop address, whether addr is this host's own) towards addr;
     None without a route."""
     try:
-        route = ipr.route("get", dst=addr)[0]
+        route = ipr.route("get", dst=addr, family=socket.AF_INET6 if ":" in addr else socket.AF_INET)[0]
     except NetlinkError:
         return None
-    return route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY") or addr, route["type"] == 2  # RTN_LOCAL
+    gateway = route.get_attr("RTA_GATEWAY")
+    hop = str(ipaddress.ip_address(gateway)) if gateway else addr
+    return route.get_attr("RTA_OIF"), hop, route["type"] == 2  # RTN_LOCAL
 
 
 def _next_hop(ipr, macs: dict[int, str], known: dict, oif: int, hop: str) -> NextHop:
@@ -261,7 +273,8 @@ def resolve_next_hops(addrs: list[str]) -> dict[str, NextHop]:
         for addr, (oif, hop) in routes.items():
             if (oif, hop) not in known:
                 name = ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME")
-                raise XdplbError(f"backend {addr}: no ARP answer from {hop} on {name}; "
+                protocol = "neighbour discovery" if ":" in hop else "ARP"
+                raise XdplbError(f"backend {addr}: no {protocol} answer from {hop} on {name}; "
                                  f"check that it is up and reachable (ping {hop})")
             out[addr] = _next_hop(ipr, macs, known, oif, hop)
         return out

@@ -25,7 +25,7 @@ class FakeHost:
         monkeypatch.setattr(backendhost, "RECORD_DIR", tmp_path / "run")
         monkeypatch.setattr(backendhost.namespaces, "netns_name", lambda: "test")
         monkeypatch.setattr(backendhost.netlink, "ipv4_addresses_by_link", self.addresses)
-        monkeypatch.setattr(backendhost.netlink, "add_ipv4_address", self.add)
+        monkeypatch.setattr(backendhost.netlink, "add_address", self.add)
         monkeypatch.setattr(backendhost.netlink, "remove_ipv4_address", self.remove)
 
     def addresses(self):
