@@ -3,10 +3,11 @@
 wanted state the maps hold now, and trace sessions. Changes go through control.py."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict
 
-from . import config, loader, locking, model, plan
+from . import config, loader, locking, model, netlink, plan
 from .dataplane import DataPlane
 from .errors import NotAttachedError, UsageError, XdplbError
 from .model import InterfaceConfig
@@ -32,6 +33,48 @@ def _each_attached(ifname: str | None):
             yield name, found
         finally:
             found.dataplane.close()
+
+
+class Readers:
+    """Attachments kept open from one read to the next, for a long-lived reader (serve's
+    scrapes): the flow table stays mapped, so a scan reads memory instead of first
+    faulting in every page of it. An interface's attachment is opened again when its
+    program changes (an upgrade, a detach and attach). One read at a time."""
+
+    def __init__(self):
+        self._open: dict[str, loader.Attachment] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, name: str) -> loader.Attachment:
+        found = self._open.get(name)
+        if found is not None and netlink.get_link(name).xdp_prog_id == found.prog_id:
+            return found
+        self._drop(name)
+        found = self._open[name] = attached(name)
+        return found
+
+    def _drop(self, name: str) -> None:
+        found = self._open.pop(name, None)
+        if found is not None:
+            found.dataplane.close()
+
+    def each(self, ifname: str | None):
+        """As _each_attached, the attachments left open."""
+        with self._lock:
+            names = [ifname] if ifname else loader.attached_interfaces()
+            for name in set(self._open) - set(names):
+                self._drop(name)
+            for name in names:
+                try:
+                    yield name, self._get(name)
+                except BaseException:
+                    self._drop(name)  # a half-read attachment is not kept
+                    raise
+
+    def close(self) -> None:
+        with self._lock:
+            for name in list(self._open):
+                self._drop(name)
 
 
 def describe(ifname: str, attachment: loader.Attachment) -> dict:
@@ -93,11 +136,12 @@ SNAT_EXHAUSTED_REMEDY = ("snat_exhausted counts SYNs dropped for want of a free 
                          "(--snat-ports / snat_ports)")
 
 
-def stats(ifname: str | None) -> list[dict]:
+def stats(ifname: str | None, readers: Readers | None = None) -> list[dict]:
     """status() plus the number of active flows per service and backend, and the SNAT
-    sources held towards each backend (of `capacity` per SNAT address)."""
+    sources held towards each backend (of `capacity` per SNAT address). readers: keeps
+    the attachments open for the next call."""
     out = []
-    for name, found in _each_attached(ifname):
+    for name, found in readers.each(ifname) if readers else _each_attached(ifname):
         entry = describe(name, found)
         active = found.dataplane.active_flows()
         for s in entry["services"]:

@@ -176,6 +176,7 @@ class Server:
         self.lock = threading.Lock()  # maps are changed by one thread at a time
         self.snat_exhausted: dict[str, int] = {}  # interface -> counter value last logged
         self.applied: dict[str, config.InterfaceConfig] = {}  # interface -> the state last made to hold
+        self.readers = report.Readers()  # scrapes' attachments, kept open between scrapes
 
     # ---- state ---------------------------------------------------------------------
     def _read(self) -> list[config.InterfaceConfig]:
@@ -222,7 +223,7 @@ class Server:
         not hold up a health change or a reload, and every map is readable while one is
         being written (a reader sees the old value or the new one)."""
         names = [iface.name for iface in self.desired]
-        return [e for e in report.stats(None) if e["interface"] in names]
+        return [e for e in report.stats(None, self.readers) if e["interface"] in names]
 
     # ---- events --------------------------------------------------------------------
     def _on_health(self, key, up: bool, reason: str) -> None:
@@ -373,6 +374,7 @@ class Server:
                 self.metrics.errors.labels(event[0]).inc()
                 log("error", level="error", during=event[0], **_unexpected(exc))
         self.checker.stop()
+        self.readers.close()
         if self.detach_on_exit:
             for iface in self.desired:
                 try:

@@ -288,3 +288,26 @@ def test_changes_to_one_interface_wait_for_each_other(attached):
     finally:
         for port in (8081, 8082):
             run("service", "del", "eth0", f"{VIP}:{port}")
+
+
+def test_a_long_lived_reader_keeps_the_maps_open_until_the_program_changes(attached):
+    """serve's scrapes read through report.Readers: the same attachment (its flow table
+    mapped once) from one read to the next, a new one after a detach and attach."""
+    from xdplb import report
+
+    def reads():
+        readers = report.Readers()
+        try:
+            [(_, first)] = list(readers.each("eth0"))
+            [(_, again)] = list(readers.each("eth0"))
+            stats = report.stats("eth0", readers)
+            same = first is again and stats[0]["program_id"] == first.prog_id
+            xdplb("-n", LB_NS, "detach", "eth0")
+            xdplb("-n", LB_NS, "attach", "eth0", "--mode", "native", "--backends", BACKENDS[0], "--flows", "65536")
+            [(_, renewed)] = list(readers.each("eth0"))
+            return same, first.prog_id, renewed.prog_id, first.dataplane.fds, renewed is not first
+        finally:
+            readers.close()
+    same, old_id, new_id, old_fds, replaced = in_ns(LB_NS, reads)
+    assert same and replaced and new_id != old_id
+    assert old_fds == {}  # the old attachment's maps were closed when it was replaced
