@@ -64,7 +64,7 @@ def ring_swaps(sizes: list[int], runs: int) -> list[Timing]:
                 start = time.perf_counter()
                 bench.dp.sync(plan.Wanted(bench.settings, [svc], hops))
                 times.append(time.perf_counter() - start)
-            out.append(Timing(f"recompute + swap ring, {n} backends", times))
+            out.append(Timing(f"recompute + rewrite ring, {n} backends", times))
     finally:
         bench.close()
     return out
