@@ -9,8 +9,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elftools.elf.elffile import ELFFile
-
 from . import abi, decap_abi
 from .errors import PrerequisiteError, XdplbError
 
@@ -127,6 +125,7 @@ def compile_native(clang: str | None = None, output: Path = NATIVE_MAGLEV) -> Pa
 def inspect_object(path: Path, required=abi.MAPS) -> ObjectReport:
     """Checks what the loader relies on: the program section, every map it needs,
     a GPL-compatible licence (for GPL-only helpers) and BTF (for the map definitions)."""
+    from elftools.elf.elffile import ELFFile  # here: most commands never build, and it costs 30 ms to import
     with open(path, "rb") as f:
         elf = ELFFile(f)
         if elf["e_machine"] != "EM_BPF":
