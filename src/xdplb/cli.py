@@ -47,7 +47,27 @@ class Group(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+def _print_version(ctx, param, value) -> None:
+    """--version: what a bug report needs, each part found without root."""
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+
+    from . import __version__, abi
+    try:
+        from .libbpf import libbpf
+        lib = libbpf()
+        libbpf_text = f"{lib.version} ({lib.path})"
+    except XdplbError as exc:
+        libbpf_text = f"not loadable: {exc}"
+    click.echo(f"xdplb {__version__}\nABI {abi.ABI_VERSION}\nlibbpf {libbpf_text}\n"
+               f"kernel {platform.release()}\npython {platform.python_version()}")
+    ctx.exit()
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the versions of xdplb, its data plane ABI, libbpf and the kernel, and exit.")
 @click.option("-n", "--netns", metavar="NETNS", help="Work in this network namespace (like ip -n).")
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 @click.pass_context

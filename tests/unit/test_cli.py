@@ -240,3 +240,15 @@ def test_the_cli_starts_without_threads():
     code = "import sys, xdplb.cli, xdplb.serve, xdplb.control, xdplb.report; print('numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_version_names_package_abi_libbpf_and_kernel():
+    import platform
+
+    from xdplb import __version__, abi
+    from xdplb.libbpf import libbpf
+    result = CliRunner().invoke(cli.main, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"xdplb {__version__}", f"ABI {abi.ABI_VERSION}", f"libbpf {libbpf().version} ({libbpf().path})",
+        f"kernel {platform.release()}", f"python {platform.python_version()}"]
