@@ -508,22 +508,28 @@ def export(ctx, iface):
 
 
 def _rates(now: list[dict], before: list[dict] | None) -> None:
-    """Adds packets/s and bytes/s to each service and backend from two samples."""
+    """Adds packets/s and bytes/s to each service and backend from two samples (None
+    without an earlier one)."""
     prev = {}
     if before:
         for e in before:
             for s in e["services"]:
-                prev[(e["interface"], s["id"], None)] = (s, e["sampled_at"])
+                prev[(e["interface"], s["id"], None)] = (s, e["_monotonic"])
                 for b in s["backends"]:
-                    prev[(e["interface"], s["id"], b["id"])] = (b, e["sampled_at"])
+                    prev[(e["interface"], s["id"], b["id"])] = (b, e["_monotonic"])
     for e in now:
         for s in e["services"]:
             for item, key in [(s, (e["interface"], s["id"], None))] + \
                     [(b, (e["interface"], s["id"], b["id"])) for b in s["backends"]]:
                 old = prev.get(key)
-                dt = e["sampled_at"] - old[1] if old else 0
+                dt = e["_monotonic"] - old[1] if old else 0
                 item["packets_per_s"] = round((item["packets"] - old[0]["packets"]) / dt, 1) if old and dt > 0 else None
                 item["bytes_per_s"] = round((item["bytes"] - old[0]["bytes"]) / dt, 1) if old and dt > 0 else None
+
+
+def _public(entries: list[dict]) -> list[dict]:
+    """Entries without the keys for this process's own use (a leading underscore)."""
+    return [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries]
 
 
 def _rate(v) -> str:
@@ -559,8 +565,8 @@ def _stats_table(entries: list[dict]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", is_flag=False, flag_value=1.0, type=float, default=None, metavar="[SECONDS]",
               help="Refresh in place every SECONDS (default 1) until Ctrl-C.")
-@click.option("--interval", type=float, default=1.0, show_default=True, metavar="SECONDS",
-              help="Without --watch: sampling time for the rates (0: no rates).")
+@click.option("--interval", type=float, default=0.0, show_default=True, metavar="SECONDS",
+              help="Without --watch: sample twice this far apart to show rates (0: answer at once, no rates).")
 @click.pass_context
 def stats(ctx, iface, as_json, watch, interval):
     """Traffic per service and backend: packets, bytes, flows, active flows, rates.
@@ -579,7 +585,7 @@ def stats(ctx, iface, as_json, watch, interval):
         entries = report.stats(iface)
         _rates(entries, before)
         if as_json:
-            _echo_json(entries)
+            _echo_json(_public(entries))
         else:
             click.echo("\n".join(_stats_table(entries)))
         return
@@ -590,7 +596,7 @@ def stats(ctx, iface, as_json, watch, interval):
             _rates(entries, before)
             before = entries
             if as_json:
-                click.echo(json.dumps(entries, sort_keys=True))
+                click.echo(json.dumps(_public(entries), sort_keys=True))
             else:
                 if sys.stdout.isatty():
                     click.echo("\x1b[H\x1b[2J", nl=False)  # redraw in place, like top

@@ -109,7 +109,12 @@ def test_stats_json_and_watch(attached):
     (entry,) = json.loads(run("stats", "eth0", "--json", "--interval", "0.2").output)
     svc = entry["services"][0]
     assert svc["new_flows"] == 20 and sum(b["new_flows"] for b in svc["backends"]) == 20
-    assert {"active_flows", "packets_per_s", "bytes_per_s"} <= set(svc)
+    assert {"active_flows", "packets_per_s", "bytes_per_s"} <= set(svc) and svc["packets_per_s"] is not None
+    # Without --interval: one sample, so no rates; the time is the wall clock's.
+    before = time.time()
+    (entry,) = json.loads(run("stats", "eth0", "--json").output)
+    assert entry["services"][0]["packets_per_s"] is None and entry["services"][0]["new_flows"] == 20
+    assert before <= entry["sampled_at"] <= time.time() and not any(k.startswith("_") for k in entry)
     watch = subprocess.Popen([sys.executable, "-m", "xdplb", "-n", LB_NS, "stats", "eth0", "--watch", "0.5"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.0)
