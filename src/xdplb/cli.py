@@ -14,6 +14,11 @@ from . import control, lab as lab_mod, model, namespaces, netlink, report, trace
 from .errors import UsageError, XdplbError
 
 
+# apply --dry-run: the file differs from the running state (0: it matches; 1 and 2 are
+# errors, as for every command).
+EXIT_CHANGES_PENDING = 3
+
+
 class Group(click.Group):
     """Turns library errors into one-line click errors (a traceback only with --debug),
     and prints every error, usage mistakes included, as one line."""
@@ -359,6 +364,8 @@ def service_list(ctx, iface, as_json):
     """
     _enter(ctx)
     (entry,) = report.status(iface)
+    if entry["program_id"] is None:
+        report.attached(iface)  # says it is not attached, as every other command on one service does
     services = entry.get("services", [])
     if as_json:
         _echo_json([{k: s[k] for k in ("vip", "port", "proto", "forward", "clients", "not_allowed", "ring_size",
@@ -482,7 +489,8 @@ def backend_list(ctx, iface, service, as_json):
 def apply(ctx, config_file, dry_run):
     """Make the running state match a config file, changing only what differs.
 
-    The whole file is checked first; if anything is wrong, nothing is applied.
+    The whole file is checked first; if anything is wrong, nothing is applied. With
+    --dry-run the exit status says whether anything would change: 0 no, 3 yes.
 
     \b
     Example:
@@ -491,6 +499,8 @@ def apply(ctx, config_file, dry_run):
     _enter(ctx)
     lines = control.apply_config(config_file, dry_run)
     _print_changes([("would: " if dry_run else "") + l for l in lines], "no changes: the running state matches")
+    if dry_run and lines:
+        ctx.exit(EXIT_CHANGES_PENDING)
 
 
 @main.command()

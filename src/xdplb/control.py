@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import abi, config, layout, loader, locking, maglev, model, namespaces, netlink, plan, report
-from .errors import UsageError, XdplbError
+from .errors import NotFoundError, UsageError, XdplbError
 from .model import Backend, InterfaceConfig, Service
 
 DRAIN_POLL_S = 0.5
@@ -388,7 +388,7 @@ def reconcile(desired: list[InterfaceConfig], dry_run: bool, path: str = "config
         where = f"interfaces.{iface.name}"
         try:
             link = netlink.get_link(iface.name)
-        except UsageError as exc:
+        except NotFoundError as exc:
             trouble.append(f"{where}: {exc}")
             continue
         found = loader.open_attached(link)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import backendhost, build, decap_abi, loader, locking, namespaces, netlink
-from .errors import UsageError, XdplbError
+from .errors import NotFoundError, UsageError, XdplbError
 from .libbpf import ProgInfo, libbpf
 
 LOCK_NAME = "decap"  # one lock for every interface: they share backendhost's record
@@ -199,7 +199,7 @@ def detach(ifname: str, force: bool = False) -> list[str]:
         lines = []
         try:
             link = netlink.get_link(ifname)
-        except UsageError:
+        except NotFoundError:
             if backendhost.managed(ifname) is None:
                 raise
             link = None
@@ -232,7 +232,7 @@ def status(ifname: str | None = None) -> dict:
     for name in names:
         try:
             link = netlink.get_link(name)
-        except UsageError:
+        except NotFoundError:
             if ifname and name not in record["interfaces"]:
                 raise
             link = None

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Errors of the xdplb library. Each message names the problem and the fix; cli.py
 turns them into one-line click errors (exit 1, or 2 for usage mistakes; a VerifierError
-adds the verifier's last lines)."""
+adds the verifier's last lines). README's "Exit codes" lists them."""
 from __future__ import annotations
 
 import re
@@ -51,5 +51,10 @@ class VerifierError(BpfError):
         return self.args[0] + "\n  " + "\n  ".join(self.log)
 
 
-class NotAttachedError(XdplbError):
-    pass
+class NotFoundError(XdplbError):
+    """Something named does not exist: an interface, a service, a backend (exit 1, not
+    2: the command was well formed)."""
+
+
+class NotAttachedError(NotFoundError):
+    """xdplb is not on the interface named."""

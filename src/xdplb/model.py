@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import abi
-from .errors import UsageError
+from .errors import NotFoundError, UsageError
 
 if TYPE_CHECKING:
     from .health import CheckSpec
@@ -326,7 +326,7 @@ def find_service(services: list[Service], spec: str) -> Service:
         if (s.vip, s.port, s.proto) == (vip, port, proto):
             return s
     names = ", ".join(s.name for s in services) or "none"
-    raise UsageError(f"no service {host_text(vip)}:{port}/{proto} here (services: {names}); add it with: "
+    raise NotFoundError(f"no service {host_text(vip)}:{port}/{proto} here (services: {names}); add it with: "
                      "xdplb service add")
 
 
@@ -335,5 +335,5 @@ def find_backend(svc: Service, backend_text: str) -> Backend:
     for x in svc.backends:
         if x.endpoint == b.endpoint:
             return x
-    raise UsageError(f"no backend {b.endpoint} in {svc.name} (backends: "
+    raise NotFoundError(f"no backend {b.endpoint} in {svc.name} (backends: "
                      f"{', '.join(x.endpoint for x in svc.backends) or 'none'})")

@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError  # re-exported: callers cat
 from pyroute2.netlink.rtnl.ifinfmsg import (XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE, XDP_FLAGS_SKB_MODE,
                                             XDP_FLAGS_UPDATE_IF_NOEXIST)
 
-from .errors import UsageError, XdplbError
+from .errors import NotFoundError, UsageError, XdplbError
 
 MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 # IFLA_XDP_ATTACHED, as a number or as pyroute2's name for it
@@ -62,7 +62,7 @@ def get_link(name: str, netns: str | None = None) -> Link:
         except NetlinkError as exc:
             if exc.code in (errno.ENODEV, errno.ENOENT):
                 where = f"ip -n {netns} link" if netns else "ip link"
-                raise UsageError(f"no interface named {name!r} here; list them with: {where}") from exc
+                raise NotFoundError(f"no interface named {name!r} here; list them with: {where}") from exc
             raise
     msg = msgs[0]
     kind = ""

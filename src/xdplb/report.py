@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from . import config, loader, locking, model, netlink, plan
 from .dataplane import DataPlane
-from .errors import NotAttachedError, UsageError, XdplbError
+from .errors import NotAttachedError, NotFoundError, XdplbError
 from .model import InterfaceConfig
 
 
@@ -168,7 +168,8 @@ def backend_list(ifname: str, spec: str) -> list[dict]:
     for s in entry["services"]:
         if (s["vip"], s["port"], s["proto"]) == (str(vip), port, proto):
             return s["backends"]
-    raise UsageError(f"no service {vip}:{port}/{proto} on {ifname}; list them with: xdplb service list {ifname}")
+    raise NotFoundError(f"no service {model.host_text(vip)}:{port}/{proto} on {ifname}; list them with: "
+                        f"xdplb service list {ifname}")
 
 
 def active_flows(ifname: str, spec: str, backend_text: str) -> int:

@@ -70,7 +70,7 @@ def assert_untouched():
 
 
 @pytest.mark.parametrize("args,code,text", [
-    (["attach", "nosuch0", "--backends", "10.77.0.2"], 2, "no interface named 'nosuch0'"),
+    (["attach", "nosuch0", "--backends", "10.77.0.2"], 1, "no interface named 'nosuch0'"),
     (["attach", "down0", "--backends", "10.77.0.2"], 2, "down0 is down; bring it up"),
     (["attach", "eth0", "--backends", "10.77.0.9"], 1, "backend 10.77.0.9: no ARP answer"),
     (["attach", "eth0", "--backends", "10.77.0.1"], 2, "is an address of this host"),

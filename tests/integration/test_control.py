@@ -45,7 +45,7 @@ def test_service_and_backend_commands(attached):
     r = run("backend", "set", "eth0", f"{VIP}:8080", f"{C}:80", "--weight", "0")
     assert lines(r) == [f"eth0: service {VIP}:8080/tcp: ~ backend {C}:80 weight 2 -> 0"]
     r = run("backend", "del", "eth0", f"{VIP}:8080", "10.42.0.9")
-    assert r.exit_code == 2
+    assert r.exit_code == 1  # not found: the command was well formed
     assert lines(r) == [f"Error: no backend 10.42.0.9:8080 in {VIP}:8080/tcp (backends: {C}:80)"]
     r = run("service", "list", "eth0")
     assert lines(r) == [f"{VIP}:80/tcp  nat  backends 2  clients any  ring 65537",
@@ -53,7 +53,7 @@ def test_service_and_backend_commands(attached):
     r = run("service", "del", "eth0", f"{VIP}:8080")
     assert lines(r) == [f"eth0: - service {VIP}:8080/tcp"]
     r = run("service", "del", "eth0", f"{VIP}:9999")
-    assert r.exit_code == 2 and f"no service {VIP}:9999/tcp here (services: {VIP}:80/tcp)" in r.output
+    assert r.exit_code == 1 and f"no service {VIP}:9999/tcp here (services: {VIP}:80/tcp)" in r.output
     r = run("service", "add", "eth0", VIP)
     assert r.exit_code == 2 and "bad service" in r.output
 
@@ -68,8 +68,8 @@ def test_unreachable_backend_changes_nothing(attached):
 
 
 def test_commands_on_an_interface_without_xdplb(testlab):
-    for args in (["backend", "list", "eth0", f"{VIP}:80"], ["stats", "eth0"], ["export", "eth0"],
-                 ["service", "add", "eth0", f"{VIP}:81"]):
+    for args in (["backend", "list", "eth0", f"{VIP}:80"], ["service", "list", "eth0"], ["stats", "eth0"],
+                 ["export", "eth0"], ["service", "add", "eth0", f"{VIP}:81"]):
         r = run(*args)
         assert r.exit_code == 1, args
         assert lines(r) == ["Error: xdplb is not attached to eth0; attach it first: "
@@ -81,9 +81,12 @@ def test_export_apply_round_trip_dry_run_and_idempotence(attached, tmp_path):
     path = tmp_path / "lb.toml"
     path.write_text(exported)
     assert lines(run("apply", str(path))) == ["no changes: the running state matches"]
+    r = run("apply", str(path), "--dry-run")
+    assert r.exit_code == 0 and lines(r) == ["no changes: the running state matches"]
     path.write_text(exported.replace(f'{{ address = "{B}", port = 80, weight = 1 }}',
                                      f'{{ address = "{B}", port = 80, weight = 4 }}'))
     r = run("apply", str(path), "--dry-run")
+    assert r.exit_code == 3  # changes pending
     assert lines(r) == [f"would: eth0: service {VIP}:80/tcp: ~ backend {B}:80 weight 1 -> 4"]
     assert run("export", "eth0").output == exported
     r = run("apply", str(path))

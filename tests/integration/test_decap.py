@@ -249,11 +249,11 @@ def test_native_mode_decapsulates_on_a_veth_too(topology, balancer):
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["attach", "eth9"], 2, "no interface named 'eth9'"),
+    (["attach", "eth9"], 1, "no interface named 'eth9'"),
     (["attach", "eth0", "--vip", "10.44.0.300"], 2, "bad VIP '10.44.0.300'"),
     (["attach", "eth0", "--vip", BE_ADDR], 2, f"VIP {BE_ADDR} is an address of eth0"),
     (["attach", "eth0", "--vip", "127.0.0.2"], 2, "not an address a service can have"),
-    (["detach", "eth9"], 2, "no interface named 'eth9'"),
+    (["detach", "eth9"], 1, "no interface named 'eth9'"),
 ], ids=["no-interface", "bad-vip", "vip-is-eth0s", "loopback-vip", "detach-no-interface"])
 def test_bad_input_is_refused_in_one_line_and_changes_nothing(topology, args, code, message):
     before = host_state()
