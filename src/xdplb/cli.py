@@ -622,19 +622,25 @@ def stats(ctx, iface, as_json, watch, interval):
 @click.option("--metrics", default="127.0.0.1:9433", show_default=True, metavar="HOST:PORT",
               help="Where to serve Prometheus metrics.")
 @click.option("--detach-on-exit", is_flag=True, help="Detach on SIGTERM instead of leaving the data plane forwarding.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="Log events of this level and above.")
+@click.option("--log-format", type=click.Choice(["logfmt", "json"]), default="logfmt", show_default=True,
+              help="One logfmt line per event, or one JSON object.")
 @click.pass_context
-def serve(ctx, config_file, metrics, detach_on_exit):
+def serve(ctx, config_file, metrics, detach_on_exit, log_level, log_format):
     """Run in the foreground: apply the config, health-check backends, serve metrics.
 
     SIGHUP reloads the file (a bad one is refused and the running state kept); SIGTERM
-    exits and leaves the data plane forwarding. Logs are one logfmt line per event.
+    exits and leaves the data plane forwarding. Logs go to stderr, one line per event.
 
     \b
     Example:
       xdplb -n xdplb-lb serve lb.toml --metrics 127.0.0.1:9433
     """
+    from . import logs
     from .serve import Server, parse_metrics_address
     parse_metrics_address(metrics)  # a usage error before anything else
+    logs.configure(log_level, log_format)
     _enter(ctx)
     Server(config_file, metrics, detach_on_exit).run()
 

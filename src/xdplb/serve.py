@@ -10,12 +10,10 @@ knows is in the maps, so a restart picks up where the last one stopped.
 from __future__ import annotations
 
 import copy
-import datetime
 import ipaddress
 import queue
 import re
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -26,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from . import config, control, model, report
 from .errors import NotAttachedError, UsageError, XdplbError
 from .health import Checker
+from .logs import log
 
 METRICS_DEFAULT = "127.0.0.1:9433"
 # How often the backends' next hops are compared with the kernel's neighbour table (a
@@ -72,16 +71,6 @@ def _unexpected(exc: BaseException) -> dict:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
     return {"reason": f"unexpected {type(exc).__name__}: {exc}".replace("\n", " "), "at": where}
-
-
-def log(event: str, level: str = "info", **fields) -> None:
-    """One logfmt line per event on stderr."""
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    parts = [f"time={now}", f"level={level}", f"event={event}"]
-    for key, value in fields.items():
-        text = str(value)
-        parts.append(f'{key}="{text}"' if (" " in text or "=" in text or not text) else f"{key}={text}")
-    print(" ".join(parts), file=sys.stderr, flush=True)
 
 
 class Metrics:
