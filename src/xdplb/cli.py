@@ -618,6 +618,36 @@ def stats(ctx, iface, as_json, watch, interval):
 
 
 @main.command()
+@click.argument("iface", required=False, shell_complete=complete_iface)
+@click.option("--service", "-s", metavar="VIP:PORT[/PROTO]", help="Only this service's connections.")
+@click.option("--backend", "-b", metavar="ADDR[:PORT]", help="Only this backend's (of --service).")
+@click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Show at most this many per interface, most recently seen first (0: all).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def flows(ctx, iface, service, backend, limit, as_json):
+    """The open connections: client, VIP, backend, SNAT source (or dsr/ipip), state, idle.
+
+    \b
+    Example:
+      xdplb flows eth0 --service 10.0.0.2:80 --backend 10.0.0.11 --limit 20
+    """
+    _enter(ctx)
+    entries = report.flows(iface, service, backend, limit)
+    if as_json:
+        _echo_json(entries)
+        return
+    for e in entries:
+        click.echo(f"{e['interface']}: {e['total']} connections" +
+                   (f", the {e['shown']} seen last:" if e["shown"] < e["total"] else ""))
+        if e["connections"]:
+            click.echo(f"  {'proto':5} {'client':21} {'vip':21} {'backend':21} {'via':21} {'state':11} idle s")
+        for c in e["connections"]:
+            click.echo(f"  {c['proto']:5} {c['client']:21} {c['vip']:21} {c['backend']:21} {c['via']:21} "
+                       f"{c['state']:11} {c['idle_s']:.1f}")
+
+
+@main.command()
 @click.argument("config_file", metavar="CONFIG.toml", type=click.Path(dir_okay=False))
 @click.option("--metrics", default="127.0.0.1:9433", show_default=True, metavar="HOST:PORT",
               help="Where to serve Prometheus metrics.")

@@ -407,6 +407,11 @@ class DataPlane:
         """Per backend id: client-side flows neither closing nor idle past their timeout."""
         return self._flows().active_flows(self._config())
 
+    def connections(self, service_ids=None, backend_ids=None, limit: int = 0):
+        """The live connections (flowtable.Connection), most recently seen first, and how
+        many matched in all."""
+        return self._flows().connections(self._config(), None, service_ids, backend_ids, limit)
+
     def snat_usage(self) -> list[SnatUse]:
         return self._flows().snat_usage(self._config())
 

@@ -59,14 +59,20 @@ def _host(ctype) -> str:
 # fields (__be*) read big-endian, so that they come out as numbers.
 SLOT_DTYPE = np.dtype({
     "names": ["seq", "last_seen", "saddr", "daddr", "sport", "dport", "proto", "key",
-              "backend_id", "flags", "hop_gen", "udp_timeout_s"],
+              "backend_id", "flags", "hop_gen", "udp_timeout_s",
+              "to_saddr", "to_daddr", "to_sport", "to_dport", "service_id", "l3_csum_delta", "l4_csum_delta"],
     "formats": ["=u4", "=u4", _be(abi.be32), _be(abi.be32), _be(abi.be16), _be(abi.be16), "u1",
                 f"V{ctypes.sizeof(abi.FlowKey)}",
-                _host(abi.u16), "u1", "u1", _host(abi.u16)],
+                _host(abi.u16), "u1", "u1", _host(abi.u16),
+                _be(abi.be32), _be(abi.be32), _be(abi.be16), _be(abi.be16), _host(abi.u16), _host(abi.u16),
+                _host(abi.u16)],
     "offsets": [_SEQ, abi.FlowSlot.last_seen.offset, _KEY + abi.FlowKey.saddr.offset,
                 _KEY + abi.FlowKey.daddr.offset, _KEY + abi.FlowKey.sport.offset,
                 _KEY + abi.FlowKey.dport.offset, _KEY + abi.FlowKey.proto.offset, _KEY,
-                _BACKEND_ID, _FLAGS, _HOP_GEN, _FLOW + abi.Flow.udp_timeout_s.offset],
+                _BACKEND_ID, _FLAGS, _HOP_GEN, _FLOW + abi.Flow.udp_timeout_s.offset,
+                _FLOW + abi.Flow.saddr.offset, _FLOW + abi.Flow.daddr.offset, _FLOW + abi.Flow.sport.offset,
+                _FLOW + abi.Flow.dport.offset, _FLOW + abi.Flow.service_id.offset,
+                _FLOW + abi.Flow.l3_csum_delta.offset, _FLOW + abi.Flow.l4_csum_delta.offset],
     "itemsize": SLOT_SIZE,
 })
 
@@ -109,6 +115,45 @@ class SnatUse:
     backend: str  # address:port/proto
     open: int
     time_wait: int
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A flow as `xdplb flows` shows it."""
+    proto: str
+    client: str  # address:port
+    vip: str  # address:port
+    backend: str  # address:port
+    via: str  # full NAT: the SNAT source (address:port); else the mode
+    state: str
+    idle_s: float
+    service_id: int
+    backend_id: int
+
+    @classmethod
+    def of(cls, row, idle_s: float) -> "Connection":
+        ip = ipaddress.IPv4Address
+        if row["l3_csum_delta"]:
+            via = f"{ip(int(row['to_saddr']))}:{int(row['to_sport'])}"
+        else:
+            via = "ipip" if row["l4_csum_delta"] else "dsr"
+        return cls(PROTOCOL_NAMES[int(row["proto"])], f"{ip(int(row['saddr']))}:{int(row['sport'])}",
+                   f"{ip(int(row['daddr']))}:{int(row['dport'])}",
+                   f"{ip(int(row['to_daddr']))}:{int(row['to_dport'])}", via, tcp_state(int(row["flags"]))
+                   if row["proto"] == socket.IPPROTO_TCP else "-", round(idle_s, 1), int(row["service_id"]),
+                   int(row["backend_id"]))
+
+
+def tcp_state(flags: int) -> str:
+    """A TCP flow's state as the balancer knows it, in ipvsadm's words where they fit."""
+    if flags & _HANDSHAKE:
+        return "SYN_RECV"
+    if flags & _RESET:
+        return "CLOSE"
+    fins = flags & (_FIN_CLIENT | _FIN_BACKEND)
+    if fins == _FIN_CLIENT | _FIN_BACKEND:
+        return "TIME_WAIT"
+    return "FIN_WAIT" if fins or flags & _CLOSING else "ESTABLISHED"
 
 
 @dataclass(frozen=True)
@@ -233,6 +278,32 @@ class FlowTable:
                                   minlength=1 << 16)
         found = np.flatnonzero(counts)
         return dict(zip(found.tolist(), counts[found].tolist()))
+
+    def connections(self, cfg: abi.Config, now: int | None = None, service_ids=None, backend_ids=None,
+                    limit: int = 0) -> tuple[list[Connection], int]:
+        """The live connections, one per flow (its client-side entry), at most `limit`
+        of them (0: all), optionally only those of some services or backends; and how
+        many matched in all. Most recently seen first."""
+        if now is None:
+            now = clock.now_ticks(cfg.tick_shift)
+        parts = []
+        for rows, live in self._live(cfg, now):
+            keep = live & ((rows["flags"] & _REPLY) == 0)
+            if service_ids is not None:
+                keep &= np.isin(rows["service_id"], list(service_ids))
+            if backend_ids is not None:
+                keep &= np.isin(rows["backend_id"], list(backend_ids))
+            if keep.any():
+                parts.append(rows[keep])
+        if not parts:
+            return [], 0
+        rows = np.concatenate(parts)
+        idle = (np.uint32(now & 0xFFFFFFFF) - rows["last_seen"]).view(np.int32).clip(min=0)
+        order = np.argsort(idle, kind="stable")
+        if limit:
+            order = order[:limit]
+        per_s = max(cfg.ticks_per_s, 1)
+        return [Connection.of(r, float(i) / per_s) for r, i in zip(rows[order], idle[order].tolist())], len(rows)
 
     def _backend_sides(self, cfg: abi.Config, now: int | None, *fields: str) -> list:
         """The given fields of the backend-side entries not expired."""

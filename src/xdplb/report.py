@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from . import config, loader, locking, model, netlink, plan
 from .dataplane import DataPlane
-from .errors import NotAttachedError, NotFoundError, XdplbError
+from .errors import NotAttachedError, NotFoundError, UsageError, XdplbError
 from .model import InterfaceConfig
 
 
@@ -159,6 +159,29 @@ def stats(ifname: str | None, readers: Readers | None = None) -> list[dict]:
 
 def export(ifname: str | None) -> str:
     return config.dump([running_config(name, found) for name, found in _each_attached(ifname)])
+
+
+def flows(ifname: str | None, service: str | None = None, backend: str | None = None,
+          limit: int = 0) -> list[dict]:
+    """The open connections of each interface (or one): client, VIP, backend, SNAT source
+    or mode, state and idle time, most recently seen first, at most `limit` (0: all) per
+    interface, with how many there are in all."""
+    out = []
+    for name, found in _each_attached(ifname):
+        dp = found.dataplane
+        services = dp.services()
+        wanted = [model.find_service(services, service)] if service else services
+        svc_ids = {dp.service_ids()[s.name] for s in wanted}
+        be_ids = None
+        if backend:
+            if not service:
+                raise UsageError("--backend needs --service: a backend is named within its service")
+            b = model.find_backend(wanted[0], backend)
+            be_ids = {dp.backend_ids()[(next(iter(svc_ids)), b.endpoint)]}
+        conns, total = dp.connections(svc_ids if service else None, be_ids, limit)
+        out.append({"interface": name, "total": total, "shown": len(conns),
+                    "connections": [asdict(c) for c in conns]})
+    return out
 
 
 def backend_list(ifname: str, spec: str) -> list[dict]:

@@ -319,3 +319,41 @@ def test_a_long_lived_reader_keeps_the_maps_open_until_the_program_changes(attac
     same, old_id, new_id, old_fds, replaced = in_ns(LB_NS, reads)
     assert same and replaced and new_id != old_id
     assert old_fds == {}  # the old attachment's maps were closed when it was replaced
+
+
+def test_flows_lists_open_connections(attached):
+    """`xdplb flows`: each open connection once, as the client, the balancer and the
+    backend know it; filters and the limit."""
+    import socket as socket_mod
+
+    def open_connections(n):
+        out = []
+        for _ in range(n):
+            s = socket_mod.create_connection((VIP, 80), timeout=5)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.recv(4096)  # served: the handshake is over on both sides
+            out.append(s)
+        return out
+    conns = in_ns(CLIENT_NS, lambda: open_connections(2))
+    try:
+        clients = {f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in conns}
+        (entry,) = json.loads(run("flows", "eth0", "--json").output)
+        mine = [c for c in entry["connections"] if c["client"] in clients]
+        assert len(mine) == 2 and entry["total"] >= 2
+        for c in mine:
+            host, port = c["via"].rsplit(":", 1)
+            assert (c["proto"], c["vip"], c["state"]) == ("tcp", f"{VIP}:80", "ESTABLISHED")
+            assert c["backend"] in {f"{b}:80" for b in BACKENDS[:2]} and host == VIP and 10000 <= int(port) <= 32767
+            assert 0 <= c["idle_s"] < 60
+        backend = mine[0]["backend"]
+        (only,) = json.loads(run("flows", "eth0", "--service", f"{VIP}:80", "--backend", backend, "--json").output)
+        assert {c["backend"] for c in only["connections"]} == {backend}
+        (one,) = json.loads(run("flows", "eth0", "--limit", "1", "--json").output)
+        assert one["shown"] == 1 and one["total"] == entry["total"]
+        text = run("flows", "eth0").output
+        assert all(client in text for client in clients) and "ESTABLISHED" in text
+        r = run("flows", "eth0", "--service", f"{VIP}:81")
+        assert r.exit_code == 1 and f"no service {VIP}:81/tcp here" in r.output
+    finally:
+        for s in conns:
+            s.close()

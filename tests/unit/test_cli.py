@@ -12,7 +12,7 @@ from xdplb import cli
 COMMANDS = [["build"], ["attach"], ["detach"], ["status"], ["trace"], ["demo"], ["lab"], ["lab", "up"],
             ["lab", "down"], ["lab", "status"], ["service"], ["service", "add"], ["service", "del"],
             ["service", "list"], ["backend"], ["backend", "add"], ["backend", "set"], ["backend", "del"],
-            ["backend", "list"], ["stats"], ["apply"], ["export"], ["upgrade"], ["serve"],
+            ["backend", "list"], ["stats"], ["flows"], ["apply"], ["export"], ["upgrade"], ["serve"],
             ["decap"], ["decap", "attach"], ["decap", "detach"], ["decap", "status"]]
 
 
