@@ -10,7 +10,7 @@ import time
 import click
 
 from . import backendhost, build as build_mod, decap as decap_mod
-from . import control, lab as lab_mod, model, namespaces, netlink, report, trace as trace_mod
+from . import config as config_mod, control, lab as lab_mod, model, namespaces, netlink, report, trace as trace_mod
 from .errors import UsageError, XdplbError
 
 
@@ -501,6 +501,26 @@ def apply(ctx, config_file, dry_run):
     _print_changes([("would: " if dry_run else "") + l for l in lines], "no changes: the running state matches")
     if dry_run and lines:
         ctx.exit(EXIT_CHANGES_PENDING)
+
+
+@main.command()
+@click.argument("config_file", metavar="CONFIG.toml", type=click.Path(dir_okay=False))
+def check(config_file):
+    """Check a config file without applying it (no root needed): every problem with its
+    location, exit 1 if there is any.
+
+    \b
+    Example:
+      xdplb check /etc/xdplb/lb.toml && systemctl reload xdplb
+    """
+    interfaces, problems = config_mod.check(config_mod.read(config_file))
+    problems += [f"interfaces.{i.name}: {p}" for i in interfaces for p in control.family_problems(i)]
+    if problems:
+        raise XdplbError(f"{config_file}: {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n  "
+                         + "\n  ".join(problems))
+    services = sum(len(i.services) for i in interfaces)
+    click.echo(f"{config_file}: ok ({len(interfaces)} interface{'s' if len(interfaces) > 1 else ''}, "
+               f"{services} service{'s' if services != 1 else ''})")
 
 
 @main.command()

@@ -54,7 +54,7 @@ def problems(wanted: InterfaceConfig, found, link: netlink.Link, where: str = ""
                        f"resizing needs xdplb detach {wanted.name} (which drops established flows)")
     elif not link.up:
         out.append(f"{where}: {wanted.name} is down; bring it up with: ip link set {wanted.name} up")
-    families = _family_problems(wanted)
+    families = family_problems(wanted)
     if families:  # the checks below assume IPv4 throughout
         return out + [f"{where}: {problem}" for problem in families]
     lo, hi = wanted.snat_ports
@@ -70,7 +70,7 @@ def problems(wanted: InterfaceConfig, found, link: netlink.Link, where: str = ""
     return out
 
 
-def _family_problems(wanted: InterfaceConfig) -> list[str]:
+def family_problems(wanted: InterfaceConfig) -> list[str]:
     """IPv6 addresses parse everywhere an address is given (model.parse_address), but
     the data plane balances IPv4 only so far: IPv6 services are refused here, before
     anything changes, and a service's backends, client networks, SNAT and IPIP sources

@@ -2,7 +2,7 @@
 """IPv6 in the control plane, before the data plane balances it: the lab's hosts have
 unique-local addresses, next hops come from the IPv6 route and neighbour tables (neighbour
 discovery, as ARP for IPv4), and every kind of health check works over IPv6. A service
-with an IPv6 address is still refused (see test_bad_input and control._family_problems)."""
+with an IPv6 address is still refused (see test_bad_input and control.family_problems)."""
 from __future__ import annotations
 
 import socket

@@ -12,7 +12,7 @@ from xdplb import cli
 COMMANDS = [["build"], ["attach"], ["detach"], ["status"], ["trace"], ["demo"], ["lab"], ["lab", "up"],
             ["lab", "down"], ["lab", "status"], ["service"], ["service", "add"], ["service", "del"],
             ["service", "list"], ["backend"], ["backend", "add"], ["backend", "set"], ["backend", "del"],
-            ["backend", "list"], ["stats"], ["flows"], ["apply"], ["export"], ["upgrade"], ["serve"],
+            ["backend", "list"], ["stats"], ["flows"], ["apply"], ["check"], ["export"], ["upgrade"], ["serve"],
             ["decap"], ["decap", "attach"], ["decap", "detach"], ["decap", "status"]]
 
 
@@ -252,3 +252,20 @@ def test_version_names_package_abi_libbpf_and_kernel():
     assert result.output.splitlines() == [
         f"xdplb {__version__}", f"ABI {abi.ABI_VERSION}", f"libbpf {libbpf().version} ({libbpf().path})",
         f"kernel {platform.release()}", f"python {platform.python_version()}"]
+
+
+def test_check_reports_every_problem_without_applying(tmp_path):
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text('[interfaces.eth0]\n[[interfaces.eth0.services]]\nvip = "10.0.0.2"\nport = 80\n'
+                    'backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]\n')
+    bad.write_text('[interfaces.eth0]\nflows = "x"\n[[interfaces.eth0.services]]\nvip = "fd00::1"\nport = 80\n'
+                   'backends = [ { address = "fd00::2" } ]\n')
+    result = CliRunner().invoke(cli.main, ["check", str(good)])
+    assert (result.exit_code, result.output) == (0, f"{good}: ok (1 interface, 1 service)\n")
+    result = CliRunner().invoke(cli.main, ["check", str(bad)])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"Error: {bad}: 2 problems:",
+        "  interfaces.eth0.flows: must be a whole number from 1024 to 4194304, not 'x'",
+        "  interfaces.eth0: service [fd00::1]:80/tcp: IPv6 services are not balanced yet (the data plane handles "
+        "IPv4; IPv6 packets pass to the kernel untouched): give an IPv4 VIP"]
