@@ -330,10 +330,11 @@ class Server:
     # ---- main loop -----------------------------------------------------------------
     def run(self) -> None:
         control.ensure_root()
+        # First: a port another process holds is refused before anything changes.
+        self._serve_metrics()
         self.desired = self._read()
         self._upgrade_running()
         self.reconcile()
-        self._serve_metrics()
         self.checker.set_targets(self.targets())
         log("started", path=self.path, metrics=self.metrics_addr,
             interfaces=",".join(i.name for i in self.desired))

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -301,3 +302,28 @@ def test_a_backend_rebuilt_with_a_new_mac_keeps_its_connections(served):
     on_a = [r for r in results if NAMES[A] in r.backends]
     assert on_a and all(len(set(r.backends)) == 1 for r in results)
     assert all(not r.errors for r in results), [r.errors for r in results if r.errors]
+
+
+def test_a_taken_metrics_port_is_refused_before_anything_changes(testlab, tmp_path):
+    """serve binds its metrics port first: when another process holds it, serve says so
+    and exits with the interface as it was (nothing attached)."""
+    path = tmp_path / "lb.toml"
+    path.write_text(config_text())
+
+    def hold_port():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", METRICS_PORT))
+        s.listen()
+        return s
+    holder = in_ns(LB_NS, hold_port)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "serve", str(path),
+                               "--metrics", f"127.0.0.1:{METRICS_PORT}"], capture_output=True, text=True, timeout=30)
+    finally:
+        holder.close()
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: cannot serve metrics on 127.0.0.1:{METRICS_PORT}: Address already in use; give another "
+        "--metrics HOST:PORT"]
+    assert "not attached" in xdplb("-n", LB_NS, "status", "eth0").stdout
