@@ -151,6 +151,7 @@ def stats(ifname: str | None, readers: Readers | None = None) -> list[dict]:
         settings = found.dataplane.read_settings()
         capacity = settings.snat_port_max - settings.snat_port_min + 1
         entry["snat_sources"] = [{**asdict(use), "capacity": capacity} for use in found.dataplane.snat_usage()]
+        entry["flow_table"] = {"entries": found.dataplane.flow_count(), "capacity": found.dataplane.flow_capacity()}
         entry["sampled_at"] = time.time()  # wall clock (seconds since the epoch), as a reader expects
         entry["_monotonic"] = time.monotonic()  # what rates are computed from: the wall clock may jump
         out.append(entry)

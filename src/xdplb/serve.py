@@ -18,7 +18,8 @@ import threading
 import time
 import traceback
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
+                               ProcessCollector, start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import config, control, model, report
@@ -73,8 +74,24 @@ def _unexpected(exc: BaseException) -> dict:
     return {"reason": f"unexpected {type(exc).__name__}: {exc}".replace("\n", " "), "at": where}
 
 
+# The data plane's counters (abi.Counter) split so that sums mean something: the actions
+# sum to every packet; a reason says why, beside its action; flow events are not packets.
+COUNTER_KINDS = {**{name: "actions" for name in ("pass", "tx", "redirect", "drop")},
+                 **{name: "flow_events" for name in ("new_flow", "evicted", "snat_reused", "recovered")}}
+
+
+def build_info() -> dict[str, str]:
+    import platform
+
+    from . import __version__, abi
+    from .libbpf import libbpf
+    return {"version": __version__, "abi": str(abi.ABI_VERSION), "libbpf": libbpf().version,
+            "kernel": platform.release()}
+
+
 class Metrics:
-    """A Prometheus collector that reads the maps at scrape time."""
+    """A Prometheus collector that reads the maps at scrape time. docs/metrics.md lists
+    every metric."""
 
     def __init__(self, server: "Server"):
         self.server = server
@@ -87,6 +104,16 @@ class Metrics:
                                     ["interface", "service", "backend"], registry=self.registry)
         self.errors = Counter("xdplb_serve_errors", "Unexpected errors (bugs: see the log) while handling an "
                               "event; serve carried on", ["during"], registry=self.registry)
+        self.reloads = Counter("xdplb_reloads", "Reloads of the file (SIGHUP): applied, or failed and refused",
+                               ["result"], registry=self.registry)
+        for result in ("applied", "failed"):
+            self.reloads.labels(result)
+        self.last_reload = Gauge("xdplb_last_reload_timestamp_seconds", "When the file was last applied by a "
+                                 "reload (0: never)", registry=self.registry)
+        self.build_info = Info("xdplb_build", "Versions of this xdplb", registry=self.registry)
+        self.build_info.info(build_info())
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes...
+        PlatformCollector(registry=self.registry)
         self.registry.register(self)
 
     def collect(self):
@@ -111,8 +138,16 @@ class Metrics:
                                            labels=["interface", "service", "backend"]),
             "be_up": GaugeMetricFamily("xdplb_backend_up", "Health: 1 up, 0 down",
                                        labels=["interface", "service", "backend"]),
-            "packets": CounterMetricFamily("xdplb_packets", "Packets by action or reason",
-                                           labels=["interface", "reason"]),
+            "actions": CounterMetricFamily("xdplb_actions", "Packets by what was done with them (they sum to "
+                                           "every packet seen)", labels=["interface", "action"]),
+            "reasons": CounterMetricFamily("xdplb_packet_reasons", "Packets by why (each also counted under "
+                                           "its action)", labels=["interface", "reason"]),
+            "flow_events": CounterMetricFamily("xdplb_flow_events", "Flows created, evicted, recovered; SNAT "
+                                               "sources reused", labels=["interface", "event"]),
+            "flow_entries": GaugeMetricFamily("xdplb_flow_table_entries", "Entries in the flow table, expired ones "
+                                              "included (full NAT: two per flow)", labels=["interface"]),
+            "flow_capacity": GaugeMetricFamily("xdplb_flow_table_capacity", "Flows the table is sized for",
+                                               labels=["interface"]),
             "snat_exhausted": CounterMetricFamily("xdplb_snat_exhausted", "SYNs dropped: no free SNAT source",
                                                   labels=["interface"]),
             "snat_in_use": GaugeMetricFamily("xdplb_snat_ports_in_use",
@@ -140,8 +175,11 @@ class Metrics:
                     fam["be_active"].add_metric(labels, b["active_flows"])
                     fam["be_weight"].add_metric(labels, b["weight"])
                     fam["be_up"].add_metric(labels, 1 if self.server.checker.is_up((ifname, name, labels[2])) else 0)
-            for reason, value in entry["counters"].items():
-                fam["packets"].add_metric([ifname, reason], value)
+            for name, value in entry["counters"].items():
+                kind = COUNTER_KINDS.get(name, "reasons")
+                fam[kind].add_metric([ifname, name], value)
+            fam["flow_entries"].add_metric([ifname], entry["flow_table"]["entries"])
+            fam["flow_capacity"].add_metric([ifname], entry["flow_table"]["capacity"])
             fam["snat_exhausted"].add_metric([ifname], entry["counters"].get("snat_exhausted", 0))
             snat = entry.get("snat", {}).get("ports", "0-0").split("-")
             fam["snat_capacity"].add_metric([ifname], int(snat[1]) - int(snat[0]) + 1)
@@ -256,10 +294,12 @@ class Server:
         try:
             desired = self._read()
         except XdplbError as exc:
+            self.metrics.reloads.labels("failed").inc()
             log("reload_failed", level="error", reason=str(exc).replace("\n", " "))
             return
         except Exception as exc:  # a bug in reading it: refused like a bad file
             self.metrics.errors.labels("reload").inc()
+            self.metrics.reloads.labels("failed").inc()
             log("reload_failed", level="error", **_unexpected(exc))
             return
         previous = self.desired
@@ -272,10 +312,13 @@ class Server:
             if not isinstance(exc, XdplbError):
                 self.metrics.errors.labels("reload").inc()
                 fields = _unexpected(exc)
+            self.metrics.reloads.labels("failed").inc()
             log("reload_failed", level="error", **fields)
             self._restore()
             return
         self.checker.set_targets(self.targets())
+        self.metrics.reloads.labels("applied").inc()
+        self.metrics.last_reload.set_to_current_time()
         log("reloaded", path=self.path)
 
     def _restore(self) -> None:

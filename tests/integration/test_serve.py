@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from xdplb import lab
+from xdplb import __version__, abi, lab
 
 from .conftest import (BACKENDS, CLIENT2_NS, CLIENT_NS, LB_NS, NAMES, PREFIX, VIP, NsThread, get, in_ns,
                        keepalive_client, xdplb)
@@ -168,6 +168,9 @@ def test_sighup_applies_a_good_file_and_refuses_a_broken_one(served):
     server.wait_for("event=reloaded", after=size)
     assert f"~ backend {B}:80 weight 1 -> 0" in server.log()[size:]
     assert set(in_ns(CLIENT_NS, lambda: [get() for _ in range(20)])) == {NAMES[A]}
+    m = scrape()
+    assert m[("xdplb_reloads_total", (("result", "applied"),))] == 1
+    assert abs(m[("xdplb_last_reload_timestamp_seconds", ())] - time.time()) < 60
 
     path.write_text(config_text() + "\nthis is not toml\n")
     size = len(server.log())
@@ -175,6 +178,7 @@ def test_sighup_applies_a_good_file_and_refuses_a_broken_one(served):
     server.wait_for("event=reload_failed", after=size)
     assert "not valid TOML" in server.log()[size:]
     assert server.proc.poll() is None
+    assert scrape()[("xdplb_reloads_total", (("result", "failed"),))] == 1
     exported = xdplb("-n", LB_NS, "export", "eth0").stdout
     assert f'{{ address = "{B}", port = 80, weight = 0 }}' in exported
     assert set(in_ns(CLIENT_NS, lambda: [get() for _ in range(20)])) == {NAMES[A]}
@@ -242,7 +246,17 @@ def test_metrics_parse_and_count_what_clients_did(served):
     flows = [m[("xdplb_backend_flows_total", backend_labels(b))] for b in (A, B)]
     assert sum(flows) == 25
     assert m[("xdplb_backend_weight", backend_labels(A))] == 1
-    assert m[("xdplb_packets_total", (("interface", "eth0"), ("reason", "new_flow")))] == 25
+    eth0 = (("interface", "eth0"),)
+    assert m[("xdplb_flow_events_total", (("event", "new_flow"), ("interface", "eth0")))] == 25
+    actions = {dict(labels)["action"]: v for (name, labels), v in m.items() if name == "xdplb_actions_total"}
+    assert set(actions) == {"pass", "tx", "redirect", "drop"} and actions["tx"] > 0
+    assert not any(name == "xdplb_packet_reasons_total" and dict(labels)["reason"] in actions
+                   for name, labels in m)  # an action is never counted as a reason too
+    assert m[("xdplb_flow_table_capacity", eth0)] == 65536
+    assert m[("xdplb_flow_table_entries", eth0)] >= 2 * 25  # both entries of every flow, closed ones included
+    [(_, info)] = [(n, dict(labels)) for n, labels in m if n == "xdplb_build_info"]
+    assert info["version"] == __version__ and info["abi"] == str(abi.ABI_VERSION)
+    assert m[("process_cpu_seconds_total", ())] > 0
     # Every connection took a SNAT source towards its backend, which its closed flow holds.
     held = {(labels, name): v for (name, labels), v in m.items()
             if name in ("xdplb_snat_ports_in_use", "xdplb_snat_ports_time_wait")}
