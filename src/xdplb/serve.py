@@ -26,6 +26,7 @@ from . import config, control, model, report
 from .errors import NotAttachedError, UsageError, XdplbError
 from .health import Checker
 from .logs import log
+from .sdnotify import Notifier
 
 METRICS_DEFAULT = "127.0.0.1:9433"
 # How often the backends' next hops are compared with the kernel's neighbour table (a
@@ -204,6 +205,7 @@ class Server:
         self.snat_exhausted: dict[str, int] = {}  # interface -> counter value last logged
         self.applied: dict[str, config.InterfaceConfig] = {}  # interface -> the state last made to hold
         self.readers = report.Readers()  # scrapes' attachments, kept open between scrapes
+        self.systemd = Notifier()
 
     # ---- state ---------------------------------------------------------------------
     def _read(self) -> list[config.InterfaceConfig]:
@@ -381,14 +383,23 @@ class Server:
         self.checker.set_targets(self.targets())
         log("started", path=self.path, metrics=self.metrics_addr,
             interfaces=",".join(i.name for i in self.desired))
+        self.systemd.notify("READY=1", f"STATUS=serving {len(self.desired)} interfaces")
         signal.signal(signal.SIGHUP, lambda *_: self.events.put(("reload",)))
         signal.signal(signal.SIGTERM, lambda *_: self.events.put(("stop",)))
         signal.signal(signal.SIGINT, lambda *_: self.events.put(("stop",)))
         refresh_at = time.monotonic() + NEXT_HOP_REFRESH_S
+        watchdog = self.systemd.watchdog_interval_s
+        pet_at = time.monotonic()
         while True:
+            if watchdog is not None and time.monotonic() >= pet_at:
+                self.systemd.notify("WATCHDOG=1")  # the loop turns: events are being handled
+                pet_at = time.monotonic() + watchdog
+            wake = min(refresh_at, pet_at) if watchdog is not None else refresh_at
             try:
-                event = self.events.get(timeout=max(0.0, refresh_at - time.monotonic()))
+                event = self.events.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
+                if time.monotonic() < refresh_at:
+                    continue
                 event = ("refresh",)
             try:
                 if event[0] == "stop":
@@ -406,6 +417,7 @@ class Server:
             except Exception as exc:  # a bug must not stop serve; the next event is handled as usual
                 self.metrics.errors.labels(event[0]).inc()
                 log("error", level="error", during=event[0], **_unexpected(exc))
+        self.systemd.notify("STOPPING=1")
         self.checker.stop()
         self.readers.close()
         if self.detach_on_exit:

@@ -341,3 +341,32 @@ def test_a_taken_metrics_port_is_refused_before_anything_changes(testlab, tmp_pa
         f"Error: cannot serve metrics on 127.0.0.1:{METRICS_PORT}: Address already in use; give another "
         "--metrics HOST:PORT"]
     assert "not attached" in xdplb("-n", LB_NS, "status", "eth0").stdout
+
+
+def test_serve_tells_systemd_when_it_is_ready_alive_and_stopping(testlab, tmp_path):
+    """Type=notify: READY=1 once the file is applied (traffic flows by then), WATCHDOG=1
+    at half the watchdog period while the loop turns, STOPPING=1 on SIGTERM."""
+    path = tmp_path / "lb.toml"
+    path.write_text(config_text())
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.settimeout(20)
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="400000")
+    proc = subprocess.Popen([sys.executable, "-m", "xdplb", "-n", LB_NS, "serve", str(path), "--metrics",
+                             f"127.0.0.1:{METRICS_PORT}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert listener.recv(200).decode().splitlines() == ["READY=1", "STATUS=serving 1 interfaces"]
+        assert in_ns(CLIENT_NS, get).startswith("backend-")  # ready means forwarding
+        assert [listener.recv(200) for _ in range(3)] == [b"WATCHDOG=1"] * 3
+        proc.send_signal(signal.SIGTERM)
+        while (message := listener.recv(200)) == b"WATCHDOG=1":
+            pass
+        assert message == b"STOPPING=1"
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
+        xdplb("-n", LB_NS, "detach", "eth0", check=False)
