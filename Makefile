@@ -18,7 +18,7 @@ NATIVE_SOURCES := $(wildcard src/xdplb/native/*.c)
 # against and load with (the test suite runs a small benchmark, so `make test` needs them
 # too; `make demo` does not).
 CORE_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make libatomic1 \
-	iproute2 iputils-ping ethtool curl python3-venv
+	iproute2 iputils-ping ethtool curl python3-venv openssl
 BENCH_PACKAGES := wrk nftables conntrack haproxy iperf3 nginx-light
 # Daemons among them (package:service) that Debian would start at installation, and at
 # every boot: a machine that ran the tests should not find nginx on port 80 afterwards.

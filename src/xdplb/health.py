@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Health checks of backends: TCP connect, HTTP GET, UDP request/answer, or a command.
+"""Health checks of backends: TCP connect, HTTP(S) GET, UDP request/answer, or a command.
 
 One thread per target (for serve: a checked backend of a service on an interface)
 probes every `interval`; `fall` failures in a row mark a backend down and `rise`
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 KINDS = ("tcp", "http", "udp", "command")
 CHECK_KEYS = {"type", "port", "path", "expect_status", "send", "expect", "command", "interval",
-              "timeout", "rise", "fall"}
+              "timeout", "rise", "fall", "tls", "server_name", "verify"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class CheckSpec:
     port: int | None = None  # default: the backend's port
     path: str = "/"
     expect_status: int = 200
+    tls: bool = False  # http: HTTPS
+    server_name: str = ""  # https: SNI and the name the certificate must have (default: the address)
+    verify: bool = True  # https: check the certificate against the system's CAs
     send: str = "ping"  # udp: datagram to send
     expect: str = ""  # udp: the answer must contain this
     command: tuple[str, ...] = ()  # command: argv; {address} and {port} are filled in
@@ -70,7 +74,17 @@ def parse_check(where: str, table, fail) -> CheckSpec | None:
             ok = False
         else:
             values["command"] = tuple(cmd)
-    for key, example in (("path", '"/healthz"'), ("send", '"ping"'), ("expect", '"pong"')):
+    for key in ("tls", "verify"):
+        if key in table:
+            if not isinstance(table[key], bool):
+                fail(f"{where}.{key}", f"must be true or false, not {table[key]!r}")
+                ok = False
+            values[key] = table[key]
+    if (table.get("tls") is not None or "server_name" in table or "verify" in table) and kind != "http":
+        fail(where, "tls, server_name and verify apply to type = \"http\" only")
+        ok = False
+    for key, example in (("path", '"/healthz"'), ("send", '"ping"'), ("expect", '"pong"'),
+                         ("server_name", '"www.example.com"')):
         if key in table:
             if not isinstance(table[key], str):
                 fail(f"{where}.{key}", f"must be a string like {example}, not {table[key]!r}")
@@ -85,6 +99,24 @@ def parse_check(where: str, table, fail) -> CheckSpec | None:
     return spec
 
 
+class _BackendHTTPS(http.client.HTTPSConnection):
+    """HTTPS to one backend's address, whatever the name resolves to: the name is for SNI,
+    the certificate's check and the Host header."""
+
+    def __init__(self, address: str, port: int, name: str, timeout: float, verify: bool):
+        context = ssl.create_default_context()
+        if not verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        super().__init__(name, port, timeout=timeout, context=context)
+        self.backend_address = address
+        self.tls_context = context
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.backend_address, self.port), self.timeout)
+        self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
+
+
 def probe(spec: CheckSpec, address: str, port: int) -> tuple[bool, str]:
     """One check; returns (healthy, reason)."""
     port = spec.port or port
@@ -93,7 +125,8 @@ def probe(spec: CheckSpec, address: str, port: int) -> tuple[bool, str]:
             with socket.create_connection((address, port), timeout=spec.timeout):
                 return True, "connected"
         if spec.type == "http":
-            conn = http.client.HTTPConnection(address, port, timeout=spec.timeout)
+            conn = (_BackendHTTPS(address, port, spec.server_name or address, spec.timeout, spec.verify)
+                    if spec.tls else http.client.HTTPConnection(address, port, timeout=spec.timeout))
             try:
                 conn.request("GET", spec.path, headers={"Connection": "close", "User-Agent": "xdplb-health"})
                 status = conn.getresponse().status

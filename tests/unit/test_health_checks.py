@@ -119,3 +119,65 @@ def test_a_reload_that_fails_unexpectedly_keeps_and_restores_the_running_state(m
     assert applied == [["10.0.0.12"], ["10.0.0.11"]]  # the new file, then the running state again
     assert server.desired is running
     assert server.metrics.registry.get_sample_value("xdplb_serve_errors_total", {"during": "reload"}) == 1
+
+
+# ---- HTTPS ---------------------------------------------------------------------------
+
+def _https_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate for backend.test; it
+    records the SNI name and the Host header it was given."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+
+    from tests.conftest import require
+    require(shutil.which("openssl") is not None, "needs openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=backend.test", "-addext", "subjectAltName=DNS:backend.test", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    seen = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen["host"] = self.headers["Host"]
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: seen.__setitem__("sni", name)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+def test_https_checks_send_the_name_and_verify_unless_told_not_to(tmp_path):
+    server, seen = _https_server(tmp_path)
+    port = server.server_address[1]
+    try:
+        def spec(**table):
+            problems = []
+            got = health.parse_check("health", {"type": "http", "tls": True, **table},
+                                     lambda where, what: problems.append(f"{where}: {what}"))
+            assert not problems
+            return got
+        assert health.probe(spec(verify=False, server_name="backend.test"), "127.0.0.1", port) == (True, "HTTP 200")
+        assert seen == {"sni": "backend.test", "host": f"backend.test:{port}"}
+        ok, reason = health.probe(spec(server_name="backend.test"), "127.0.0.1", port)
+        assert not ok and reason.startswith("SSLCertVerificationError")  # self-signed: not trusted
+        assert not health.probe(spec(port=1, verify=False), "127.0.0.1", port)[0]
+    finally:
+        server.shutdown()
+
+
+def test_tls_options_are_checked():
+    problems = []
+    health.parse_check("h", {"type": "tcp", "tls": True}, lambda where, what: problems.append(f"{where}: {what}"))
+    health.parse_check("h", {"type": "http", "tls": "yes"}, lambda where, what: problems.append(f"{where}: {what}"))
+    assert problems == ['h: tls, server_name and verify apply to type = "http" only',
+                        "h.tls: must be true or false, not 'yes'"]
