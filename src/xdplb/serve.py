@@ -81,6 +81,11 @@ COUNTER_KINDS = {**{name: "actions" for name in ("pass", "tx", "redirect", "drop
                  **{name: "flow_events" for name in ("new_flow", "evicted", "snat_reused", "recovered")}}
 
 
+# A service's metrics carry its name and, for selecting and grouping, its parts.
+SERVICE_LABELS = ["interface", "service", "vip", "port", "proto"]
+BACKEND_LABELS = SERVICE_LABELS + ["backend"]
+
+
 def build_info() -> dict[str, str]:
     import platform
 
@@ -120,25 +125,25 @@ class Metrics:
     def collect(self):
         fam = {
             "svc_packets": CounterMetricFamily("xdplb_service_packets", "Packets of a service, both directions",
-                                               labels=["interface", "service"]),
+                                               labels=SERVICE_LABELS),
             "svc_bytes": CounterMetricFamily("xdplb_service_bytes", "Bytes of a service, both directions",
-                                             labels=["interface", "service"]),
+                                             labels=SERVICE_LABELS),
             "svc_flows": CounterMetricFamily("xdplb_service_flows", "Flows created for a service",
-                                             labels=["interface", "service"]),
+                                             labels=SERVICE_LABELS),
             "svc_active": GaugeMetricFamily("xdplb_service_active_flows", "Live flows of a service",
-                                            labels=["interface", "service"]),
+                                            labels=SERVICE_LABELS),
             "be_packets": CounterMetricFamily("xdplb_backend_packets", "Packets of a backend, both directions",
-                                              labels=["interface", "service", "backend"]),
+                                              labels=BACKEND_LABELS),
             "be_bytes": CounterMetricFamily("xdplb_backend_bytes", "Bytes of a backend, both directions",
-                                            labels=["interface", "service", "backend"]),
+                                            labels=BACKEND_LABELS),
             "be_flows": CounterMetricFamily("xdplb_backend_flows", "Flows sent to a backend",
-                                            labels=["interface", "service", "backend"]),
+                                            labels=BACKEND_LABELS),
             "be_active": GaugeMetricFamily("xdplb_backend_active_flows", "Live flows of a backend",
-                                           labels=["interface", "service", "backend"]),
+                                           labels=BACKEND_LABELS),
             "be_weight": GaugeMetricFamily("xdplb_backend_weight", "Weight in the ring (0 while down or drained)",
-                                           labels=["interface", "service", "backend"]),
+                                           labels=BACKEND_LABELS),
             "be_up": GaugeMetricFamily("xdplb_backend_up", "Health: 1 up, 0 down",
-                                       labels=["interface", "service", "backend"]),
+                                       labels=BACKEND_LABELS),
             "actions": CounterMetricFamily("xdplb_actions", "Packets by what was done with them (they sum to "
                                            "every packet seen)", labels=["interface", "action"]),
             "reasons": CounterMetricFamily("xdplb_packet_reasons", "Packets by why (each also counted under "
@@ -164,18 +169,20 @@ class Metrics:
             ifname = entry["interface"]
             for s in entry["services"]:
                 name = f"{s['vip']}:{s['port']}/{s['proto']}"
-                fam["svc_packets"].add_metric([ifname, name], s["packets"])
-                fam["svc_bytes"].add_metric([ifname, name], s["bytes"])
-                fam["svc_flows"].add_metric([ifname, name], s["new_flows"])
-                fam["svc_active"].add_metric([ifname, name], s["active_flows"])
+                svc = [ifname, name, s["vip"], str(s["port"]), s["proto"]]
+                fam["svc_packets"].add_metric(svc, s["packets"])
+                fam["svc_bytes"].add_metric(svc, s["bytes"])
+                fam["svc_flows"].add_metric(svc, s["new_flows"])
+                fam["svc_active"].add_metric(svc, s["active_flows"])
                 for b in s["backends"]:
-                    labels = [ifname, name, f"{b['address']}:{b['port']}"]
+                    endpoint = f"{b['address']}:{b['port']}"
+                    labels = svc + [endpoint]
                     fam["be_packets"].add_metric(labels, b["packets"])
                     fam["be_bytes"].add_metric(labels, b["bytes"])
                     fam["be_flows"].add_metric(labels, b["new_flows"])
                     fam["be_active"].add_metric(labels, b["active_flows"])
                     fam["be_weight"].add_metric(labels, b["weight"])
-                    fam["be_up"].add_metric(labels, 1 if self.server.checker.is_up((ifname, name, labels[2])) else 0)
+                    fam["be_up"].add_metric(labels, 1 if self.server.checker.is_up((ifname, name, endpoint)) else 0)
             for name, value in entry["counters"].items():
                 kind = COUNTER_KINDS.get(name, "reasons")
                 fam[kind].add_metric([ifname, name], value)

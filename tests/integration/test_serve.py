@@ -97,8 +97,12 @@ def scrape() -> dict:
     return out
 
 
+def service_labels() -> tuple:
+    return (("interface", "eth0"), ("port", "80"), ("proto", "tcp"), ("service", f"{VIP}:80/tcp"), ("vip", VIP))
+
+
 def backend_labels(backend: str) -> tuple:
-    return (("backend", f"{backend}:80"), ("interface", "eth0"), ("service", f"{VIP}:80/tcp"))
+    return tuple(sorted(service_labels() + (("backend", f"{backend}:80"),)))
 
 
 class Load:
@@ -241,8 +245,7 @@ def test_kill_9_of_serve_leaves_traffic_flowing_and_a_restart_picks_it_up(served
 def test_metrics_parse_and_count_what_clients_did(served):
     in_ns(CLIENT_NS, lambda: [get() for _ in range(25)])
     m = scrape()
-    svc = (("interface", "eth0"), ("service", f"{VIP}:80/tcp"))
-    assert m[("xdplb_service_flows_total", svc)] == 25
+    assert m[("xdplb_service_flows_total", service_labels())] == 25
     flows = [m[("xdplb_backend_flows_total", backend_labels(b))] for b in (A, B)]
     assert sum(flows) == 25
     assert m[("xdplb_backend_weight", backend_labels(A))] == 1
