@@ -50,9 +50,9 @@ def fetch(vip: str, port: int, count: int) -> collections.Counter:
 
 def run_demo(backends: int = lab.DEFAULT_BACKENDS, forward: str = "nat") -> None:
     lb_ns = f"{lab.DEFAULT_PREFIX}-lb"
-    _run(["lab", "up", "--backends", str(backends), "--forward", forward])
     addresses = [h.address for h in lab.hosts(lab.DEFAULT_PREFIX, backends, 1) if h.role == "backend"]
     try:
+        _run(["lab", "up", "--backends", str(backends), "--forward", forward])
         vip = str(lab.LB_ADDR if forward == "nat" else lab.BYPASS_VIP)
         _run(["-n", lb_ns, "attach", "eth0", "--mode", "native", "--backends", ",".join(addresses),
               "--flows", "65536", "--forward", forward, "--vip", vip])
@@ -81,5 +81,14 @@ def run_demo(backends: int = lab.DEFAULT_BACKENDS, forward: str = "nat") -> None
         click.echo()
         _run(["-n", lb_ns, "status"])
     finally:
-        _run(["-n", lb_ns, "detach", "eth0"])
-        _run(["lab", "down"])
+        _clean_up(lb_ns)
+
+
+def _clean_up(lb_ns: str) -> None:
+    """Detaches and removes the lab even when a step failed or the output is gone (a
+    closed pipe, as in `xdplb demo | head`): then each command runs without its echo."""
+    for args in (["-n", lb_ns, "detach", "eth0"], ["lab", "down"]):
+        try:
+            _run(args)
+        except (click.ClickException, OSError):  # a closed stdout raises BrokenPipeError
+            subprocess.run([sys.executable, "-m", "xdplb", *args], capture_output=True)
