@@ -56,17 +56,10 @@ def _print_version(ctx, param, value) -> None:
     """--version: what a bug report needs, each part found without root."""
     if not value or ctx.resilient_parsing:
         return
-    import platform
-
-    from . import __version__, abi
-    try:
-        from .libbpf import libbpf
-        lib = libbpf()
-        libbpf_text = f"{lib.version} ({lib.path})"
-    except XdplbError as exc:
-        libbpf_text = f"not loadable: {exc}"
-    click.echo(f"xdplb {__version__}\nABI {abi.ABI_VERSION}\nlibbpf {libbpf_text}\n"
-               f"kernel {platform.release()}\npython {platform.python_version()}")
+    v = report.versions()
+    libbpf_text = f"{v['libbpf']} ({v['libbpf_path']})" if v["libbpf_path"] else v["libbpf"]
+    click.echo(f"xdplb {v['version']}\nABI {v['abi']}\nlibbpf {libbpf_text}\nkernel {v['kernel']}\n"
+               f"python {v['python']}")
     ctx.exit()
 
 

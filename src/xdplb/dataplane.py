@@ -412,6 +412,10 @@ class DataPlane:
         many matched in all."""
         return self._flows().connections(self._config(), None, service_ids, backend_ids, limit)
 
+    def flow_census(self) -> tuple[dict[int, int], int]:
+        """active_flows() and flow_count() from one scan."""
+        return self._flows().census(self._config())
+
     def snat_usage(self) -> list[SnatUse]:
         return self._flows().snat_usage(self._config())
 

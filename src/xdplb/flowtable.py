@@ -272,12 +272,18 @@ class FlowTable:
         """Per backend id: client-side flows neither closing nor idle past their timeout
         (the data plane's own notion of a live flow). cfg: the config map's value; now:
         the data plane's tick (read from the kernel when None)."""
+        return self.census(cfg, now)[0]
+
+    def census(self, cfg: abi.Config, now: int | None = None) -> tuple[dict[int, int], int]:
+        """active_flows() and count() from one pass over the table."""
         counts = np.zeros(1 << 16, dtype=np.int64)  # backend ids are 16 bits
+        entries = 0
         for rows, live in self._live(cfg, now):
+            entries += len(rows)
             counts += np.bincount(rows["backend_id"][live & ((rows["flags"] & (_REPLY | _CLOSING)) == 0)],
                                   minlength=1 << 16)
         found = np.flatnonzero(counts)
-        return dict(zip(found.tolist(), counts[found].tolist()))
+        return dict(zip(found.tolist(), counts[found].tolist())), entries
 
     def connections(self, cfg: abi.Config, now: int | None = None, service_ids=None, backend_ids=None,
                     limit: int = 0) -> tuple[list[Connection], int]:

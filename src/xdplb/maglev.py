@@ -115,11 +115,10 @@ def ring_slots(backends: list[tuple[str, int]], ids: list[int], size: int, seed:
     the padding. What packing populate()'s table gives, without a Python loop per slot."""
     lib = native()
     if lib is None:
-        table = populate_reference(backends, size, seed)
-        slots = (ctypes.c_uint16 * size)(*[no_backend if t == EMPTY else ids[t] for t in table])
+        padded = [no_backend if t == EMPTY else ids[t] for t in populate_reference(backends, size, seed)]
+        padded += [no_backend] * (-size % 4)
+        slots = (ctypes.c_uint16 * len(padded))(*padded)
         ctypes.memmove(out, slots, ctypes.sizeof(slots))
-        for i in range(size, size + (-size % 4)):
-            ctypes.cast(out, ctypes.POINTER(ctypes.c_uint16))[i] = no_backend
         return
     table, owners = _fill_native(lib, backends, size, seed)
     if table is None:

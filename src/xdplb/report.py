@@ -77,6 +77,22 @@ class Readers:
                 self._drop(name)
 
 
+def versions() -> dict[str, str]:
+    """What is running, for `xdplb --version` and xdplb_build_info: each part found
+    without root; libbpf says why when it cannot be loaded."""
+    import platform
+
+    from . import __version__, abi
+    from .libbpf import libbpf
+    try:
+        lib = libbpf()
+        library, path = lib.version, lib.path
+    except XdplbError as exc:
+        library, path = f"not loadable: {exc}", ""
+    return {"version": __version__, "abi": str(abi.ABI_VERSION), "libbpf": library, "libbpf_path": path,
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
 def describe(ifname: str, attachment: loader.Attachment) -> dict:
     """Everything status shows about one interface, as plain data."""
     dp: DataPlane = attachment.dataplane
@@ -143,7 +159,7 @@ def stats(ifname: str | None, readers: Readers | None = None) -> list[dict]:
     out = []
     for name, found in readers.each(ifname) if readers else _each_attached(ifname):
         entry = describe(name, found)
-        active = found.dataplane.active_flows()
+        active, entries = found.dataplane.flow_census()
         for s in entry["services"]:
             for b in s["backends"]:
                 b["active_flows"] = active.get(b["id"], 0)
@@ -151,7 +167,7 @@ def stats(ifname: str | None, readers: Readers | None = None) -> list[dict]:
         settings = found.dataplane.read_settings()
         capacity = settings.snat_port_max - settings.snat_port_min + 1
         entry["snat_sources"] = [{**asdict(use), "capacity": capacity} for use in found.dataplane.snat_usage()]
-        entry["flow_table"] = {"entries": found.dataplane.flow_count(), "capacity": found.dataplane.flow_capacity()}
+        entry["flow_table"] = {"entries": entries, "capacity": found.dataplane.flow_capacity()}
         entry["sampled_at"] = time.time()  # wall clock (seconds since the epoch), as a reader expects
         entry["_monotonic"] = time.monotonic()  # what rates are computed from: the wall clock may jump
         out.append(entry)
@@ -177,8 +193,8 @@ def flows(ifname: str | None, service: str | None = None, backend: str | None = 
         if backend:
             if not service:
                 raise UsageError("--backend needs --service: a backend is named within its service")
-            b = model.find_backend(wanted[0], backend)
-            be_ids = {dp.backend_ids()[(next(iter(svc_ids)), b.endpoint)]}
+            svc = wanted[0]
+            be_ids = {dp.backend_ids()[(dp.service_ids()[svc.name], model.find_backend(svc, backend).endpoint)]}
         conns, total = dp.connections(svc_ids if service else None, be_ids, limit)
         out.append({"interface": name, "total": total, "shown": len(conns),
                     "connections": [asdict(c) for c in conns]})

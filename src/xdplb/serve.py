@@ -86,15 +86,6 @@ SERVICE_LABELS = ["interface", "service", "vip", "port", "proto"]
 BACKEND_LABELS = SERVICE_LABELS + ["backend"]
 
 
-def build_info() -> dict[str, str]:
-    import platform
-
-    from . import __version__, abi
-    from .libbpf import libbpf
-    return {"version": __version__, "abi": str(abi.ABI_VERSION), "libbpf": libbpf().version,
-            "kernel": platform.release()}
-
-
 class Metrics:
     """A Prometheus collector that reads the maps at scrape time. docs/metrics.md lists
     every metric."""
@@ -117,7 +108,8 @@ class Metrics:
         self.last_reload = Gauge("xdplb_last_reload_timestamp_seconds", "When the file was last applied by a "
                                  "reload (0: never)", registry=self.registry)
         self.build_info = Info("xdplb_build", "Versions of this xdplb", registry=self.registry)
-        self.build_info.info(build_info())
+        self.build_info.info({k: v for k, v in report.versions().items() if k in ("version", "abi", "libbpf",
+                                                                                      "kernel")})
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes...
         PlatformCollector(registry=self.registry)
         self.registry.register(self)

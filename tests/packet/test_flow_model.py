@@ -46,7 +46,6 @@ import struct
 import sys
 from dataclasses import dataclass
 
-import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis import event as _event
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
@@ -290,6 +289,14 @@ def patch_config(fds) -> abi.Config:
         cfg.hash_seed = TABLE_SEED
     libbpf().update(fds["xdplb_config"], ctypes.c_uint32(0), cfg)
     return cfg
+
+
+# The arguments of the segment rules, each rule declared more than once so that
+# traffic dominates the rules hypothesis picks evenly.
+CLIENT_SEGMENT = dict(pick=st.integers(0, 255), kind=st.sampled_from(["ack", "ack", "data", "fin", "rst"]),
+                      size=st.integers(1, 40))
+BACKEND_SEGMENT = dict(pick=st.integers(0, 255), kind=st.sampled_from(["synack", "ack", "data", "fin", "rst"]),
+                       size=st.integers(1, 40))
 
 
 class FlowModel(RuleBasedStateMachine):
@@ -578,23 +585,20 @@ class FlowModel(RuleBasedStateMachine):
         self.send_client(c, {"ack": "A", "data": "PA", "fin": "FA"}[kind], seq, b_nxt, payload, options)
 
     @precondition(lambda self: self.clients)
-    @rule(pick=st.integers(0, 255), kind=st.sampled_from(["ack", "ack", "data", "fin", "rst"]),
-          size=st.integers(1, 40))
+    @rule(**CLIENT_SEGMENT)
     def client_segment(self, pick, kind, size):
         """A segment of a client's latest connection from one of its ports (open or not)."""
         c = self.clients[sorted(self.clients)[pick % len(self.clients)]]
         self._client_segment(c, kind, size)
 
     @precondition(lambda self: self.clients)
-    @rule(pick=st.integers(0, 255), kind=st.sampled_from(["ack", "ack", "data", "fin", "rst"]),
-          size=st.integers(1, 40))
+    @rule(**CLIENT_SEGMENT)
     def client_segment_again(self, pick, kind, size):
         """The same rule once more: hypothesis picks rules evenly, traffic should dominate."""
         self.client_segment(pick, kind, size)
 
     @precondition(lambda self: self.clients)
-    @rule(pick=st.integers(0, 255), kind=st.sampled_from(["ack", "ack", "data", "fin", "rst"]),
-          size=st.integers(1, 40))
+    @rule(**CLIENT_SEGMENT)
     def client_segment_once_more(self, pick, kind, size):
         self.client_segment(pick, kind, size)
 
@@ -605,8 +609,7 @@ class FlowModel(RuleBasedStateMachine):
 
     # ---- rules: backends ---------------------------------------------------------------
     @precondition(lambda self: self.backend_flows)
-    @rule(pick=st.integers(0, 255), kind=st.sampled_from(["synack", "ack", "data", "fin", "rst"]),
-          size=st.integers(1, 40))
+    @rule(**BACKEND_SEGMENT)
     def backend_segment(self, pick, kind, size):
         """A backend's segment on a tuple the program gave it (to the latest flow given it)."""
         keys = sorted(self.backend_flows)
@@ -627,14 +630,12 @@ class FlowModel(RuleBasedStateMachine):
         self.send_backend(bk, {"ack": "A", "data": "PA", "fin": "FA"}[kind], seq, c.nxt, payload, options)
 
     @precondition(lambda self: self.backend_flows)
-    @rule(pick=st.integers(0, 255), kind=st.sampled_from(["synack", "ack", "data", "fin", "rst"]),
-          size=st.integers(1, 40))
+    @rule(**BACKEND_SEGMENT)
     def backend_segment_again(self, pick, kind, size):
         self.backend_segment(pick, kind, size)
 
     @precondition(lambda self: self.backend_flows)
-    @rule(pick=st.integers(0, 255), kind=st.sampled_from(["synack", "ack", "data", "fin", "rst"]),
-          size=st.integers(1, 40))
+    @rule(**BACKEND_SEGMENT)
     def backend_segment_once_more(self, pick, kind, size):
         self.backend_segment(pick, kind, size)
 

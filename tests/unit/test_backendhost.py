@@ -162,12 +162,3 @@ def test_decap_attach_refuses_a_bad_vip_in_one_line_before_anything(monkeypatch,
     assert message in result.output and len(result.output.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", [["decap", "attach", "eth0"], ["decap", "detach", "eth0"], ["decap", "status"]],
-                         ids=" ".join)
-def test_decap_commands_say_they_need_root(monkeypatch, command):
-    monkeypatch.setattr("os.geteuid", lambda: 1000)
-    monkeypatch.setattr("xdplb.namespaces.join_host_mounts", lambda: None)
-    result = run(*command)
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [
-        "Error: xdplb needs root (CAP_BPF and CAP_NET_ADMIN) for this; run it with sudo"]

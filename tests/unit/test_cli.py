@@ -66,7 +66,8 @@ def test_bad_attach_input_exits_2_with_one_line(monkeypatch, args, message):
 
 
 @pytest.mark.parametrize("command", [["attach", "lo", "--backends", "10.0.0.1"], ["detach", "lo"],
-                                     ["status"]], ids=" ".join)
+                                     ["status"], ["decap", "attach", "eth0"], ["decap", "detach", "eth0"],
+                                     ["decap", "status"]], ids=" ".join)
 def test_not_root_says_so(monkeypatch, command):
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     monkeypatch.setattr("xdplb.namespaces.join_host_mounts", lambda: None)
