@@ -35,6 +35,21 @@ static __always_inline __u32 flow_hash(const struct xdplb_flow_key *k, __u32 see
 			  (__u64)bpf_ntohs(k->sport) << 32 | (__u64)bpf_ntohs(k->dport) << 16 | k->proto, seed);
 }
 
+/* An IPv6 address's 128 bits in 64, every bit counted: the high half mixed, the low
+ * half added. */
+static __always_inline __u64 addr6_fold(const __be32 *a)
+{
+	return mix64((__u64)bpf_ntohl(a[0]) << 32 | bpf_ntohl(a[1])) + ((__u64)bpf_ntohl(a[2]) << 32 | bpf_ntohl(a[3]));
+}
+
+/* The IPv6 flow hash: both whole addresses (the source's fold mixed again, so that
+ * swapping source and destination changes the hash), then as flow_hash. */
+static __always_inline __u32 flow_hash6(const struct xdplb_flow_key6 *k, __u32 seed)
+{
+	return tuple_hash(mix64(addr6_fold(k->saddr)) ^ addr6_fold(k->daddr),
+			  (__u64)bpf_ntohs(k->sport) << 32 | (__u64)bpf_ntohs(k->dport) << 16 | k->proto, seed);
+}
+
 /* Home slot of a service in the service table. */
 static __always_inline __u32 service_hash(const struct xdplb_service_key *k)
 {

@@ -114,6 +114,26 @@ struct {
 	__type(value, __u32);
 } xdplb_port_cur SEC(".maps");
 
+/* IPv6 services: VIP:port/proto -> service. A hash map, written entry by entry: the
+ * control plane makes an entry visible only once its backends and ring are in place, as
+ * it does for the IPv4 table. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XDPLB_MAX_SERVICES);
+	__type(key, struct xdplb_service_key6);
+	__type(value, struct xdplb_service);
+} xdplb_services6 SEC(".maps");
+
+/* IPv6 flows: arriving 5-tuple -> backend. An LRU hash map: a full table evicts the least
+ * recently used flow, as the IPv4 table does within a probe window, and timeouts are
+ * checked on lookup. Sized at load time to the flows the IPv4 table is sized for. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XDPLB_FLOW_SLOTS_DEFAULT / 4);
+	__type(key, struct xdplb_flow_key6);
+	__type(value, struct xdplb_flow6);
+} xdplb_flows6 SEC(".maps");
+
 /* Per-service client allow-lists (service id + CIDR). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

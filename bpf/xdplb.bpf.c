@@ -416,7 +416,7 @@ static __noinline void check_backend_hop(const struct xdplb_config *cfg, struct 
 	if (flow->hop_gen == (__u8)gen)
 		return;
 	be = bpf_map_lookup_elem(&xdplb_backends, &id);
-	if (!be || be->addr != flow->daddr || be->port != flow->dport)
+	if (!be || be->addr[3] != flow->daddr || be->port != flow->dport)
 		return;
 	if (hop_equal(flow, be)) {
 		word = (__u32 *)&slot->flow.flags;
@@ -478,11 +478,11 @@ static __always_inline void prefetch_slot(const struct xdplb_config *cfg, __u32 
 /* A dsr or ipip flow's state from its first segment. A segment other than a SYN opens
  * one too (the client's connection was balanced before: by this node before a restart or
  * a resize of its table, or by another node), established or closing as the segment says. */
-static __always_inline __u8 first_state_as_sent(const struct packet *pkt)
+static __always_inline __u8 first_state_as_sent(int is_tcp, __u8 tcp_flags)
 {
-	__u8 tcp_flags = pkt->tcp_flags, state = 0;
+	__u8 state = 0;
 
-	if (!pkt->tcp)
+	if (!is_tcp)
 		return 0;
 	if ((tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN)
 		return XDPLB_FLOW_HANDSHAKE;
@@ -540,7 +540,7 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 
 	/* Client side, but for its source (SNAT: below; none in dsr and ipip): towards the
 	 * backend. */
-	fwd->daddr = backend->addr;
+	fwd->daddr = backend->addr[3];
 	fwd->dport = backend->port;
 	fwd->ifindex = backend->ifindex;
 	__builtin_memcpy(fwd->dmac, backend->dmac, ETH_ALEN);
@@ -554,7 +554,7 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 	/* dsr and ipip: the client side is the whole flow; its checksum fields say how it is
 	 * forwarded (see struct xdplb_flow; all zero here: dsr). */
 	if (svc->flags & SVC_NO_NAT) {
-		fwd->flags = first_state_as_sent(pkt);
+		fwd->flags = first_state_as_sent(pkt->tcp != NULL, pkt->tcp_flags);
 		if (svc->flags & XDPLB_SVC_IPIP) {
 			if (!cfg->encap_source)
 				return PLAN_NO_PORT;
@@ -573,7 +573,7 @@ static __noinline int plan_new_flow(struct xdp_md *ctx, const struct xdplb_confi
 		return PLAN_NO_PORT;
 
 	/* Backend side: SNAT address and port -> client. */
-	plan->rev_key.saddr = backend->addr;
+	plan->rev_key.saddr = backend->addr[3];
 	plan->rev_key.sport = backend->port;
 	plan->rev_key.dport = next_snat_source(cfg, cursor, &plan->rev_key.daddr);
 	plan->rev_key.proto = pkt->key.proto;
@@ -843,6 +843,9 @@ static __noinline int plan_syn(struct xdp_md *ctx, const struct xdplb_config *cf
 	return plan_new_flow(ctx, cfg, pkt, &scratch->req.svc) == PLAN_OK;
 }
 
+/* After the helpers it shares with the IPv4 path. */
+#include "ipv6.h"
+
 SEC("xdp")
 int xdplb_main(struct xdp_md *ctx)
 {
@@ -868,6 +871,8 @@ int xdplb_main(struct xdp_md *ctx)
 	case PARSE_MALFORMED:
 		return pass(XDPLB_CNT_MALFORMED);
 	default:
+		if (pkt.eth && pkt.eth->h_proto == bpf_htons(ETH_P_IPV6))
+			return xdplb_v6(ctx);
 		return pass(XDPLB_CNT_PASS);
 	}
 

@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define XDPLB_ABI_VERSION 7
+#define XDPLB_ABI_VERSION 8
 
 /* Limits. Map sizes derived from these are fixed at load time. */
 #define XDPLB_MAX_SERVICES 512
@@ -198,7 +198,9 @@ struct xdplb_service_slot {
 /* Value of xdplb_backends, indexed by backend id. Next-hop MACs are resolved by the
  * control plane from the kernel's neighbour table, never derived from addresses. */
 struct xdplb_backend {
-	__be32 addr;
+	/* An IPv6 address, or an IPv4 one mapped (::ffff:a.b.c.d, RFC 4291): the IPv4
+	 * address is addr[3], which is all the IPv4 path reads. */
+	__be32 addr[4];
 	__be16 port;
 	__u16 weight;
 	__u16 service_id;
@@ -209,6 +211,50 @@ struct xdplb_backend {
 	/* Index into xdplb_port_cur. Entries with the same address, port and protocol (one
 	 * backend in several services) share it: one cursor walks their one tuple space. */
 	__u16 cursor_id;
+	__u16 pad[3]; /* to 48 bytes: the control plane maps the array, at a stride of 8 */
+};
+
+/* IPv6 (bpf/ipv6.h). Services, flows and allow-lists of each family are apart, so the
+ * IPv4 path reads what it did before IPv6 existed; backends, rings, ports, counters and
+ * service ids are shared. An IPv6 service forwards in dsr mode only so far (the control
+ * plane refuses the others).
+ *
+ * Extension headers walked before the transport header; a packet with more passes to
+ * the kernel. */
+#define XDPLB_V6_EXT_HEADERS 6
+
+/* The key of xdplb_services6 (a hash map). */
+struct xdplb_service_key6 {
+	__be32 vip[4];
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* An IPv6 packet's 5-tuple as it arrives: the key of xdplb_flows6. */
+struct xdplb_flow_key6 {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* An IPv6 flow (dsr: one entry per flow, from the client's packets). A packet goes to its
+ * backend's current next hop while the backend entry still holds daddr (one array read,
+ * the entry is hot), else to the copy kept here: a retired backend's open connections
+ * keep reaching it, as IPv4 flows do. */
+struct xdplb_flow6 {
+	__be32 daddr[4]; /* the backend's address (the packet keeps the VIP) */
+	__u32 ifindex;
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u32 last_seen; /* ticks, see XDPLB_TICK_MIN_NS */
+	__u32 flags;     /* enum xdplb_flow_flags: 32 bits, for atomic updates */
+	__u16 service_id;
+	__u16 backend_id;
+	__u16 udp_timeout_s; /* the service's, when the flow was created (0: the interface's) */
 	__u16 pad;
 };
 

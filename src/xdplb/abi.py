@@ -13,7 +13,7 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 # Network byte order fields are kept as raw bytes-in-an-integer: converted at the edge.
 be16, be32 = ctypes.c_uint16, ctypes.c_uint32
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 MAX_SERVICES = 512
 SERVICE_SLOTS = 4096
 SERVICE_PROBES = 16
@@ -32,6 +32,7 @@ SNAT_PORT_TRIES = 32
 IPIP_TTL = 64
 ENCAP_MTU_FLOOR = 1280
 TRACE_LEASE_MAX_TICKS = 1024
+V6_EXT_HEADERS = 6
 TRACE_TAG = "xdplb1"
 PROGRAM_NAME = "xdplb_main"
 
@@ -121,9 +122,25 @@ class ServiceSlot(ctypes.Structure):
 
 
 class Backend(ctypes.Structure):
-    _fields_ = [("addr", be32), ("port", be16), ("weight", u16), ("service_id", u16),
+    # addr: IPv6, or IPv4 mapped (::ffff:a.b.c.d), see layout.addr_words
+    _fields_ = [("addr", be32 * 4), ("port", be16), ("weight", u16), ("service_id", u16),
                 ("flags", u16), ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6), ("cursor_id", u16),
-                ("pad", u16)]
+                ("pad", u16 * 3)]
+
+
+class ServiceKey6(ctypes.Structure):
+    _fields_ = [("vip", be32 * 4), ("port", be16), ("proto", u8), ("pad", u8)]
+
+
+class FlowKey6(ctypes.Structure):
+    _fields_ = [("saddr", be32 * 4), ("daddr", be32 * 4), ("sport", be16), ("dport", be16),
+                ("proto", u8), ("pad", u8 * 3)]
+
+
+class Flow6(ctypes.Structure):
+    _fields_ = [("daddr", be32 * 4), ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6),
+                ("last_seen", u32), ("flags", u32), ("service_id", u16), ("backend_id", u16),
+                ("udp_timeout_s", u16), ("pad", u16)]
 
 
 class FlowKey(ctypes.Structure):
@@ -182,6 +199,8 @@ MAPS = {
     "xdplb_counters": (u32, u64),
     "xdplb_svc_stats": (u32, Traffic),
     "xdplb_be_stats": (u32, Traffic),
+    "xdplb_services6": (ServiceKey6, Service),
+    "xdplb_flows6": (FlowKey6, Flow6),  # an LRU hash, sized at a quarter of xdplb_flows
 }
 # Structs that appear in the object's DWARF under these names.
 STRUCTS = {
@@ -190,4 +209,5 @@ STRUCTS = {
     "xdplb_flow_key": FlowKey, "xdplb_flow": Flow, "xdplb_flow_slot": FlowSlot, "xdplb_flow_end": FlowEnd,
     "xdplb_config": Config,
     "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic,
+    "xdplb_service_key6": ServiceKey6, "xdplb_flow_key6": FlowKey6, "xdplb_flow6": Flow6,
 }

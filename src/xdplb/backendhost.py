@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """What lets a backend of dsr and ipip services accept a VIP's packets without claiming
-the VIP on the network: the VIP on lo, and two ARP sysctls.
+the VIP on the network: the VIP on lo, and (for IPv4 VIPs) two ARP sysctls. An IPv6
+address on lo needs no sysctl: Linux answers neighbour solicitations only for the
+addresses of the interface they arrive on.
 
 Every change is written down (write-ahead) in a record under /run/xdplb/decap/, so that
 undoing restores exactly what was there: only VIPs this module added leave lo, and a
@@ -32,17 +34,14 @@ ARP_SYSCTLS = {
 }
 
 
-def parse_vips(text: str) -> list[ipaddress.IPv4Address]:
+def parse_vips(text: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """VIP[,VIP...], each an address a service could be reached at."""
-    out: list[ipaddress.IPv4Address] = []
+    out: list = []
     for item in text.split(","):
         if not item.strip():
             raise UsageError(f"bad --vip {text!r}: an empty item; give addresses separated by commas, "
                              "like 10.0.0.2,10.0.0.3")
         vip = model.parse_address(item.strip(), "VIP", family=4)
-        if vip.version != 4:
-            raise UsageError(f"bad VIP {item.strip()!r}: backends are prepared for IPv4 VIPs only so far "
-                             "(the balancer does not serve IPv6 yet)")
         if vip.is_unspecified or vip.is_loopback or vip.is_multicast or vip.is_reserved:
             raise UsageError(f"bad VIP {item.strip()!r}: not an address a service can have "
                              "(unspecified, loopback, multicast or reserved); give the service's VIP")
@@ -84,9 +83,9 @@ def managed(ifname: str) -> list[str] | None:
     return load()["interfaces"].get(ifname)
 
 
-def check_vips(vips: list[ipaddress.IPv4Address]) -> None:
+def check_vips(vips: list) -> None:
     """A VIP that is another interface's address would stop that address answering ARP."""
-    for name, addrs in netlink.ipv4_addresses_by_link().items():
+    for name, addrs in netlink.addresses_by_link().items():
         if name == LOOPBACK:
             continue
         for a in addrs:
@@ -104,7 +103,11 @@ def _write(name: str, value: str) -> None:
 
 
 def _on_lo() -> set[str]:
-    return {str(a.ip) for a in netlink.ipv4_addresses_by_link().get(LOOPBACK, [])}
+    return {str(a.ip) for a in netlink.addresses_by_link().get(LOOPBACK, [])}
+
+
+def _host_prefix(vip: str) -> int:
+    return 128 if ":" in vip else 32
 
 
 def converge(ifname: str, vips: list[str] | None) -> list[str]:
@@ -130,14 +133,14 @@ def converge(ifname: str, vips: list[str] | None) -> list[str]:
                 continue
             record["added"].append(vip)
             _save(record)
-            netlink.add_address(LOOPBACK, vip, 32)
-            undo.append(lambda vip=vip: netlink.remove_ipv4_address(LOOPBACK, vip, 32))
-            lines.append(f"added {vip}/32 to lo")
+            netlink.add_address(LOOPBACK, vip, _host_prefix(vip))
+            undo.append(lambda vip=vip: netlink.remove_address(LOOPBACK, vip, _host_prefix(vip)))
+            lines.append(f"added {vip}/{_host_prefix(vip)} to lo")
         for vip in [v for v in record["added"] if v not in wanted]:
             if vip in on_lo:
-                netlink.remove_ipv4_address(LOOPBACK, vip, 32)
-                undo.append(lambda vip=vip: netlink.add_address(LOOPBACK, vip, 32))
-                lines.append(f"removed {vip}/32 from lo")
+                netlink.remove_address(LOOPBACK, vip, _host_prefix(vip))
+                undo.append(lambda vip=vip: netlink.add_address(LOOPBACK, vip, _host_prefix(vip)))
+                lines.append(f"removed {vip}/{_host_prefix(vip)} from lo")
             record["added"].remove(vip)
             _save(record)
         for vip in [v for v in previous if v not in (vips or [])]:
@@ -146,7 +149,7 @@ def converge(ifname: str, vips: list[str] | None) -> list[str]:
                 lines.append(f"{vip} stays on lo: decap on {', '.join(users)} wants it")
             elif vip not in record["added"] and vip in on_lo and vip not in before["added"]:
                 lines.append(f"{vip} stays on lo: it was there before attach")
-        lines += _converge_sysctls(record, bool(wanted), undo)
+        lines += _converge_sysctls(record, any(":" not in v for v in wanted), undo)
     except BaseException as exc:
         for step in reversed(undo):
             try:

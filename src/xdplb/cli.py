@@ -2,6 +2,7 @@
 """The xdplb command line: parse options, call control (and lab, build), print."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import signal
 import sys
@@ -216,10 +217,10 @@ def _print_status(entry: dict) -> None:
                f"SNAT {','.join(entry['snat']['addresses'])} ports {entry['snat']['ports']}"
                f"{', tracing' if entry['trace'] else ''}")
     for s in entry["services"]:
-        click.echo(f"  service {s['vip']}:{s['port']}/{s['proto']} {s['forward']} (clients: {', '.join(s['clients'])}): "
+        click.echo(f"  service {s['name']} {s['forward']} (clients: {', '.join(s['clients'])}): "
                    f"{s['packets']} packets, {s['bytes']} bytes, {s['new_flows']} flows")
         for b in s["backends"]:
-            click.echo(f"    backend {b['address']}:{b['port']} weight {b['weight']}: "
+            click.echo(f"    backend {b['endpoint']} weight {b['weight']}: "
                        f"{b['packets']} packets, {b['bytes']} bytes, {b['new_flows']} flows")
     nonzero = {k: v for k, v in entry["counters"].items() if v}
     click.echo("  counters: " + (", ".join(f"{k} {v}" for k, v in nonzero.items()) or "none yet"))
@@ -368,7 +369,7 @@ def service_list(ctx, iface, as_json):
     for s in services:
         timeout = f"  udp timeout {s['udp_timeout']} s" if s["udp_timeout"] else ""
         passing = "  others passed" if s["not_allowed"] == "pass" else ""
-        click.echo(f"{s['vip']}:{s['port']}/{s['proto']}  {s['forward']}  backends {len(s['backends'])}  "
+        click.echo(f"{s['name']}  {s['forward']}  backends {len(s['backends'])}  "
                    f"clients {', '.join(s['clients'])}{passing}  ring {s['ring_size']}{timeout}")
     if not services:
         click.echo(f"no services on {iface}")
@@ -468,11 +469,11 @@ def backend_list(ctx, iface, service, as_json):
         _echo_json(rows)
         return
     for r in rows:
-        click.echo(f"{r['address']}:{r['port']}  weight {r['weight']}  active flows {r['active_flows']}  "
+        click.echo(f"{model.host_text(ipaddress.ip_address(r['address']))}:{r['port']}  weight {r['weight']}  active flows {r['active_flows']}  "
                    f"flows so far {r['new_flows']}")
     if not rows:
         vip, port, proto = model.parse_service(service)
-        click.echo(f"no backends in {vip}:{port}/{proto}")
+        click.echo(f"no backends in {model.host_text(vip)}:{port}/{proto}")
 
 
 @main.command()
@@ -566,11 +567,11 @@ def _stats_table(entries: list[dict]) -> list[str]:
         lines.append(f"  {'service / backend':32} {'weight':>6} {'active':>7} {'flows':>8} "
                      f"{'packets':>12} {'bytes':>14} {'pkt/s':>9} {'byte/s':>11}")
         for s in e["services"]:
-            lines.append(f"  {s['vip'] + ':' + str(s['port']) + '/' + s['proto']:32} {'':>6} {s['active_flows']:>7} "
+            lines.append(f"  {s['name']:32} {'':>6} {s['active_flows']:>7} "
                          f"{s['new_flows']:>8} {s['packets']:>12} {s['bytes']:>14} "
                          f"{_rate(s['packets_per_s']):>9} {_rate(s['bytes_per_s']):>11}")
             for b in s["backends"]:
-                lines.append(f"    {b['address'] + ':' + str(b['port']):30} {b['weight']:>6} {b['active_flows']:>7} "
+                lines.append(f"    {b['endpoint']:30} {b['weight']:>6} {b['active_flows']:>7} "
                              f"{b['new_flows']:>8} {b['packets']:>12} {b['bytes']:>14} "
                              f"{_rate(b['packets_per_s']):>9} {_rate(b['bytes_per_s']):>11}")
         for use in e.get("snat_sources", []):

@@ -71,20 +71,24 @@ def problems(wanted: InterfaceConfig, found, link: netlink.Link, where: str = ""
 
 
 def family_problems(wanted: InterfaceConfig) -> list[str]:
-    """IPv6 addresses parse everywhere an address is given (model.parse_address), but
-    the data plane balances IPv4 only so far: IPv6 services are refused here, before
-    anything changes, and a service's backends, client networks, SNAT and IPIP sources
-    must be of its address family."""
+    """What the data plane cannot do yet with IPv6, refused before anything changes: an
+    IPv6 service forwards in dsr mode only, without an allow-list; and a service's
+    backends, client networks, SNAT and IPIP sources are of its address family."""
     out = []
     for svc in wanted.services:
-        if svc.vip.version == 6:
-            out.append(f"service {svc.name}: IPv6 services are not balanced yet (the data plane handles IPv4; "
-                       "IPv6 packets pass to the kernel untouched): give an IPv4 VIP")
+        family = svc.vip.version
+        out += [f"service {svc.name}: backend {b.endpoint} is IPv{b.addr.version} but the VIP is IPv{family}: "
+                "a service's backends are of its address family" for b in svc.backends if b.addr.version != family]
+        if family == 4:
+            out += [f"service {svc.name}: client network {n} is IPv6 but the VIP is IPv4: give IPv4 networks"
+                    for n in svc.clients if n.version != 4]
             continue
-        out += [f"service {svc.name}: backend {b.endpoint} is IPv6 but the VIP is IPv4: a service's backends are "
-                "of its address family" for b in svc.backends if b.addr.version != 4]
-        out += [f"service {svc.name}: client network {n} is IPv6 but the VIP is IPv4: give IPv4 networks"
-                for n in svc.clients if n.version != 4]
+        if svc.forward != "dsr":
+            out.append(f"service {svc.name}: IPv6 services forward with --forward dsr only so far ({svc.forward} "
+                       "is IPv4 only): give --forward dsr, or an IPv4 VIP")
+        if svc.clients:
+            out.append(f"service {svc.name}: IPv6 services take no client allow-list yet: remove --clients, "
+                       "or give an IPv4 VIP")
     out += [f"SNAT address {a} is IPv6: the SNAT sources of IPv4 services are IPv4 addresses"
             for a in wanted.snat or [] if a.version != 4]
     if wanted.encap_source is not None and wanted.encap_source.version != 4:
@@ -100,7 +104,7 @@ def _forwarding_problems(svc: Service, link: netlink.Link) -> list[str]:
     if svc.forward == "nat":
         return []
     out = [f"service {svc.name}: backend {b.endpoint}: with --forward {svc.forward} a backend must use the "
-           f"service's port {svc.port} (the packet keeps its destination); give {b.addr}:{svc.port}"
+           f"service's port {svc.port} (the packet keeps its destination); give {model.host_text(b.addr)}:{svc.port}"
            for b in svc.backends if b.port != svc.port]
     on_link = [b for b in svc.backends if netlink.on_link_ifindex(str(b.addr)) == link.index]
     if svc.forward == "dsr":
@@ -109,7 +113,7 @@ def _forwarding_problems(svc: Service, link: netlink.Link) -> list[str]:
                 out.append(f"service {svc.name}: backend {b.addr} is not on a segment directly connected to "
                            f"{link.name}, which --forward dsr needs (only the MAC changes); use --forward ipip "
                            "for routed backends")
-    primary = netlink.ipv4_addresses(link.index)[:1]
+    primary = netlink.ipv4_addresses(link.index)[:1] if svc.vip.version == 4 else []
     if on_link and primary and primary[0].ip == svc.vip:
         out.append(f"service {svc.name}: with --forward {svc.forward} the VIP must not be {link.name}'s primary "
                    f"address: this host's ARP requests come from it, and backends, which hold the VIP, ignore "
@@ -317,7 +321,7 @@ def service_add(ifname: str, spec: str, clients: list, ring_size: int, udp_timeo
 
     def edit(wanted):
         if any((s.vip, s.port, s.proto) == (vip, port, proto) for s in wanted.services):
-            raise UsageError(f"service {vip}:{port}/{proto} already exists; change its backends with: xdplb backend")
+            raise UsageError(f"service {model.host_text(vip)}:{port}/{proto} already exists; change its backends with: xdplb backend")
         wanted.services.append(Service(vip, port, proto, [], clients, ring_size, udp_timeout, not_allowed, forward))
     return change(ifname, edit)
 

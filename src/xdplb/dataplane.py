@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 
 from . import abi, clock, layout, plan, snatmemo, trace
 from .errors import XdplbError
-from .layout import from_be32
+from .layout import from_words
 from .libbpf import BPF_ANY, Libbpf, MapInfo, array_stride, libbpf
-from .model import Service, Settings
+from .model import Service, Settings, host_text
 from .netlink import NextHop
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class DataPlane:
     def _service_entries(self) -> dict[tuple, abi.Service]:
         fd = self._inner_fd("xdplb_services", 0)
         if fd is None:
-            return {}
+            return self._service_entries6()
         try:
             memory = self.lib.map_memory(fd, ctypes.sizeof(abi.ServiceSlot), abi.SERVICE_SLOTS)
         finally:
@@ -116,7 +116,16 @@ class DataPlane:
         with memory:
             used = _entries_with(memory, ctypes.sizeof(abi.ServiceSlot), abi.SERVICE_SLOTS, _SLOT_PROTO, 0xFF)
             slots = [abi.ServiceSlot.from_buffer_copy(memory, i * ctypes.sizeof(abi.ServiceSlot)) for i in used]
-        return {layout.table_key(s.key): abi.Service.from_buffer_copy(s.svc) for s in slots}
+        return {layout.table_key(s.key): abi.Service.from_buffer_copy(s.svc) for s in slots} | self._service_entries6()
+
+    def _service_entries6(self) -> dict[tuple, abi.Service]:
+        fd = self.fds["xdplb_services6"]
+        out = {}
+        for key in self.lib.keys(fd, abi.ServiceKey6):
+            value = abi.Service()
+            if self.lib.lookup(fd, key, value):
+                out[layout.table_key6(key)] = value
+        return out
 
     def _backend_entries(self) -> dict[int, abi.Backend]:
         memory = self._array("xdplb_backends", abi.Backend, abi.MAX_BACKENDS)
@@ -176,7 +185,7 @@ class DataPlane:
         return layout.services_from(self._service_entries(), self._backend_entries(), self._client_rules())
 
     def service_ids(self) -> dict[str, int]:
-        return {f"{vip}:{port}/{proto}": v.id for (vip, port, proto), v in self._service_entries().items()}
+        return {f"{host_text(vip)}:{port}/{proto}": v.id for (vip, port, proto), v in self._service_entries().items()}
 
     def backend_ids(self) -> dict[tuple[int, str], int]:
         """(service id, "addr:port") -> backend id."""
@@ -184,7 +193,7 @@ class DataPlane:
 
     def next_hops(self) -> dict[str, NextHop]:
         """The next hops the running backends were written with."""
-        return {str(from_be32(b.addr)): layout.next_hop_of(b) for b in self._backend_entries().values()}
+        return {str(from_words(b.addr)): layout.next_hop_of(b) for b in self._backend_entries().values()}
 
     def ring(self, svc_id: int) -> list[int]:
         """The backend id of every slot of a service's ring (for status and tests)."""
@@ -228,8 +237,11 @@ class DataPlane:
         self._write_config(value)
 
     def _do_SetServiceTable(self, op: plan.SetServiceTable) -> None:
-        """Builds the service table and swaps it in with one update."""
-        slots = layout.service_table([(layout.service_key(*key), value) for key, value in op.entries.items()])
+        """Builds the IPv4 service table and swaps it in with one update; brings the IPv6
+        services' map to the same entries, one update or delete per service that differs."""
+        self._set_services6({key: value for key, value in op.entries.items() if key[0].version == 6})
+        slots = layout.service_table([(layout.service_key(*key), value) for key, value in op.entries.items()
+                                      if key[0].version == 4])
         fd = self.lib.create_array("xdplb_svc_table", ctypes.sizeof(abi.ServiceSlot), abi.SERVICE_SLOTS)
         try:
             with self.lib.map_memory(fd, ctypes.sizeof(abi.ServiceSlot), abi.SERVICE_SLOTS) as memory:
@@ -237,6 +249,15 @@ class DataPlane:
             self.lib.update(self.fds["xdplb_services"], ctypes.c_uint32(0), ctypes.c_uint32(fd))
         finally:
             os.close(fd)
+
+    def _set_services6(self, entries: dict[tuple, abi.Service]) -> None:
+        fd = self.fds["xdplb_services6"]
+        have = self._service_entries6()
+        for key in have.keys() - entries.keys():
+            self.lib.delete(fd, layout.service_key6(*key))
+        for key, value in entries.items():
+            if key not in have or bytes(have[key]) != bytes(value):
+                self.lib.update(fd, layout.service_key6(*key), value)
 
     def _do_DeleteRing(self, op: plan.DeleteRing) -> None:
         self.lib.delete(self.fds["xdplb_rings"], ctypes.c_uint32(op.service_id))
@@ -324,7 +345,7 @@ class DataPlane:
         protos = {v.id: key[2] for key, v in self._service_entries().items()}
         settings = self.read_settings()
         self._do_RememberCursors(plan.RememberCursors(
-            [(b.cursor_id, layout.memo_key(settings, from_be32(b.addr), socket.ntohs(b.port), protos[b.service_id]))
+            [(b.cursor_id, layout.memo_key(settings, from_words(b.addr), socket.ntohs(b.port), protos[b.service_id]))
              for b in backends.values() if b.service_id in protos], settings))
 
     # ---- tracing: a lease the trace command renews while it reads ----------------

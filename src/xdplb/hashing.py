@@ -31,6 +31,16 @@ def flow_hash(saddr: str, sport: int, daddr: str, dport: int, proto: int, seed: 
     return tuple_hash(addrs, sport << 32 | dport << 16 | proto, seed)
 
 
+def addr6_fold(addr: str) -> int:
+    value = int(ipaddress.IPv6Address(addr))
+    return (mix64(value >> 64) + (value & M64)) & M64
+
+
+def flow_hash6(saddr: str, sport: int, daddr: str, dport: int, proto: int, seed: int) -> int:
+    """The IPv6 flow hash (bpf/hash.h flow_hash6): every bit of both addresses."""
+    return tuple_hash(mix64(addr6_fold(saddr)) ^ addr6_fold(daddr), sport << 32 | dport << 16 | proto, seed)
+
+
 def service_hash(vip: str, port: int, proto: int) -> int:
     """Home slot (before masking) of a service in the service table."""
     return tuple_hash(int(ipaddress.IPv4Address(vip)), port << 8 | proto, 0)

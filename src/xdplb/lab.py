@@ -38,6 +38,7 @@ LB_ADDR = SUBNET[2]
 # The VIP of dsr and ipip services: the backends hold it on lo and ignore ARP requests
 # from an address they hold, so it cannot be the balancer's own (primary) address.
 BYPASS_VIP = SUBNET[3]
+BYPASS_VIP6 = SUBNET6[3]  # its IPv6 twin, for IPv6 dsr services
 CLIENT_BASE = 10
 BACKEND_BASE = 101
 STATE_DIR = Path("/run/xdplb/lab")
@@ -221,8 +222,10 @@ def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix:
             _ensure_host(bridge_ns, host)
         lb = next(h for h in lab if h.role == "lb")
         attach_pass_program(bridge_ns, _bridge_port(lb))
-        if str(BYPASS_VIP) not in {str(a.ip) for a in netlink.ipv4_addresses_in("eth0", lb.namespace)}:
-            netlink.add_address("eth0", str(BYPASS_VIP), 32, netns=lb.namespace)
+        have = {str(a.ip) for a in netlink.addresses_in("eth0", lb.namespace)}
+        for vip, prefixlen in ((BYPASS_VIP, 32), (BYPASS_VIP6, 128)):
+            if str(vip) not in have:
+                netlink.add_address("eth0", str(vip), prefixlen, netns=lb.namespace)
         for host in lab:
             if host.role == "backend":
                 host.pid = _start_server(prefix, host)
@@ -246,7 +249,7 @@ def prepare_backend(host: Host, forward: str) -> None:
             return
         if any(e["program_id"] for e in decap.status("eth0")["interfaces"]):
             decap.detach("eth0")
-        backendhost.converge("eth0", [str(BYPASS_VIP)] if forward == "dsr" else None)
+        backendhost.converge("eth0", [str(BYPASS_VIP), str(BYPASS_VIP6)] if forward == "dsr" else None)
     run_in_netns(host.namespace, work)
 
 
@@ -285,6 +288,7 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
 
 def status(prefix: str = DEFAULT_PREFIX) -> dict:
     lab = existing_hosts(prefix)
-    return {"prefix": prefix, "up": bool(lab), "vip": str(LB_ADDR), "bypass_vip": str(BYPASS_VIP), "http_port": HTTP_PORT,
+    return {"prefix": prefix, "up": bool(lab), "vip": str(LB_ADDR), "bypass_vip": str(BYPASS_VIP),
+            "bypass_vip6": str(BYPASS_VIP6), "http_port": HTTP_PORT,
             "udp_port": UDP_PORT, "hosts": [asdict(h) | {"address6": h.address6} for h in lab]}
 

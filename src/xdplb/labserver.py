@@ -59,6 +59,23 @@ def udp_echo(port: int, prefix: bytes) -> None:
         sock.sendmsg([prefix + data], cmsg, 0, client)
 
 
+_PKTINFO6 = struct.Struct("=16sI")  # struct in6_pktinfo: address, ifindex
+
+
+def udp_echo6(port: int, prefix: bytes) -> None:
+    """udp_echo for IPv6 clients (IPV6_PKTINFO names the address each was sent to)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    sock.bind(("::", port))
+    while True:
+        data, ancillary, _, client = sock.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO6.size))
+        local = next((c[:_PKTINFO6.size] for level, kind, c in ancillary
+                      if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO), None)
+        cmsg = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, local)] if local else []
+        sock.sendmsg([prefix + data], cmsg, 0, client)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", required=True)
@@ -71,6 +88,8 @@ def main() -> None:
     http = ThreadingHTTPServer(("0.0.0.0", args.http_port), make_handler(args.name, args.address))
     http6 = HTTP6Server(("::", args.http_port), make_handler(args.name, args.address))
     threading.Thread(target=udp_echo, args=(args.udp_port, f"{args.name} ({args.address}): ".encode()),
+                     daemon=True).start()
+    threading.Thread(target=udp_echo6, args=(args.udp_port, f"{args.name} ({args.address}): ".encode()),
                      daemon=True).start()
     threading.Thread(target=http6.serve_forever, daemon=True).start()
     http.serve_forever()

@@ -29,6 +29,23 @@ def from_be32(raw: int) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(raw.to_bytes(4, _BYTEORDER))
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def addr_words(addr) -> ctypes.Array:
+    """An address as the data plane's 16 bytes (four be32): IPv6 as it is, IPv4 mapped
+    (::ffff:a.b.c.d), so that addr[3] is the IPv4 address."""
+    raw = addr.packed if addr.version == 6 else _V4_MAPPED + addr.packed
+    return (abi.be32 * 4).from_buffer_copy(raw)
+
+
+def from_words(words) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = bytes(words)
+    if raw[:12] == _V4_MAPPED:
+        return ipaddress.IPv4Address(raw[12:])
+    return ipaddress.IPv6Address(raw)
+
+
 @functools.lru_cache(maxsize=8192)
 def mac_bytes(mac: str):
     """A MAC as a struct field's value (shared between calls: never modify it; a field
@@ -49,6 +66,12 @@ def flow_slots(flows: int) -> int:
 def flow_capacity(slots: int) -> int:
     """Flows a table of `slots` is sized for (at half load)."""
     return slots // 4
+
+
+def flow_capacity6(slots: int) -> int:
+    """Entries of the IPv6 flow table (an LRU hash) beside an IPv4 table of `slots`:
+    as many flows, and never fewer than an LRU map spreads over CPUs comfortably."""
+    return max(flow_capacity(slots), 256)
 
 
 # ---- settings ------------------------------------------------------------------------
@@ -105,6 +128,10 @@ def service_key(vip, port: int, proto: str) -> abi.ServiceKey:
     return abi.ServiceKey(vip=be32(vip), port=socket.htons(port), proto=PROTOCOLS[proto])
 
 
+def service_key6(vip, port: int, proto: str) -> abi.ServiceKey6:
+    return abi.ServiceKey6(vip=addr_words(vip), port=socket.htons(port), proto=PROTOCOLS[proto])
+
+
 _FORWARD_FLAGS = {"nat": 0, "dsr": abi.ServiceFlags.DSR, "ipip": abi.ServiceFlags.IPIP}
 
 
@@ -121,13 +148,20 @@ def service_value(svc: Service, svc_id: int) -> abi.Service:
 
 
 def backend_value(b: Backend, svc_id: int, hop: NextHop, cursor_id: int) -> abi.Backend:
-    return abi.Backend(addr=be32(b.addr), port=socket.htons(b.port), weight=b.weight, service_id=svc_id,
+    return abi.Backend(addr=addr_words(b.addr), port=socket.htons(b.port), weight=b.weight, service_id=svc_id,
                        flags=abi.BackendFlags.IN_USE, ifindex=hop.ifindex, dmac=mac_bytes(hop.dmac),
                        smac=mac_bytes(hop.smac), cursor_id=cursor_id)
 
 
 def endpoint_of(b: abi.Backend) -> str:
-    return f"{socket.inet_ntoa(b.addr.to_bytes(4, _BYTEORDER))}:{socket.ntohs(b.port)}"  # as str(IPv4Address)
+    """As model.Backend.endpoint."""
+    addr = from_words(b.addr)
+    return f"{addr}:{socket.ntohs(b.port)}" if addr.version == 4 else f"[{addr}]:{socket.ntohs(b.port)}"
+
+
+def endpoint_key(b: abi.Backend) -> tuple[bytes, int]:
+    """A backend entry's address and port, comparable and hashable."""
+    return bytes(b.addr), b.port
 
 
 def next_hop_of(b: abi.Backend) -> NextHop:
@@ -171,8 +205,8 @@ def services_from(table: dict[tuple, abi.Service], backends: dict[int, abi.Backe
     """The model of what the maps hold: the services of the service table with their
     backends and allow-lists."""
     out = []
-    for (vip, port, proto), value in sorted(table.items()):
-        members = sorted(Backend(from_be32(b.addr), socket.ntohs(b.port), b.weight)
+    for (vip, port, proto), value in sorted(table.items(), key=lambda kv: (kv[0][0].version, kv[0])):
+        members = sorted(Backend(from_words(b.addr), socket.ntohs(b.port), b.weight)
                          for b in backends.values() if b.service_id == value.id)
         nets = sorted(ipaddress.IPv4Network((addr, plen)) for addr, plen in clients.get(value.id, ()))
         out.append(Service(vip, port, proto, members, nets, value.ring_size, value.udp_timeout_s,
@@ -183,6 +217,10 @@ def services_from(table: dict[tuple, abi.Service], backends: dict[int, abi.Backe
 
 def table_key(key: abi.ServiceKey) -> tuple:
     return from_be32(key.vip), socket.ntohs(key.port), PROTOCOL_NAMES[key.proto]
+
+
+def table_key6(key: abi.ServiceKey6) -> tuple:
+    return from_words(key.vip), socket.ntohs(key.port), PROTOCOL_NAMES[key.proto]
 
 
 # ---- rings -------------------------------------------------------------------------
@@ -282,11 +320,11 @@ class Cursors:
     not handed out again within it."""
 
     def __init__(self, staying: list[abi.Backend], protos: dict[int, str], taken: set[int]):
-        self.ids = {(b.addr, b.port, protos[b.service_id]): b.cursor_id for b in staying}
+        self.ids = {(*endpoint_key(b), protos[b.service_id]): b.cursor_id for b in staying}
         self.taken = set(taken)
 
-    def get(self, addr: int, port: int, proto: str) -> tuple[int, bool]:
-        """The cursor id for an endpoint, and whether it is new (to be started)."""
+    def get(self, addr: bytes, port: int, proto: str) -> tuple[int, bool]:
+        """The cursor id for an endpoint (as endpoint_key), and whether it is new (to be started)."""
         key = (addr, port, proto)
         if key in self.ids:
             return self.ids[key], False

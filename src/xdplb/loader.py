@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .netlink import NetlinkError
 
-from . import abi, build, namespaces, netlink
+from . import abi, build, layout, namespaces, netlink
 from .dataplane import DataPlane
 from .errors import BpfError, UsageError, XdplbError
 from .libbpf import MapInfo, ProgInfo, libbpf
@@ -213,7 +213,8 @@ def load_and_attach(link: netlink.Link, mode: str, replace: bool, flow_slots: in
     see them), attaches it and pins it. On any failure nothing stays behind: not the
     program on the interface, not a pin."""
     lib = libbpf()
-    obj = lib.load_object(str(build.require_object()), {"xdplb_flows": flow_slots, "xdplb_flow_ends": flow_slots})
+    obj = lib.load_object(str(build.require_object()), {"xdplb_flows": flow_slots, "xdplb_flow_ends": flow_slots,
+                                                          "xdplb_flows6": layout.flow_capacity6(flow_slots)})
     attached = ""
     fds: dict[str, int] = {}
     try:

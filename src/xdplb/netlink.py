@@ -304,14 +304,27 @@ def ipv4_addresses_by_link() -> dict[str, list[ipaddress.IPv4Interface]]:
     return out
 
 
-def remove_ipv4_address(ifname: str, address: str, prefixlen: int) -> None:
+def addresses_by_link() -> dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
+    """Every interface's IPv4 and IPv6 addresses, by name."""
+    out: dict[str, list] = dict(ipv4_addresses_by_link())
+    with IPRoute() as ipr:
+        names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
+        for m in ipr.get_addr(family=socket.AF_INET6):
+            out.setdefault(names.get(m["index"], str(m["index"])), []).append(
+                ipaddress.IPv6Interface(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"))
+    return out
+
+
+def remove_address(ifname: str, address: str, prefixlen: int) -> None:
     with IPRoute() as ipr:
         ipr.addr("del", index=ipr.link_lookup(ifname=ifname)[0], address=address, prefixlen=prefixlen)
 
 
-def ipv4_addresses_in(ifname: str, netns: str | None = None) -> list[ipaddress.IPv4Interface]:
-    """ifname's IPv4 addresses, in a namespace given by name."""
+def addresses_in(ifname: str, netns: str | None = None) -> list:
+    """ifname's IPv4 and IPv6 addresses, in a namespace given by name."""
     with _ipr(netns) as ipr:
         index = ipr.link_lookup(ifname=ifname)[0]
-        return [ipaddress.IPv4Interface(f"{m.get_attr('IFA_LOCAL') or m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}")
-                for m in ipr.get_addr(family=socket.AF_INET, index=index)]
+        return [ipaddress.ip_interface(f"{m.get_attr('IFA_LOCAL') or m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}")
+                for m in ipr.get_addr(index=index)]
+
+

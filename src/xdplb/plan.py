@@ -243,7 +243,7 @@ class _Planner:
 
     def _remember(self, ids: list[int]) -> None:
         protos = self._protos()
-        cursors = [(b.cursor_id, layout.memo_key(self.old_settings, layout.from_be32(b.addr),
+        cursors = [(b.cursor_id, layout.memo_key(self.old_settings, layout.from_words(b.addr),
                                                  socket.ntohs(b.port), protos[b.service_id]))
                    for b in (self.backends[i] for i in ids) if b.service_id in protos]
         if cursors:
@@ -307,7 +307,7 @@ class _Planner:
                 if be_id is None:
                     raise UsageError(f"more than {abi.MAX_BACKENDS} backends on this interface")
                 self.ops.append(ZeroStats("backend", be_id))
-            addr, port = layout.be32(b.addr), socket.htons(b.port)
+            addr, port = bytes(layout.addr_words(b.addr)), socket.htons(b.port)
             cursor_id, fresh = self.cursors.get(addr, port, svc.proto)
             if fresh:
                 self.ops.append(StartCursor(cursor_id, layout.memo_key(self.w.settings, b.addr, b.port, svc.proto),
@@ -316,7 +316,7 @@ class _Planner:
             value = layout.backend_value(b, svc_id, hop, cursor_id)
             old = self.backends.get(be_id)
             if old is None or bytes(old) != bytes(value):
-                if old is not None and (old.addr, old.port) == (addr, port) and layout.next_hop_of(old) != hop:
+                if old is not None and layout.endpoint_key(old) == (addr, port) and layout.next_hop_of(old) != hop:
                     was = layout.next_hop_of(old)
                     if not self.hop_lines:
                         self.ops.append(MarkHopsPending())

@@ -105,9 +105,9 @@ def describe(ifname: str, attachment: loader.Attachment) -> dict:
         backends = []
         for b in s.backends:
             bid = be_ids[(sid, b.endpoint)]
-            backends.append({"address": str(b.addr), "port": b.port, "weight": b.weight, "id": bid,
+            backends.append({"address": str(b.addr), "port": b.port, "endpoint": b.endpoint, "weight": b.weight, "id": bid,
                              **asdict(dp.traffic("backend", bid))})
-        services.append({"vip": str(s.vip), "port": s.port, "proto": s.proto, "id": sid,
+        services.append({"name": s.name, "vip": str(s.vip), "port": s.port, "proto": s.proto, "id": sid,
                          "clients": [str(n) for n in s.clients] or ["any"], "not_allowed": s.not_allowed, "forward": s.forward,
                          "ring_size": s.ring_size, "udp_timeout": s.udp_timeout_s,
                          **asdict(dp.traffic("service", sid)),

@@ -160,21 +160,20 @@ class Metrics:
         for entry in self.server.snapshot():
             ifname = entry["interface"]
             for s in entry["services"]:
-                name = f"{s['vip']}:{s['port']}/{s['proto']}"
-                svc = [ifname, name, s["vip"], str(s["port"]), s["proto"]]
+                svc = [ifname, s["name"], s["vip"], str(s["port"]), s["proto"]]
                 fam["svc_packets"].add_metric(svc, s["packets"])
                 fam["svc_bytes"].add_metric(svc, s["bytes"])
                 fam["svc_flows"].add_metric(svc, s["new_flows"])
                 fam["svc_active"].add_metric(svc, s["active_flows"])
                 for b in s["backends"]:
-                    endpoint = f"{b['address']}:{b['port']}"
+                    endpoint = b["endpoint"]
                     labels = svc + [endpoint]
                     fam["be_packets"].add_metric(labels, b["packets"])
                     fam["be_bytes"].add_metric(labels, b["bytes"])
                     fam["be_flows"].add_metric(labels, b["new_flows"])
                     fam["be_active"].add_metric(labels, b["active_flows"])
                     fam["be_weight"].add_metric(labels, b["weight"])
-                    fam["be_up"].add_metric(labels, 1 if self.server.checker.is_up((ifname, name, endpoint)) else 0)
+                    fam["be_up"].add_metric(labels, 1 if self.server.checker.is_up((ifname, s["name"], endpoint)) else 0)
             for name, value in entry["counters"].items():
                 kind = COUNTER_KINDS.get(name, "reasons")
                 fam[kind].add_metric([ifname, name], value)

@@ -24,13 +24,13 @@ class FakeHost:
         monkeypatch.setattr(backendhost, "PROC_SYS", self.proc)
         monkeypatch.setattr(backendhost, "RECORD_DIR", tmp_path / "run")
         monkeypatch.setattr(backendhost.namespaces, "netns_name", lambda: "test")
-        monkeypatch.setattr(backendhost.netlink, "ipv4_addresses_by_link", self.addresses)
+        monkeypatch.setattr(backendhost.netlink, "addresses_by_link", self.addresses)
         monkeypatch.setattr(backendhost.netlink, "add_address", self.add)
-        monkeypatch.setattr(backendhost.netlink, "remove_ipv4_address", self.remove)
+        monkeypatch.setattr(backendhost.netlink, "remove_address", self.remove)
 
     def addresses(self):
-        return {"lo": [ipaddress.IPv4Interface(a) for a in sorted(self.lo)],
-                "eth0": [ipaddress.IPv4Interface(a) for a in self.eth0]}
+        return {"lo": [ipaddress.ip_interface(a) for a in sorted(self.lo)],
+                "eth0": [ipaddress.ip_interface(a) for a in self.eth0]}
 
     def add(self, ifname, address, prefixlen):
         assert ifname == "lo"
@@ -69,6 +69,18 @@ def test_attach_adds_the_vips_and_sets_both_sysctls_and_detach_restores_all(host
                      "net.ipv4.conf.all.arp_announce: 2 -> 0 (restored)"]
     assert host.state() == before
     assert not backendhost.record_path().exists()
+
+
+def test_an_ipv6_vip_goes_on_lo_as_a_host_address_without_arp_sysctls(host):
+    before = host.state()
+    assert backendhost.parse_vips("fd42:42::3") == [ipaddress.IPv6Address("fd42:42::3")]
+    assert backendhost.converge("eth0", ["fd42:42::3"]) == ["added fd42:42::3/128 to lo"]
+    assert host.sysctls() == {"arp_ignore": "0", "arp_announce": "0"}
+    # With an IPv4 VIP too, the sysctls follow the IPv4 one, and go back with it.
+    assert backendhost.converge("eth0", ["fd42:42::3", "10.0.0.2"])[-2:] == [
+        "net.ipv4.conf.all.arp_ignore: 0 -> 1", "net.ipv4.conf.all.arp_announce: 0 -> 2"]
+    backendhost.converge("eth0", None)
+    assert host.state() == before
 
 
 def test_a_vip_already_on_lo_stays_there(tmp_path, monkeypatch):

@@ -1,0 +1,145 @@
+# SPDX-License-Identifier: Apache-2.0
+"""IPv6 dsr end to end on the lab (checksum offloads off, so every receiver checks
+checksums): real clients over IPv6, backends holding the IPv6 VIP on lo as `xdplb lab up
+--forward dsr` prepares them, and an IPv4 service beside it on the same interface."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+
+import pytest
+
+from xdplb import lab, netlink
+from xdplb.namespaces import run_in_netns
+
+from .conftest import BACKENDS, CLIENT_NS, LB_NS, NAMES, PREFIX, in_ns, xdplb
+
+VIP6 = str(lab.BYPASS_VIP6)
+VIP4 = str(lab.BYPASS_VIP)
+HOSTS = {h.name: h for h in lab.hosts(PREFIX, 3, 2)}
+BACKENDS6 = [HOSTS[f"backend-{c}"].address6 for c in "ab"]
+NAMES6 = {HOSTS[f"backend-{c}"].address6: f"backend-{c}" for c in "abc"}
+CLIENT6 = HOSTS["client"].address6
+SERVICE6 = f"[{VIP6}]:80/tcp"
+
+
+def backends_ready(forward: str) -> None:
+    for host in lab.existing_hosts(PREFIX):
+        if host.role == "backend":
+            lab.prepare_backend(host, forward)
+
+
+@pytest.fixture
+def dual_stack(testlab):
+    """An IPv4 and an IPv6 dsr service on the balancer's eth0, two backends each."""
+    backends_ready("dsr")
+    try:
+        xdplb("-n", LB_NS, "attach", "eth0", "--mode", "native", "--vip", VIP4, "--forward", "dsr",
+              "--backends", ",".join(BACKENDS[:2]), "--flows", "65536")
+        try:
+            xdplb("-n", LB_NS, "service", "add", "eth0", SERVICE6, "--forward", "dsr")
+            for b in BACKENDS6:
+                xdplb("-n", LB_NS, "backend", "add", "eth0", SERVICE6, b)
+            yield
+        finally:
+            xdplb("-n", LB_NS, "detach", "eth0", check=False)
+    finally:
+        backends_ready("nat")
+
+
+def fetch(host: str, count: int, keepalive: bool = False) -> list[tuple[str, str]]:
+    """(backend, the client address it saw) per request."""
+    out = []
+    conn = None
+    for _ in range(count):
+        if conn is None or not keepalive:
+            conn = http.client.HTTPConnection(host, 80, timeout=5)
+        conn.request("GET", "/", headers={} if keepalive else {"Connection": "close"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200
+        out.append((resp.getheader("X-Backend"), resp.getheader("X-Client")))
+        if not keepalive:
+            conn.close()
+    conn.close()
+    return out
+
+
+def test_new_ipv6_connections_reach_both_backends_with_the_real_client_address(dual_stack):
+    answers = in_ns(CLIENT_NS, lambda: fetch(VIP6, 200))
+    assert {b for b, _ in answers} == {NAMES6[BACKENDS6[0]], NAMES6[BACKENDS6[1]]}
+    assert {c for _, c in answers} == {CLIENT6}, "the backend must see the client itself"
+    (entry,) = json.loads(xdplb("-n", LB_NS, "stats", "eth0", "--json").stdout)
+    assert entry["counters"]["new_flow"] >= 200
+    listed = xdplb("-n", LB_NS, "service", "list", "eth0").stdout
+    assert f"{SERVICE6}  dsr  backends 2" in listed and f"{VIP4}:80/tcp  dsr  backends 2" in listed
+
+
+def test_both_families_are_balanced_at_once_on_one_interface(dual_stack):
+    def both():
+        return fetch(VIP4, 40), fetch(VIP6, 40)
+    four, six = in_ns(CLIENT_NS, both)
+    assert {b for b, _ in four} == {NAMES[BACKENDS[0]], NAMES[BACKENDS[1]]}
+    assert {b for b, _ in six} == {NAMES6[BACKENDS6[0]], NAMES6[BACKENDS6[1]]}
+
+
+def test_the_client_resolves_the_ipv6_vip_to_the_balancer_not_a_backend(dual_stack):
+    """Backends hold the VIP on lo; Linux answers neighbour solicitations only for the
+    addresses of the interface asked on, so the balancer's answer is the only one."""
+    in_ns(CLIENT_NS, lambda: fetch(VIP6, 1))
+    lb_mac = run_in_netns(LB_NS, lambda: netlink.get_link("eth0").mac)
+    known = run_in_netns(CLIENT_NS, lambda: netlink.next_hops_now([VIP6]))
+    assert known[VIP6].dmac == lb_mac
+
+
+def test_ipv6_udp_is_balanced_and_answered_from_the_vip(dual_stack):
+    service = f"[{VIP6}]:{lab.UDP_PORT}/udp"
+    xdplb("-n", LB_NS, "service", "add", "eth0", service, "--forward", "dsr")
+    for b in BACKENDS6:
+        xdplb("-n", LB_NS, "backend", "add", "eth0", service, b)
+
+    def ask():
+        seen = set()
+        for port in range(41000, 41040):
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+                s.bind(("::", port))
+                s.settimeout(3)
+                s.connect((VIP6, lab.UDP_PORT))  # only answers from the VIP get through
+                s.send(b"ping")
+                seen.add(s.recv(200).split(b" ")[0].decode())
+        return seen
+    assert in_ns(CLIENT_NS, ask) == {NAMES6[BACKENDS6[0]], NAMES6[BACKENDS6[1]]}
+
+
+def test_an_ipv6_keepalive_connection_survives_detach_and_attach(dual_stack):
+    """Stateless recovery: the new program has no flow for the connection's next segment
+    and sends it where the ring says, which the same configuration makes the same backend."""
+    def session():
+        conn = http.client.HTTPConnection(VIP6, 80, timeout=5)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        resp.read()
+        first = resp.getheader("X-Backend")
+        xdplb("-n", LB_NS, "detach", "eth0")
+        xdplb("-n", LB_NS, "attach", "eth0", "--mode", "native", "--vip", VIP6, "--forward", "dsr",
+              "--backends", ",".join(BACKENDS6), "--flows", "65536")
+        later = []
+        for _ in range(3):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            later.append(resp.getheader("X-Backend"))
+        conn.close()
+        return first, later
+    first, later = in_ns(CLIENT_NS, session)
+    assert later == [first] * 3
+
+
+def test_an_ipv6_service_survives_export_and_apply(dual_stack, tmp_path):
+    exported = xdplb("-n", LB_NS, "export").stdout
+    assert f'vip = "{VIP6}"' in exported
+    path = tmp_path / "lb.toml"
+    path.write_text(exported)
+    assert "no changes" in (dry := xdplb("-n", LB_NS, "apply", str(path), "--dry-run", check=False)).stdout + dry.stderr
+    assert dry.returncode == 0

@@ -1,0 +1,265 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The IPv6 path (bpf/ipv6.h): dsr services, extension headers, ICMPv6 and everything
+that must pass untouched. Frames are built by scapy, which computes every length and
+checksum: dsr changes only the MACs, so the expected frame is the sent one with new
+MACs, byte for byte."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6ND_RA, ICMPv6PacketTooBig, IPv6,
+                                IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.l2 import Ether
+
+from xdplb import abi, hashing, layout
+from xdplb.model import Backend, Service
+from xdplb.netlink import NextHop
+
+from . import packets as P
+from .conftest import LOOPBACK, XDP_DROP, XDP_PASS, XDP_TX
+
+VIP6 = "fd00::2"
+CLIENT6 = "fd00:1::10"
+BACKEND6 = "fd00::101"
+BACKEND6_2 = "fd00::102"
+MACS = {P.BACKEND_MAC: BACKEND6, P.BACKEND2_MAC: BACKEND6_2}
+
+
+def v6service(*backends: str, port: int = 80, proto: str = "tcp", forward: str = "dsr") -> Service:
+    return Service(ipaddress.IPv6Address(VIP6), port, proto,
+                   [Backend(ipaddress.IPv6Address(b), port) for b in backends or (BACKEND6,)], forward=forward)
+
+
+@pytest.fixture
+def h6(harness):
+    harness.hops[BACKEND6] = NextHop(LOOPBACK, P.BACKEND_MAC, P.LB_MAC)
+    harness.hops[BACKEND6_2] = NextHop(LOOPBACK, P.BACKEND2_MAC, P.LB_MAC)
+    return harness
+
+
+def frame(*layers, src=CLIENT6, dst=VIP6, hlim=64, smac=P.CLIENT_MAC) -> bytes:
+    pkt = Ether(src=smac, dst=P.LB_MAC) / IPv6(src=src, dst=dst, hlim=hlim)
+    for layer in layers:
+        pkt = pkt / layer
+    return P.build(pkt)
+
+
+def syn(sport=40000, flags="S", *ext, dport=80, src=CLIENT6) -> bytes:
+    return frame(*ext, TCP(sport=sport, dport=dport, flags=flags, seq=1000, window=64240), src=src)
+
+
+def dsr(sent: bytes, mac: str = P.BACKEND_MAC) -> bytes:
+    return bytes.fromhex(mac.replace(":", "")) + bytes.fromhex(P.LB_MAC.replace(":", "")) + sent[12:]
+
+
+def flows6(h) -> dict:
+    lib = h.dp.lib
+    fd = h.dp.fds["xdplb_flows6"]
+    out = {}
+    for key in list(lib.keys(fd, abi.FlowKey6)):
+        value = abi.Flow6()
+        if lib.lookup(fd, key, value):
+            out[(str(layout.from_words(key.saddr)), socket.ntohs(key.sport))] = value
+    return out
+
+
+def test_a_syn_to_an_ipv6_dsr_service_reaches_its_backend_with_only_the_macs_changed(h6):
+    h6.configure([v6service()])
+    sent = syn()
+    action, out = h6.run(sent)
+    assert (action, out) == (XDP_TX, dsr(sent))
+    flow = flows6(h6)[(CLIENT6, 40000)]
+    assert (str(layout.from_words(flow.daddr)), flow.flags) == (BACKEND6, abi.FlowFlags.HANDSHAKE)
+    # The handshake's last ACK, data and the FIN follow the flow, and close it.
+    for flags in ("A", "PA", "FA"):
+        sent = syn(flags=flags)
+        assert h6.run(sent) == (XDP_TX, dsr(sent))
+    assert flows6(h6)[(CLIENT6, 40000)].flags == abi.FlowFlags.CLOSING | abi.FlowFlags.FIN_CLIENT
+    counters = h6.dp.counters()
+    assert (counters["new_flow"], counters["tx"], counters["recovered"]) == (1, 4, 0)
+    svc_id = h6.dp.service_ids()[f"[{VIP6}]:80/tcp"]
+    assert h6.dp.traffic("service", svc_id).packets == 4
+
+
+def test_ipv6_services_are_read_back_from_the_maps_and_removed(h6):
+    wanted = [v6service(BACKEND6, BACKEND6_2), P_service4 := Service(ipaddress.IPv4Address(P.VIP), 80, "tcp",
+                                                                     [Backend(ipaddress.IPv4Address(P.BACKEND), 80)])]
+    h6.configure(wanted)
+    assert [s.name for s in h6.dp.services()] == [f"{P.VIP}:80/tcp", f"[{VIP6}]:80/tcp"]
+    assert h6.dp.services()[1].backends == wanted[0].backends
+    assert not h6.sync(wanted)  # read back exactly: nothing to change
+    h6.configure([P_service4])
+    assert [s.name for s in h6.dp.services()] == [f"{P.VIP}:80/tcp"]
+    assert list(h6.dp.lib.keys(h6.dp.fds["xdplb_services6"], abi.ServiceKey6)) == []
+    sent = syn()
+    assert h6.run(sent) == (XDP_PASS, sent)
+
+
+def test_maglev_spreads_ipv6_flows_as_the_python_twin_predicts(h6):
+    h6.configure([v6service(BACKEND6, BACKEND6_2)])
+    svc_id = h6.dp.service_ids()[f"[{VIP6}]:80/tcp"]
+    ring = h6.dp.ring(svc_id)
+    by_id = {i: str(layout.from_words(b.addr)) for i, b in h6.dp._backend_entries().items()}
+    seen = set()
+    for sport in range(41000, 41064):
+        action, out = h6.run(syn(sport))
+        assert action == XDP_TX
+        expected = by_id[ring[hashing.flow_hash6(CLIENT6, sport, VIP6, 80, socket.IPPROTO_TCP,
+                                                 h6.settings.hash_seed) % len(ring)]]
+        assert MACS[":".join(f"{x:02x}" for x in out[:6])] == expected
+        seen.add(expected)
+    assert seen == {BACKEND6, BACKEND6_2}
+
+
+def test_udp_over_ipv6(h6):
+    h6.configure([v6service(port=53, proto="udp")])
+    sent = frame(UDP(sport=5353, dport=53) / b"query")
+    assert h6.run(sent) == (XDP_TX, dsr(sent))
+
+
+@pytest.mark.parametrize("ext", [
+    [IPv6ExtHdrHopByHop()],
+    [IPv6ExtHdrDestOpt()],
+    [IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt(), IPv6ExtHdrRouting(segleft=0, addresses=[VIP6])],
+    [IPv6ExtHdrFragment(offset=0, m=0, id=7)],  # atomic fragment: a whole packet
+], ids=["hop-by-hop", "destination options", "three headers", "atomic fragment"])
+def test_extension_headers_are_skipped_and_forwarded_as_sent(h6, ext):
+    h6.configure([v6service()])
+    sent = syn(40000, "S", *ext)
+    assert h6.run(sent) == (XDP_TX, dsr(sent))
+
+
+@pytest.mark.parametrize("ext,counter", [
+    ([IPv6ExtHdrRouting(segleft=1, addresses=["fd00::99"])], "pass"),  # not the final destination yet
+    ([IPv6ExtHdrFragment(offset=8, m=0, id=7)], "pass"),  # a later fragment: no ports
+    ([IPv6ExtHdrDestOpt()] * (abi.V6_EXT_HEADERS + 1), "pass"),  # more headers than walked
+], ids=["segments left", "later fragment", "too many headers"])
+def test_packets_the_balancer_cannot_place_pass_untouched(h6, ext, counter):
+    h6.configure([v6service()])
+    sent = syn(40000, "S", *ext)
+    assert h6.run(sent) == (XDP_PASS, sent)
+    assert h6.dp.counters()[counter] == 1
+    assert flows6(h6) == {}
+
+
+def test_a_first_fragment_of_a_service_packet_is_dropped_and_counted(h6):
+    h6.configure([v6service()])
+    action, _ = h6.run(syn(40000, "S", IPv6ExtHdrFragment(offset=0, m=1, id=7)))
+    assert action == XDP_DROP
+    assert h6.dp.counters()["fragment"] == 1
+
+
+@pytest.mark.parametrize("pkt", [
+    lambda: frame(ICMPv6ND_NS(tgt=VIP6), dst="ff02::1:ff00:2", hlim=255),
+    lambda: frame(ICMPv6ND_RA(), src="fe80::1", dst="ff02::1", hlim=255),
+    lambda: frame(ICMPv6EchoRequest(id=1, seq=1)),
+    lambda: syn(dport=81),  # a port no service uses
+    lambda: syn(40000, "S").replace(bytes(ipaddress.IPv6Address(VIP6).packed),
+                                    bytes(ipaddress.IPv6Address("fd00::3").packed)),  # another address
+    lambda: syn(40000, "S", dport=80)[:-4],  # truncated: shorter than its payload length
+], ids=["neighbour solicitation", "router advertisement", "echo", "other port", "other address", "truncated"])
+def test_traffic_not_for_a_service_passes_untouched(h6, pkt):
+    h6.configure([v6service()])
+    sent = pkt()
+    assert h6.run(sent) == (XDP_PASS, sent)
+    assert flows6(h6) == {}
+
+
+def test_hop_limit_one_passes_to_the_kernel(h6):
+    h6.configure([v6service()])
+    sent = frame(TCP(sport=40000, dport=80, flags="S"), hlim=1)
+    assert h6.run(sent) == (XDP_PASS, sent)
+    assert h6.dp.counters()["ttl_expired"] == 1
+
+
+def test_a_packet_too_big_about_a_flow_is_relayed_to_its_backend(h6):
+    h6.configure([v6service(BACKEND6, BACKEND6_2)])
+    action, out = h6.run(syn(40000))
+    mac = ":".join(f"{x:02x}" for x in out[:6])
+    # What a router on the way back says about the backend's reply (from the VIP).
+    reply = IPv6(src=VIP6, dst=CLIENT6, hlim=63) / TCP(sport=80, dport=40000, flags="SA")
+    error = frame(ICMPv6PacketTooBig(mtu=1280) / bytes(reply)[:120], src="fd00:9::1", dst=VIP6)
+    assert h6.run(error) == (XDP_TX, dsr(error, mac))
+    assert h6.dp.counters()["icmp_translated"] == 1
+    # About a flow the table does not know: the kernel's.
+    stranger = IPv6(src=VIP6, dst=CLIENT6, hlim=63) / TCP(sport=80, dport=40999, flags="SA")
+    unknown = frame(ICMPv6PacketTooBig(mtu=1280) / bytes(stranger), src="fd00:9::1", dst=VIP6)
+    assert h6.run(unknown) == (XDP_PASS, unknown)
+
+
+def test_an_ack_without_a_flow_is_recovered_where_the_ring_points(h6):
+    h6.configure([v6service()])
+    sent = syn(flags="A")
+    assert h6.run(sent) == (XDP_TX, dsr(sent))
+    assert h6.dp.counters()["recovered"] == 1
+
+
+def test_a_retired_backends_flows_keep_reaching_it_and_new_flows_do_not(h6):
+    h6.configure([v6service(BACKEND6, BACKEND6_2)])
+    owners = {}
+    for sport in range(42000, 42016):
+        _, out = h6.run(syn(sport))
+        owners[sport] = MACS[":".join(f"{x:02x}" for x in out[:6])]
+    h6.configure([v6service(BACKEND6_2)])
+    for sport, owner in owners.items():
+        sent = syn(sport, "A")
+        mac = next(m for m, a in MACS.items() if a == owner)
+        assert h6.run(sent) == (XDP_TX, dsr(sent, mac))
+    sent = syn(43000)
+    assert h6.run(sent) == (XDP_TX, dsr(sent, P.BACKEND2_MAC))
+
+
+def test_a_syn_reusing_a_closed_flows_port_is_balanced_afresh(h6):
+    h6.configure([v6service(BACKEND6)])
+    h6.run(syn(44000))
+    h6.run(syn(44000, "FA"))
+    h6.configure([v6service(BACKEND6_2)])
+    sent = syn(44000)
+    assert h6.run(sent) == (XDP_TX, dsr(sent, P.BACKEND2_MAC))
+    assert flows6(h6)[(CLIENT6, 44000)].flags == abi.FlowFlags.HANDSHAKE
+
+
+def test_the_ipv4_path_is_unchanged_beside_ipv6_services(h6):
+    h6.configure([v6service(), Service(ipaddress.IPv4Address(P.VIP), 80, "tcp",
+                                       [Backend(ipaddress.IPv4Address(P.BACKEND), 80)], forward="dsr")])
+    sent = P.tcp(P.CLIENT, 40000, P.VIP, 80)
+    assert h6.run(sent) == (XDP_TX, dsr(sent))
+    sent6 = syn()
+    assert h6.run(sent6) == (XDP_TX, dsr(sent6))
+
+
+_EXT = st.sampled_from([IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt(), IPv6ExtHdrRouting(segleft=0),
+                        IPv6ExtHdrRouting(segleft=2, addresses=["fd00::5", "fd00::6"]),
+                        IPv6ExtHdrFragment(offset=0, m=0), IPv6ExtHdrFragment(offset=0, m=1),
+                        IPv6ExtHdrFragment(offset=16, m=1)])
+
+
+@st.composite
+def v6_frames(draw):
+    ext = draw(st.lists(_EXT, max_size=abi.V6_EXT_HEADERS + 2))
+    l4 = draw(st.sampled_from(["tcp", "udp", "icmp", "raw"]))
+    dport = draw(st.sampled_from([80, 81, 53]))
+    top = {"tcp": TCP(sport=draw(st.integers(1, 65535)), dport=dport, flags=draw(st.sampled_from(["S", "A", "R", "FA"]))),
+           "udp": UDP(sport=draw(st.integers(1, 65535)), dport=dport),
+           "icmp": ICMPv6EchoRequest(), "raw": b"\x00" * 8}[l4]
+    data = frame(*ext, top, dst=draw(st.sampled_from([VIP6, "fd00::3"])), hlim=draw(st.sampled_from([1, 2, 64])))
+    cut = draw(st.integers(14, len(data)))  # a test run needs an Ethernet header
+    return data[:cut] if draw(st.booleans()) else data
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=v6_frames())
+def test_no_ipv6_frame_is_ever_forwarded_changed_beyond_its_macs(h6, data):
+    h6.configure([v6service(BACKEND6, BACKEND6_2)])
+    action, out = h6.run(data)
+    if action == XDP_PASS:
+        assert out == data
+    elif action == XDP_TX:
+        assert out[12:] == data[12:] and out[6:12] == bytes.fromhex(P.LB_MAC.replace(":", ""))
+        assert ":".join(f"{x:02x}" for x in out[:6]) in MACS
+    else:
+        assert action == XDP_DROP
