@@ -123,10 +123,11 @@ def keepalive_client(requests: int, pause: float = 0.0, stop=None) -> KeepAliveR
     return out
 
 
-def start_server(netns: str, port: int, directory: str) -> subprocess.Popen:
-    """A plain HTTP server of the test's own (not a lab backend), in a namespace."""
+def start_server(netns: str, port: int, directory: str, bind: str = "0.0.0.0") -> subprocess.Popen:
+    """A plain HTTP server of the test's own (not a lab backend), in a namespace; bound
+    to "::", it answers both families (http.server makes that socket dual-stack)."""
     proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-m", "http.server",
-                             str(port), "--bind", "0.0.0.0", "--directory", directory],
+                             str(port), "--bind", bind, "--directory", directory],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

@@ -20,6 +20,7 @@ from xdplb import lab
 PREFIX = "xdplb-p"
 BRIDGE_NS, CLIENT_NS, LB_NS, BACKEND_NS = (f"{PREFIX}-{r}" for r in ("bridge", "client", "lb", "backend"))
 ADDRESSES = {CLIENT_NS: "10.43.0.10", LB_NS: "10.43.0.2", BACKEND_NS: "10.43.0.101"}
+ADDRESSES6 = {CLIENT_NS: "fd43::10", LB_NS: "fd43::2", BACKEND_NS: "fd43::101"}
 PORT = 8000
 
 
@@ -49,11 +50,12 @@ def plain_bridge(bpf_object, tmp_path_factory):
             ip("-n", BRIDGE_NS, "link", "add", f"port{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
             ip("-n", BRIDGE_NS, "link", "set", f"port{i}", "master", "br0", "up")
             ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            ip("-n", ns, "addr", "add", f"{ADDRESSES6[ns]}/64", "dev", "eth0", "nodad")
             ip("-n", ns, "link", "set", "eth0", "up")
             ip("-n", ns, "link", "set", "lo", "up")
         directory = tmp_path_factory.mktemp("www")
         (directory / "index.html").write_text("hello from the backend\n")
-        server = start_server(BACKEND_NS, PORT, str(directory))
+        server = start_server(BACKEND_NS, PORT, str(directory), bind="::")
         yield
     finally:
         if server is not None:
@@ -98,6 +100,32 @@ def test_native_on_a_veth_warns_about_both_causes(plain_bridge):
         assert "peer veth has an XDP program" in output and "checksum offload" in output, output
     finally:
         xdplb("detach", "eth0")
+
+
+def test_ipv6_dsr_on_a_plain_bridge(plain_bridge):
+    """As below for IPv6: the backend prepared with `xdplb decap attach --vip` (the VIP on
+    lo as a /128), the VIP a second address of the balancer."""
+    vip = "fd43::3"
+    ip("-n", LB_NS, "addr", "add", f"{vip}/128", "dev", "eth0", "nodad")
+    prepared = subprocess.run([sys.executable, "-m", "xdplb", "-n", BACKEND_NS, "decap", "attach", "eth0",
+                               "--vip", vip], capture_output=True, text=True, timeout=60)
+    try:
+        assert prepared.returncode == 0, prepared.stderr
+        attached = xdplb("attach", "eth0", "--vip", vip, "--port", str(PORT), "--backends",
+                         f"[{ADDRESSES6[BACKEND_NS]}]:{PORT}", "--flows", "4096", "--forward", "dsr")
+        assert attached.returncode == 0, attached.stderr
+        try:
+            answers = [curl(f"http://[{vip}]:{PORT}/") for _ in range(20)]
+            assert [a.stdout for a in answers] == ["hello from the backend\n"] * 20, [a.stderr for a in answers]
+            (entry,) = json.loads(xdplb("stats", "eth0", "--json", "--interval", "0").stdout)
+            assert entry["counters"]["new_flow"] == 20, entry["counters"]
+            assert entry["services"][0]["name"] == f"[{vip}]:{PORT}/tcp"
+        finally:
+            xdplb("detach", "eth0")
+    finally:
+        subprocess.run([sys.executable, "-m", "xdplb", "-n", BACKEND_NS, "decap", "detach", "eth0"],
+                       capture_output=True, timeout=60)
+        ip("-n", LB_NS, "addr", "del", f"{vip}/128", "dev", "eth0")
 
 
 @pytest.mark.parametrize("forward", ["dsr", "ipip"])
