@@ -420,22 +420,37 @@ class DataPlane:
             self._mapped = self.flow_table()
         return self._mapped
 
+    def _flows6(self):
+        from .flows6 import Flows6
+        return Flows6(self.lib, self.fds["xdplb_flows6"])
+
     def flow_count(self) -> int:
-        """Entries in the flow table (two per flow), expired ones included."""
-        return self._flows().count()
+        """Entries in the flow tables (two per IPv4 NAT flow), expired ones included."""
+        return self._flows().count() + self._flows6().count()
 
     def active_flows(self) -> dict[int, int]:
         """Per backend id: client-side flows neither closing nor idle past their timeout."""
-        return self._flows().active_flows(self._config())
+        return self.flow_census()[0]
 
     def connections(self, service_ids=None, backend_ids=None, limit: int = 0):
-        """The live connections (flowtable.Connection), most recently seen first, and how
-        many matched in all."""
-        return self._flows().connections(self._config(), None, service_ids, backend_ids, limit)
+        """The live connections (flowtable.Connection) of both families, most recently
+        seen first, and how many matched in all."""
+        cfg = self._config()
+        four, total = self._flows().connections(cfg, None, service_ids, backend_ids, limit)
+        six = self._flows6().connections(cfg, None, service_ids, backend_ids)
+        if not six:
+            return four, total
+        both = sorted(four + six, key=lambda c: c.idle_s)
+        return (both[:limit] if limit else both), total + len(six)
 
     def flow_census(self) -> tuple[dict[int, int], int]:
-        """active_flows() and flow_count() from one scan."""
-        return self._flows().census(self._config())
+        """active_flows() and flow_count() from one scan of each table."""
+        cfg = self._config()
+        active, entries = self._flows().census(cfg)
+        active6, entries6 = self._flows6().census(cfg)
+        for backend_id, n in active6.items():
+            active[backend_id] = active.get(backend_id, 0) + n
+        return active, entries + entries6
 
     def snat_usage(self) -> list[SnatUse]:
         return self._flows().snat_usage(self._config())
@@ -447,4 +462,4 @@ class DataPlane:
         """Forgets every flow (both directions) of a backend. Their next packets find no
         flow: a client's TCP segment is then answered with a reset by the kernel, so
         clients of a dead backend learn at once instead of timing out."""
-        return self._flows().reset_flows(backend_id)
+        return self._flows().reset_flows(backend_id) + self._flows6().reset_flows(backend_id)

@@ -263,3 +263,28 @@ def test_no_ipv6_frame_is_ever_forwarded_changed_beyond_its_macs(h6, data):
         assert ":".join(f"{x:02x}" for x in out[:6]) in MACS
     else:
         assert action == XDP_DROP
+
+
+def test_ipv6_flows_are_counted_listed_and_reset_beside_ipv4_ones(h6):
+    h6.configure([v6service(BACKEND6, BACKEND6_2), Service(ipaddress.IPv4Address(P.VIP), 80, "tcp",
+                                                           [Backend(ipaddress.IPv4Address(P.BACKEND), 80)])])
+    for sport in range(45000, 45010):
+        h6.run(syn(sport))
+    h6.run(syn(45000, "A"))
+    h6.run(syn(45001, "FA"))  # closing: listed, not counted active
+    h6.run(P.tcp(P.CLIENT, 40000, P.VIP, 80))
+    ids = {str(layout.from_words(b.addr)): i for i, b in h6.dp._backend_entries().items()}
+    active, entries = h6.dp.flow_census()
+    assert entries == 10 + 2  # one IPv6 entry per flow, two for the IPv4 NAT flow
+    assert active[ids[P.BACKEND]] == 1 and active[ids[BACKEND6]] + active[ids[BACKEND6_2]] == 9
+    conns, total = h6.dp.connections()
+    assert total == 11
+    mine = {c.client: c for c in conns if c.client.startswith("[")}
+    first = mine[f"[{CLIENT6}]:45000"]
+    assert (first.proto, first.vip, first.via, first.state) == ("tcp", f"[{VIP6}]:80", "dsr", "ESTABLISHED")
+    assert first.backend in (f"[{BACKEND6}]:80", f"[{BACKEND6_2}]:80")
+    assert mine[f"[{CLIENT6}]:45001"].state == "FIN_WAIT"
+    assert len(h6.dp.connections(limit=3)[0]) == 3
+    owned = sum(1 for c in mine.values() if c.backend_id == ids[BACKEND6])
+    assert h6.dp.reset_flows(ids[BACKEND6]) == owned
+    assert all(v.backend_id != ids[BACKEND6] for v in flows6(h6).values())
