@@ -48,22 +48,36 @@ def fetch(vip: str, port: int, count: int) -> collections.Counter:
     return run_in_netns(f"{lab.DEFAULT_PREFIX}-client", work)
 
 
+def _send(vip: str, shown: str) -> None:
+    click.echo(f"\nsending {REQUESTS} HTTP requests from {lab.DEFAULT_PREFIX}-client to "
+               f"http://{shown}/ (a new connection each)")
+    start = time.monotonic()
+    seen = fetch(vip, lab.HTTP_PORT, REQUESTS)
+    elapsed = time.monotonic() - start
+    for (name, client), n in sorted(seen.items()):
+        click.echo(f"  {name}: {n} requests (it saw them come from {client})")
+    click.echo(f"  {sum(seen.values())}/{REQUESTS} answered in {elapsed:.1f}s\n")
+
+
 def run_demo(backends: int = lab.DEFAULT_BACKENDS, forward: str = "nat") -> None:
     lb_ns = f"{lab.DEFAULT_PREFIX}-lb"
-    addresses = [h.address for h in lab.hosts(lab.DEFAULT_PREFIX, backends, 1) if h.role == "backend"]
+    hosts = [h for h in lab.hosts(lab.DEFAULT_PREFIX, backends, 1) if h.role == "backend"]
+    addresses = [h.address for h in hosts]
     try:
         _run(["lab", "up", "--backends", str(backends), "--forward", forward])
         vip = str(lab.LB_ADDR if forward == "nat" else lab.BYPASS_VIP)
         _run(["-n", lb_ns, "attach", "eth0", "--mode", "native", "--backends", ",".join(addresses),
               "--flows", "65536", "--forward", forward, "--vip", vip])
-        click.echo(f"\nsending {REQUESTS} HTTP requests from {lab.DEFAULT_PREFIX}-client to "
-                   f"http://{vip}/ (a new connection each)")
-        start = time.monotonic()
-        seen = fetch(vip, lab.HTTP_PORT, REQUESTS)
-        elapsed = time.monotonic() - start
-        for (name, client), n in sorted(seen.items()):
-            click.echo(f"  {name}: {n} requests (it saw them come from {client})")
-        click.echo(f"  {sum(seen.values())}/{REQUESTS} answered in {elapsed:.1f}s\n")
+        _send(vip, vip)
+
+        # IPv6 beside it, on the same interface: a dsr service (the backends hold its VIP on lo).
+        vip6 = str(lab.BYPASS_VIP6)
+        service6 = f"[{vip6}]:{lab.HTTP_PORT}/tcp"
+        click.echo()
+        _run(["-n", lb_ns, "service", "add", "eth0", service6, "--forward", "dsr"])
+        for host in hosts:
+            _run(["-n", lb_ns, "backend", "add", "eth0", service6, host.address6])
+        _send(vip6, f"[{vip6}]")
 
         click.echo(click.style(f"$ xdplb -n {lb_ns} trace eth0   # while the client sends 2 requests",
                                bold=True))

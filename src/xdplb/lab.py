@@ -203,7 +203,8 @@ def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix:
        forward: str = "nat") -> list[Host]:
     """Creates what is missing of the lab (idempotent) and returns its hosts. With forward
     dsr or ipip the backends are prepared for it: the VIP on lo with the ARP settings
-    (dsr, ipip) and the decapsulator on their eth0 (ipip)."""
+    (dsr, ipip) and the decapsulator on their eth0 (ipip); in every mode they hold the
+    IPv6 bypass VIP on lo, for IPv6 dsr services."""
     _check_prefix(prefix)
     if not 1 <= backends <= MAX_BACKENDS:
         raise UsageError(f"--backends {backends}: give 1 to {MAX_BACKENDS}")
@@ -240,16 +241,18 @@ def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix:
 
 def prepare_backend(host: Host, forward: str) -> None:
     """What a backend of a dsr or ipip service needs (xdplb decap, run in its namespace);
-    for nat, undoes it, so that the lab can be switched between modes."""
+    for nat, undoes it, so that the lab can be switched between modes. The IPv6 bypass VIP
+    stays on lo in every mode: IPv6 services forward in dsr mode whatever the IPv4 ones
+    do, and an IPv6 address on lo changes nothing for IPv4 (no ARP sysctl)."""
     from . import backendhost, decap
 
     def work():
         if forward == "ipip":
-            decap.attach("eth0", [BYPASS_VIP], mode="generic")
+            decap.attach("eth0", [BYPASS_VIP, BYPASS_VIP6], mode="generic")
             return
         if any(e["program_id"] for e in decap.status("eth0")["interfaces"]):
             decap.detach("eth0")
-        backendhost.converge("eth0", [str(BYPASS_VIP), str(BYPASS_VIP6)] if forward == "dsr" else None)
+        backendhost.converge("eth0", [str(BYPASS_VIP), str(BYPASS_VIP6)] if forward == "dsr" else [str(BYPASS_VIP6)])
     run_in_netns(host.namespace, work)
 
 
