@@ -2,9 +2,16 @@
 /*
  * The IPv6 path: one global function, xdplb_v6, that xdplb_main calls for frames with
  * the IPv6 EtherType only, so IPv4 packets pay nothing for it and the verifier walks it
- * once. Services forward in dsr mode (the control plane refuses the others so far): the
- * packet goes on as the client sent it, behind a new Ethernet header, and the flow table
- * (xdplb_flows6) keeps each connection on the backend Maglev gave its first packet.
+ * once. Services forward in dsr or ipip mode (the control plane refuses nat so far): the
+ * packet goes on as the client sent it, behind a new Ethernet header (dsr) or inside an
+ * outer IPv6 header to the backend (ip6ip6, next header 41, which `xdplb decap` takes
+ * off), and the flow table (xdplb_flows6) keeps each connection on the backend Maglev
+ * gave its first packet.
+ *
+ * ip6ip6 makes a packet 40 bytes longer. When it no longer fits the egress link, the
+ * client gets an ICMPv6 "packet too big" from the VIP with the MTU it may use (never
+ * below IPv6's minimum, 1280: RFC 8200), as IPv4 clients get "fragmentation needed";
+ * IPv6 routers never fragment, so there is no DF to look at.
  *
  * Extension headers (RFC 8200), at most XDPLB_V6_EXT_HEADERS of them, else the packet
  * passes to the kernel:
@@ -34,6 +41,7 @@
 #define NEXTHDR_DEST 60
 /* ICMPv6 types below this are errors (RFC 4443). */
 #define ICMPV6_INFO_MIN 128
+#define ICMPV6_PKT_TOOBIG 2
 #define IPV6_FRAG_OFFSET 0xfff8
 #define IPV6_FRAG_MORE 0x0001
 
@@ -145,11 +153,156 @@ static __always_inline int parse_packet6(struct xdp_md *ctx, struct packet6 *pkt
 	return PARSE_OTHER;
 }
 
-static __always_inline int forward6(struct xdp_md *ctx, struct packet6 *pkt, const struct xdplb_flow6 *flow,
-				    __u32 new_flow)
+/* Adds the sum of the next at most `cap` bytes of the quote (from `offset`) to *sum.
+ * Both constants: the verifier then knows the piece lies inside the buffer. */
+static __always_inline int quote_sum(struct ptb_quote *q, __u32 offset, __u32 cap, __u32 *left, __u64 *sum)
 {
-	__u64 bytes = ctx->data_end - ctx->data;
-	__u32 id = flow->backend_id;
+	__u32 piece = *left > cap ? cap : *left;
+	__s64 part;
+
+	if (!piece)
+		return 0;
+	part = bpf_csum_diff(NULL, 0, (__be32 *)(q->bytes + offset), piece, 0);
+	if (part < 0)
+		return -1;
+	*sum += (__u32)part;
+	*left -= piece;
+	return 0;
+}
+
+/* Turns the frame, a client's packet too big for `mtu` once encapsulated, into an ICMPv6
+ * "packet too big" (type 2) from the address it was sent to, quoting as much of it as
+ * fits in 1280 bytes (RFC 4443), to go back with XDP_TX: MACs swapped. Returns 0, or -1
+ * if the frame is not such a packet (the caller checked it is). A global function: the
+ * verifier walks it once, and only the context and scalars cross. */
+__noinline int answer_packet_too_big(struct xdp_md *ctx, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	__u32 zero = 0, quote, left;
+	__be32 first, size;
+	struct icmp6_header *icmp;
+	struct ptb_quote *q;
+	__u64 sum = 0;
+	long len;
+
+	if ((void *)(ip6 + 1) > end)
+		return -1;
+	quote = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+	if (quote > PTB_QUOTE_MAX)
+		quote = PTB_QUOTE_MAX;
+	q = bpf_map_lookup_elem(&xdplb_ptb_quote, &zero);
+	if (!q || bpf_xdp_load_bytes(ctx, sizeof(*eth), q->bytes, quote))
+		return -1;
+	q->bytes[quote] = q->bytes[quote + 1] = q->bytes[quote + 2] = 0;
+	/* The quote's sum, in pieces of at most 512 bytes (the last one padded with zeros). */
+	left = (quote + 3) & ~3u;
+	if (quote_sum(q, 0, 512, &left, &sum) || quote_sum(q, 512, 512, &left, &sum) ||
+	    quote_sum(q, 1024, sizeof(q->bytes) - 1024, &left, &sum))
+		return -1;
+	__builtin_memcpy(q->client_mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(q->own_mac, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(q->client, &ip6->saddr, sizeof(q->client));
+	__builtin_memcpy(q->vip, &ip6->daddr, sizeof(q->vip));
+
+	/* Nothing past the quote. The frame's length as a number first: the verifier refuses
+	 * 32-bit arithmetic on packet pointers, which the compiler would otherwise emit. */
+	len = (long)end - (long)data;
+	asm volatile("" : "+r"(len));
+	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(*eth) + quote - len)))
+		return -1;
+	if (bpf_xdp_adjust_head(ctx, -(int)(sizeof(struct ipv6hdr) + sizeof(struct icmp6_header))))
+		return -1;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip6 = (void *)(eth + 1);
+	icmp = (void *)(ip6 + 1);
+	if ((void *)(icmp + 1) > end)
+		return -1;
+	__builtin_memcpy(eth->h_dest, q->client_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, q->own_mac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	first = bpf_htonl(6 << 28);
+	size = bpf_htons(sizeof(*icmp) + quote);
+	*(__be32 *)ip6 = first;
+	ip6->payload_len = size;
+	ip6->nexthdr = NEXTHDR_ICMPV6;
+	ip6->hop_limit = ICMP_ANSWER_TTL;
+	__builtin_memcpy(&ip6->saddr, q->vip, sizeof(q->vip));
+	__builtin_memcpy(&ip6->daddr, q->client, sizeof(q->client));
+	icmp->type = ICMPV6_PKT_TOOBIG;
+	icmp->code = 0;
+	icmp->checksum = 0;
+	icmp->rest = bpf_htonl(mtu);
+	/* The pseudo-header (addresses, upper-layer length, next header), then the message. */
+	for (int i = 0; i < 4; i++)
+		sum += (q->vip[i] & 0xffff) + (q->vip[i] >> 16) + (q->client[i] & 0xffff) + (q->client[i] >> 16);
+	sum += size + bpf_htons(NEXTHDR_ICMPV6) + *(__u16 *)icmp + (icmp->rest & 0xffff) + (icmp->rest >> 16);
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	icmp->checksum = ~csum_fold32((__u32)sum + (sum >> 32));
+	return 0;
+}
+
+/* Whether the packet still fits its egress link inside an outer IPv6 header. If not, *mtu
+ * gets the link's MTU. As for IPv4 (ipip_fits), nothing is asked below
+ * XDPLB_ENCAP_MTU_FLOOR, and a failed check counts as fitting. */
+static __always_inline int ip6ip6_fits(struct xdp_md *ctx, const struct ipv6hdr *ip6, __u32 ifindex, __u32 *mtu)
+{
+	__u32 len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+
+	if (len + sizeof(*ip6) <= XDPLB_ENCAP_MTU_FLOOR)
+		return 1;
+	*mtu = len;
+	return bpf_check_mtu(ctx, ifindex, mtu, sizeof(*ip6), 0) != BPF_MTU_CHK_RET_FRAG_NEEDED;
+}
+
+/* Puts an outer IPv6 header from encap_source6 to the backend before the packet, which
+ * stays as it is, and a new Ethernet header before both. Traffic class from the inner
+ * header (DSCP and ECN pass through, RFC 6040's normal mode); the flow label from the
+ * inner 5-tuple (RFC 6438), so that routers spreading flows by label keep each on one path.
+ * Returns 0, or -1 without headroom (XDP always leaves 256 bytes). */
+static __always_inline int ip6ip6_encapsulate(struct xdp_md *ctx, const struct xdplb_config *cfg,
+					      const struct xdplb_flow6 *flow, const struct hop6 *hop, __u32 label)
+{
+	struct ipv6hdr *inner = (void *)(long)ctx->data + sizeof(struct ethhdr), *outer;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth;
+	__u32 tclass;
+	__be16 len;
+
+	if ((void *)(inner + 1) > end)
+		return -1;
+	tclass = (bpf_ntohl(*(__be32 *)inner) >> 20) & 0xff;
+	len = bpf_htons(sizeof(*inner) + bpf_ntohs(inner->payload_len));
+	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct ipv6hdr)))
+		return -1;
+	eth = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	outer = (void *)(eth + 1);
+	if ((void *)(outer + 1) > end)
+		return -1;
+	__builtin_memcpy(eth->h_dest, hop->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, hop->smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	*(__be32 *)outer = bpf_htonl(6 << 28 | tclass << 20 | (label & 0xfffff));
+	outer->payload_len = len;
+	outer->nexthdr = IPPROTO_IPV6;
+	outer->hop_limit = XDPLB_IPIP_TTL;
+	__builtin_memcpy(&outer->saddr, cfg->encap_source6, sizeof(outer->saddr));
+	__builtin_memcpy(&outer->daddr, flow->daddr, sizeof(outer->daddr));
+	return 0;
+}
+
+static __always_inline int forward6(struct xdp_md *ctx, const struct xdplb_config *cfg, struct packet6 *pkt,
+				    const struct xdplb_flow6 *flow, __u32 new_flow)
+{
+	/* As pointers: the compiler would spill a 32-bit copy of ctx->data otherwise, which
+	 * the verifier refuses. */
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	__u64 bytes = end - data;
+	__u32 id = flow->backend_id, mtu = 0;
 	struct xdplb_backend *be = bpf_map_lookup_elem(&xdplb_backends, &id);
 	struct hop6 hop;
 
@@ -162,10 +315,23 @@ static __always_inline int forward6(struct xdp_md *ctx, struct packet6 *pkt, con
 		__builtin_memcpy(hop.dmac, flow->dmac, ETH_ALEN);
 		__builtin_memcpy(hop.smac, flow->smac, ETH_ALEN);
 	}
-	__builtin_memcpy(pkt->eth->h_dest, hop.dmac, ETH_ALEN);
-	__builtin_memcpy(pkt->eth->h_source, hop.smac, ETH_ALEN);
+	if (!flow->encap) {
+		__builtin_memcpy(pkt->eth->h_dest, hop.dmac, ETH_ALEN);
+		__builtin_memcpy(pkt->eth->h_source, hop.smac, ETH_ALEN);
+	} else if (!ip6ip6_fits(ctx, pkt->ip6, hop.ifindex, &mtu)) {
+		/* Never an ICMPv6 error about an ICMPv6 error (RFC 4443). */
+		if (pkt->key.proto == NEXTHDR_ICMPV6 ||
+		    answer_packet_too_big(ctx, mtu > XDPLB_ENCAP_MTU_FLOOR + sizeof(struct ipv6hdr) ?
+						   mtu - sizeof(struct ipv6hdr) : XDPLB_ENCAP_MTU_FLOOR))
+			return drop(XDPLB_CNT_TOO_BIG);
+		count(XDPLB_CNT_FRAG_NEEDED);
+		count(XDPLB_CNT_TX);
+		return XDP_TX;
+	}
 	account(flow->service_id, &xdplb_svc_stats, bytes, new_flow);
 	account(flow->backend_id, &xdplb_be_stats, bytes, new_flow);
+	if (flow->encap && ip6ip6_encapsulate(ctx, cfg, flow, &hop, flow_hash6(&pkt->key, cfg->flow_seed)))
+		return XDP_ABORTED; /* no headroom: cannot happen, and the xdp_exception tracepoint says so */
 	if (hop.ifindex == ctx->ingress_ifindex) {
 		count(XDPLB_CNT_TX);
 		return XDP_TX;
@@ -175,17 +341,25 @@ static __always_inline int forward6(struct xdp_md *ctx, struct packet6 *pkt, con
 }
 
 /* An ICMPv6 error quotes a packet the backend sent the client from the VIP: the flow of
- * the opposite direction is the client's, and its backend gets the error. */
-static __always_inline int relay_icmp6_error(struct xdp_md *ctx, struct packet6 *pkt)
+ * the opposite direction is the client's, and its backend gets the error. A global
+ * function that parses the frame again: a rare path, kept off xdplb_v6's stack. */
+__noinline int relay_icmp6_error(struct xdp_md *ctx)
 {
 	void *end = (void *)(long)ctx->data_end;
-	struct icmp6_header *icmp = pkt->l4;
 	struct xdplb_flow_key6 key = {};
-	struct ipv6hdr *inner;
+	struct packet6 pkt = {};
+	struct icmp6_header *icmp;
+	struct xdplb_config *cfg;
 	struct xdplb_flow6 *flow;
+	struct ipv6hdr *inner;
 	__be16 *ports;
+	__u32 zero = 0;
 	int action;
 
+	cfg = bpf_map_lookup_elem(&xdplb_config, &zero);
+	if (!cfg || parse_packet6(ctx, &pkt) != PARSE_ICMP)
+		return pass(XDPLB_CNT_PASS);
+	icmp = pkt.l4;
 	if ((void *)(icmp + 1) > end || icmp->type >= ICMPV6_INFO_MIN)
 		return pass(XDPLB_CNT_PASS);
 	inner = (void *)(icmp + 1);
@@ -200,8 +374,9 @@ static __always_inline int relay_icmp6_error(struct xdp_md *ctx, struct packet6 
 	flow = bpf_map_lookup_elem(&xdplb_flows6, &key);
 	if (!flow)
 		return pass(XDPLB_CNT_PASS);
-	action = forward6(ctx, pkt, flow, 0);
-	count(XDPLB_CNT_ICMP_TRANSLATED);
+	action = forward6(ctx, cfg, &pkt, flow, 0);
+	if (action != XDP_DROP)
+		count(XDPLB_CNT_ICMP_TRANSLATED);
 	return action;
 }
 
@@ -233,11 +408,12 @@ static __always_inline void track_tcp_state6(struct xdplb_flow6 *flow, __u8 tcp_
 static __always_inline int new_flow6(struct xdp_md *ctx, const struct xdplb_config *cfg, struct packet6 *pkt,
 				     const struct xdplb_service *svc, __u32 now)
 {
-	struct xdplb_flow6 fresh = {};
+	struct new_flow_scratch *scratch;
+	struct xdplb_flow6 *fresh;
 	struct xdplb_backend *be;
-	__u32 id = 0;
+	__u32 id = 0, zero = 0;
 
-	if (!(svc->flags & XDPLB_SVC_DSR))
+	if (!(svc->flags & SVC_NO_NAT))
 		return pass(XDPLB_CNT_PASS);
 	/* IPv6 allow-lists are refused by the control plane; a service that has one anyway
 	 * lets nobody in rather than everybody. */
@@ -253,23 +429,40 @@ static __always_inline int new_flow6(struct xdp_md *ctx, const struct xdplb_conf
 		count(XDPLB_CNT_BACKEND_MISMATCH);
 		return pass(XDPLB_CNT_NO_BACKEND);
 	}
-	__builtin_memcpy(fresh.daddr, be->addr, sizeof(fresh.daddr));
-	fresh.ifindex = be->ifindex;
-	__builtin_memcpy(fresh.dmac, be->dmac, ETH_ALEN);
-	__builtin_memcpy(fresh.smac, be->smac, ETH_ALEN);
-	fresh.last_seen = now;
-	fresh.flags = first_state_as_sent(pkt->key.proto == IPPROTO_TCP, pkt->tcp_flags);
-	fresh.service_id = svc->id;
-	fresh.backend_id = id;
+	/* Built in the per-CPU scratch space: the stack of this call chain is short. */
+	scratch = bpf_map_lookup_elem(&xdplb_scratch, &zero);
+	if (!scratch)
+		return pass(XDPLB_CNT_PASS);
+	fresh = &scratch->flow6;
+	__builtin_memset(fresh, 0, sizeof(*fresh));
+	__builtin_memcpy(fresh->daddr, be->addr, sizeof(fresh->daddr));
+	fresh->ifindex = be->ifindex;
+	__builtin_memcpy(fresh->dmac, be->dmac, ETH_ALEN);
+	__builtin_memcpy(fresh->smac, be->smac, ETH_ALEN);
+	fresh->last_seen = now;
+	fresh->flags = first_state_as_sent(pkt->key.proto == IPPROTO_TCP, pkt->tcp_flags);
+	fresh->service_id = svc->id;
+	fresh->backend_id = id;
 	if (pkt->key.proto == IPPROTO_UDP)
-		fresh.udp_timeout_s = svc->udp_timeout_s;
-	if (bpf_map_update_elem(&xdplb_flows6, &pkt->key, &fresh, BPF_ANY))
+		fresh->udp_timeout_s = svc->udp_timeout_s;
+	if (svc->flags & XDPLB_SVC_IPIP) {
+		const __be32 *src = cfg->encap_source6;
+
+		if (!(src[0] | src[1] | src[2] | src[3]))
+			return drop(XDPLB_CNT_TABLE_FULL); /* as IPv4 ipip without a source */
+		fresh->encap = 1;
+	}
+	if (bpf_map_update_elem(&xdplb_flows6, &pkt->key, fresh, BPF_ANY))
 		return drop(XDPLB_CNT_TABLE_FULL);
-	if (pkt->key.proto == IPPROTO_TCP && !(fresh.flags & XDPLB_FLOW_HANDSHAKE))
+	if (pkt->key.proto == IPPROTO_TCP && !(fresh->flags & XDPLB_FLOW_HANDSHAKE))
 		count(XDPLB_CNT_RECOVERED);
 	count(XDPLB_CNT_NEW_FLOW);
-	return forward6(ctx, pkt, &fresh, 1);
+	return forward6(ctx, cfg, pkt, fresh, 1);
 }
+
+/* xdplb_v6's answer for an ICMPv6 message (any other is an XDP action): xdplb_main then
+ * calls relay_icmp6_error, so that neither call chain outgrows the 512 bytes of stack. */
+#define V6_ICMP (-1)
 
 __noinline int xdplb_v6(struct xdp_md *ctx)
 {
@@ -285,7 +478,7 @@ __noinline int xdplb_v6(struct xdp_md *ctx)
 	case PARSE_L4:
 		break;
 	case PARSE_ICMP:
-		return relay_icmp6_error(ctx, &pkt);
+		return V6_ICMP;
 	case PARSE_MALFORMED:
 		return pass(XDPLB_CNT_MALFORMED);
 	default:
@@ -320,7 +513,7 @@ __noinline int xdplb_v6(struct xdp_md *ctx)
 		if (pkt.key.proto == IPPROTO_TCP &&
 		    ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) || (flow->flags & XDPLB_FLOW_HANDSHAKE)))
 			track_tcp_state6(flow, pkt.tcp_flags);
-		return forward6(ctx, &pkt, flow, 0);
+		return forward6(ctx, cfg, &pkt, flow, 0);
 	}
 	return new_flow6(ctx, cfg, &pkt, svc, now);
 }

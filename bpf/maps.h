@@ -5,6 +5,7 @@
 #define XDPLB_MAPS_H
 
 #include <linux/bpf.h>
+#include <linux/if_ether.h>
 #include <bpf/bpf_helpers.h>
 #include "xdplb_abi.h"
 
@@ -212,6 +213,7 @@ struct new_flow_scratch {
 	struct new_flow_request req;
 	struct new_flow_plan plan;
 	struct tcp_ts ts;
+	struct xdplb_flow6 flow6; /* an IPv6 flow being created (new_flow6 in bpf/ipv6.h) */
 };
 
 struct {
@@ -220,6 +222,27 @@ struct {
 	__type(key, __u32);
 	__type(value, struct new_flow_scratch);
 } xdplb_scratch SEC(".maps");
+
+/* Per-CPU copy of what an ICMPv6 "packet too big" quotes (answer_packet_too_big in
+ * bpf/ipv6.h): its checksum is summed from here, in pieces bpf_csum_diff takes (at most
+ * 512 bytes, a multiple of 4: the bytes past the quote are zeroed). */
+#define PTB_QUOTE_MAX (1280 - 40 - 8)
+struct ptb_quote {
+	__u8 bytes[PTB_QUOTE_MAX + 4];
+	/* Who sent the packet and to which address: here, not on the stack of a call chain
+	 * that starts in xdplb_main. */
+	__be32 client[4];
+	__be32 vip[4];
+	__u8 client_mac[ETH_ALEN];
+	__u8 own_mac[ETH_ALEN];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ptb_quote);
+} xdplb_ptb_quote SEC(".maps");
 
 /* Per-CPU arguments of a trace line: bpf_printk would keep them on the stack. */
 #define TRACE_ARGS 12

@@ -871,8 +871,11 @@ int xdplb_main(struct xdp_md *ctx)
 	case PARSE_MALFORMED:
 		return pass(XDPLB_CNT_MALFORMED);
 	default:
-		if (pkt.eth && pkt.eth->h_proto == bpf_htons(ETH_P_IPV6))
-			return xdplb_v6(ctx);
+		if (pkt.eth && pkt.eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+			int action = xdplb_v6(ctx);
+
+			return action == V6_ICMP ? relay_icmp6_error(ctx) : action;
+		}
 		return pass(XDPLB_CNT_PASS);
 	}
 

@@ -216,8 +216,8 @@ struct xdplb_backend {
 
 /* IPv6 (bpf/ipv6.h). Services, flows and allow-lists of each family are apart, so the
  * IPv4 path reads what it did before IPv6 existed; backends, rings, ports, counters and
- * service ids are shared. An IPv6 service forwards in dsr mode only so far (the control
- * plane refuses the others).
+ * service ids are shared. An IPv6 service forwards in dsr or ipip (ip6ip6) mode so far
+ * (the control plane refuses nat).
  *
  * Extension headers walked before the transport header; a packet with more passes to
  * the kernel. */
@@ -241,7 +241,7 @@ struct xdplb_flow_key6 {
 	__u8 pad[3];
 };
 
-/* An IPv6 flow (dsr: one entry per flow, from the client's packets). A packet goes to its
+/* An IPv6 flow (dsr or ipip: one entry per flow, from the client's packets). A packet goes to its
  * backend's current next hop while the backend entry still holds daddr (one array read,
  * the entry is hot), else to the copy kept here: a retired backend's open connections
  * keep reaching it, as IPv4 flows do. */
@@ -255,7 +255,8 @@ struct xdplb_flow6 {
 	__u16 service_id;
 	__u16 backend_id;
 	__u16 udp_timeout_s; /* the service's, when the flow was created (0: the interface's) */
-	__u16 pad;
+	__u8 encap; /* 1: ipip (ip6ip6, from xdplb_config.encap_source6), 0: dsr */
+	__u8 pad;
 };
 
 /* A packet's 5-tuple as it arrives: the key of a flow table slot. */
@@ -365,6 +366,9 @@ struct xdplb_config {
 	__u32 flow_seed;
 	/* Source address of the outer header of IPIP packets (services with XDPLB_SVC_IPIP). */
 	__be32 encap_source;
+	/* The same for IPv6 services (ip6ip6); all zero: none (the control plane refuses
+	 * IPv6 ipip services without one). */
+	__be32 encap_source6[4];
 	/* Sources of packets sent to backends (last: only new flows read them): a backend's
 	 * SNAT cursor c hands out address c % count with port min + (c / count) % span. */
 	__u32 snat_addr_count; /* 1 to XDPLB_MAX_SNAT_ADDRS */

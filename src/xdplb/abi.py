@@ -140,7 +140,7 @@ class FlowKey6(ctypes.Structure):
 class Flow6(ctypes.Structure):
     _fields_ = [("daddr", be32 * 4), ("ifindex", u32), ("dmac", u8 * 6), ("smac", u8 * 6),
                 ("last_seen", u32), ("flags", u32), ("service_id", u16), ("backend_id", u16),
-                ("udp_timeout_s", u16), ("pad", u16)]
+                ("udp_timeout_s", u16), ("encap", u8), ("pad", u8)]
 
 
 class FlowKey(ctypes.Structure):
@@ -172,7 +172,8 @@ class Config(ctypes.Structure):
                 ("tcp_expiry_ticks", u32), ("tcp_closing_expiry_ticks", u32), ("udp_expiry_ticks", u32),
                 ("tcp_syn_expiry_ticks", u32),
                 ("tick_shift", u32), ("ticks_per_s", u32), ("touch_ticks", u32), ("hop_gen", u32),
-                ("trace_until", u32), ("flow_seed", u32), ("encap_source", be32), ("snat_addr_count", u32),
+                ("trace_until", u32), ("flow_seed", u32), ("encap_source", be32), ("encap_source6", be32 * 4),
+                ("snat_addr_count", u32),
                 ("snat_addrs", be32 * MAX_SNAT_ADDRS)]
 
 

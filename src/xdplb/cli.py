@@ -151,7 +151,9 @@ def build():
 @click.option("--forward", type=click.Choice(model.FORWARD_MODES), default="nat", show_default=True,
               help="How packets reach the backends: full NAT, direct server return (backends on this "
                    "segment, VIP on their lo) or IPIP encapsulation (backends decapsulate: xdplb decap).")
-@click.option("--encap-source", metavar="ADDR", help="Outer source of IPIP packets [default: the first SNAT address].")
+@click.option("--encap-source", metavar="ADDR[,ADDR]",
+              help="Outer source of IPIP packets, one per family [default: the first SNAT address; for IPv6 "
+                   "services, the interface's first global IPv6 address].")
 @click.option("--force", is_flag=True, help="Replace an XDP program that is not xdplb's.")
 @click.pass_context
 def attach(ctx, iface, backends, vip, port, proto, mode, clients, not_allowed, snat, snat_ports, flows, seed,
@@ -174,8 +176,7 @@ def attach(ctx, iface, backends, vip, port, proto, mode, clients, not_allowed, s
         clients=model.parse_networks(clients) if clients else [], not_allowed=not_allowed, force=force,
         snat_addrs=model.parse_snat_addresses(snat) if snat else None,
         snat_ports=model.parse_port_range(snat_ports) if snat_ports else None, flows=flows, seed=seed,
-        forward=forward, encap_source=model.parse_address(encap_source, "encapsulation source") if encap_source
-        else None)
+        forward=forward, encap_sources=model.parse_encap_sources(encap_source) if encap_source else (None, None))
     _check_attach_options(req)
     outcome, svc = control.attach(req)
     for note in outcome.notes:

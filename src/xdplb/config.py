@@ -151,9 +151,13 @@ def check(text: str) -> tuple[list[InterfaceConfig], list[str]]:
             parsed = c.parse(f"{where}.snat_ports", model.parse_port_range, text) if text is not None else None
             snat_ports_known = parsed is not None
             iface.snat_ports = parsed or iface.snat_ports
-        if "encap_source" in table and c.string(f"{where}.encap_source", table["encap_source"], '"10.0.0.2"'):
-            iface.encap_source = c.parse(f"{where}.encap_source", model.parse_address, table["encap_source"],
-                                         "encapsulation source")
+        if "encap_source" in table:
+            value = table["encap_source"]
+            text = ",".join(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+            if c.string(f"{where}.encap_source", text, '"10.0.0.2" or ["10.0.0.2", "fd00::2"]'):
+                parsed = c.parse(f"{where}.encap_source", model.parse_encap_sources, text)
+                if parsed is not None:
+                    iface.encap_source, iface.encap_source6 = parsed
         iface.seed = c.integer(f"{where}.seed", table.get("seed", iface.seed), 0, 0xFFFFFFFF) or 0
         timeouts = table.get("timeouts", {})
         if c.keys(f"{where}.timeouts", timeouts, TIMEOUT_KEYS):
@@ -308,8 +312,9 @@ def dump(interfaces: list[InterfaceConfig]) -> str:
             addrs = [str(a) for a in iface.snat]
             lines.append(f"snat = {_toml_value(addrs[0] if len(addrs) == 1 else addrs)}")
         lines.append(f"snat_ports = {_toml_value(f'{iface.snat_ports[0]}-{iface.snat_ports[1]}')}")
-        if iface.encap_source:
-            lines.append(f"encap_source = {_toml_value(str(iface.encap_source))}")
+        sources = [str(a) for a in (iface.encap_source, iface.encap_source6) if a]
+        if sources:
+            lines.append(f"encap_source = {_toml_value(sources[0] if len(sources) == 1 else sources)}")
         lines.append(f"seed = {iface.seed}")
         lines.append(f"timeouts = {_toml_value(iface.timeouts)}")
         for svc in iface.services:

@@ -83,17 +83,14 @@ def family_problems(wanted: InterfaceConfig) -> list[str]:
             out += [f"service {svc.name}: client network {n} is IPv6 but the VIP is IPv4: give IPv4 networks"
                     for n in svc.clients if n.version != 4]
             continue
-        if svc.forward != "dsr":
-            out.append(f"service {svc.name}: IPv6 services forward with --forward dsr only so far ({svc.forward} "
-                       "is IPv4 only): give --forward dsr, or an IPv4 VIP")
+        if svc.forward == "nat":
+            out.append(f"service {svc.name}: IPv6 services forward with --forward dsr or ipip only so far (nat "
+                       "is IPv4 only): give --forward dsr or ipip, or an IPv4 VIP")
         if svc.clients:
             out.append(f"service {svc.name}: IPv6 services take no client allow-list yet: remove --clients, "
                        "or give an IPv4 VIP")
     out += [f"SNAT address {a} is IPv6: the SNAT sources of IPv4 services are IPv4 addresses"
             for a in wanted.snat or [] if a.version != 4]
-    if wanted.encap_source is not None and wanted.encap_source.version != 4:
-        out.append(f"IPIP source {wanted.encap_source} is IPv6: the outer header of IPv4 services is IPv4; "
-                   "give an IPv4 --encap-source")
     return out
 
 
@@ -149,7 +146,8 @@ def converge(wanted: InterfaceConfig, dry_run: bool = False, force: bool = False
 
 def _converge_running(wanted: InterfaceConfig, found: loader.Attachment, dry_run: bool) -> Outcome:
     dp = found.dataplane
-    settings = wanted.settings(dp.read_settings().snat_addrs)  # no snat given: keep the running one
+    running = dp.read_settings()  # no snat given: keep the running one; the same for IPv6's outer source
+    settings = wanted.settings(running.snat_addrs, _encap6_default(wanted, found.link, running.encap_source6))
     _check_snat_range(settings)
     hops = _next_hops(wanted.services, dp.next_hops())
     p = dp.sync(plan.Wanted(settings, wanted.services, hops), wanted.name, dry_run)
@@ -161,7 +159,7 @@ def _attach_new(wanted: InterfaceConfig, link: netlink.Link, dry_run: bool, repl
     if not wanted.snat and not addresses:
         raise UsageError(f"{link.name} has no IPv4 address to use as SNAT source; give --snat (snat = \"ADDR\") "
                          "or add one (ip addr add)")
-    settings = wanted.settings([addresses[0].ip] if addresses else [])
+    settings = wanted.settings([addresses[0].ip] if addresses else [], _encap6_default(wanted, link))
     _check_snat_range(settings)
     local = netlink.local_ipv4_addresses()
     notes = [f"note: SNAT address {a} is not an address of this host: backends must route it here"
@@ -213,7 +211,7 @@ class AttachRequest:
     flows: int | None = None  # None: the running table's, or the default
     seed: int | None = None
     forward: str = "nat"
-    encap_source: ipaddress.IPv4Address | None = None
+    encap_sources: tuple = (None, None)  # IPv4, IPv6 (model.parse_encap_sources)
 
 
 def attach(req: AttachRequest) -> tuple[Outcome, Service]:
@@ -254,11 +252,28 @@ def attach(req: AttachRequest) -> tuple[Outcome, Service]:
             wanted.snat_ports = req.snat_ports
         if req.seed is not None:
             wanted.seed = req.seed
-        if req.encap_source is not None:
-            wanted.encap_source = req.encap_source
+        if req.encap_sources[0] is not None:
+            wanted.encap_source = req.encap_sources[0]
+        if req.encap_sources[1] is not None:
+            wanted.encap_source6 = req.encap_sources[1]
         if req.flows is not None:
             wanted.flows = req.flows
         return converge(wanted, force=req.force), service
+
+
+def _encap6_default(wanted: InterfaceConfig, link: netlink.Link,
+                    running: ipaddress.IPv6Address | None = None) -> ipaddress.IPv6Address | None:
+    """The outer source of IPv6 ipip packets when none is given: the running one, else the
+    interface's first global IPv6 address; None while no IPv6 service encapsulates."""
+    if wanted.encap_source6 is not None or not wanted.needs_encap6():
+        return None
+    if running is not None:
+        return running
+    addresses = netlink.global_ipv6_addresses(link.index)
+    if not addresses:
+        raise UsageError(f"{link.name} has no global IPv6 address for the outer header of IPv6 ipip services; "
+                         "give one with --encap-source (encap_source), or add one (ip -6 addr add)")
+    return addresses[0]
 
 
 def _primary_address(link: netlink.Link, req: AttachRequest) -> ipaddress.IPv4Address:

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """The IPv6 flow table (xdplb_flows6, an LRU hash map: bpf/ipv6.h) as the control plane
-sees it: one entry per flow (dsr), keyed by the client's 5-tuple, read in batches. The
+sees it: one entry per flow (dsr or ipip), keyed by the client's 5-tuple, read in batches. The
 counts and listings match the IPv4 table's (flowtable.py), which DataPlane merges them
 with: an entry is live as the data plane judges it (flow6_live), and its flags are the
 same TCP states."""
@@ -59,7 +59,7 @@ class Flows6:
             out.append(Connection(
                 PROTOCOL_NAMES[key.proto], f"[{from_words(key.saddr)}]:{socket.ntohs(key.sport)}",
                 f"[{from_words(key.daddr)}]:{socket.ntohs(key.dport)}",
-                f"[{from_words(value.daddr)}]:{socket.ntohs(key.dport)}", "dsr",
+                f"[{from_words(value.daddr)}]:{socket.ntohs(key.dport)}", "ipip" if value.encap else "dsr",
                 tcp_state(value.flags & 0xFF) if key.proto == socket.IPPROTO_TCP else "-",
                 round(idle / per_s, 1), value.service_id, value.backend_id))
         return out

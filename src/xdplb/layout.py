@@ -98,7 +98,8 @@ def config_value(s: Settings, jiffy_ns: int, current: abi.Config | None, slots: 
         tcp_expiry_ticks=expiry(s.tcp_timeout_s), tcp_closing_expiry_ticks=expiry(s.tcp_closing_timeout_s),
         udp_expiry_ticks=expiry(s.udp_timeout_s), tcp_syn_expiry_ticks=expiry(s.tcp_syn_timeout_s),
         tick_shift=shift, ticks_per_s=clock.to_ticks(1, jiffy_ns, shift), touch_ticks=touch,
-        encap_source=be32(s.encap_source or s.snat_addrs[0]) if s.snat_addrs else 0)
+        encap_source=be32(s.encap_source or s.snat_addrs[0]) if s.snat_addrs else 0,
+        encap_source6=addr_words(s.encap_source6) if s.encap_source6 else (abi.be32 * 4)())
     keep_running_fields(cfg, current)
     return cfg
 
@@ -119,7 +120,8 @@ def settings_from(cfg: abi.Config, tracing: bool = False) -> Settings:
         tcp_timeout_s=cfg.tcp_timeout_s, tcp_closing_timeout_s=cfg.tcp_closing_timeout_s,
         udp_timeout_s=cfg.udp_timeout_s, tcp_syn_timeout_s=cfg.tcp_syn_timeout_s, trace=tracing,
         encap_source=from_be32(cfg.encap_source) if cfg.encap_source and cfg.snat_addr_count and
-        cfg.encap_source != cfg.snat_addrs[0] else None)
+        cfg.encap_source != cfg.snat_addrs[0] else None,
+        encap_source6=from_words(cfg.encap_source6) if any(cfg.encap_source6) else None)
 
 
 # ---- services, backends, client rules ---------------------------------------------------

@@ -77,6 +77,7 @@ class Settings:
     udp_timeout_s: int = 300
     tcp_syn_timeout_s: int = 5
     encap_source: ipaddress.IPv4Address | None = None  # outer source of IPIP packets; None: the SNAT address
+    encap_source6: ipaddress.IPv6Address | None = None  # the same for IPv6 services (ip6ip6); None: none
     trace: bool = False  # read back only: a trace lease is live (see DataPlane.renew_trace)
 
     def timeouts(self) -> dict[str, int]:
@@ -111,15 +112,22 @@ class InterfaceConfig:
     snat: list[ipaddress.IPv4Address] | None = None  # None: the interface's primary address
     snat_ports: tuple[int, int] = (Settings.snat_port_min, Settings.snat_port_max)
     encap_source: ipaddress.IPv4Address | None = None  # IPIP outer source; None: the first SNAT address
+    # Of IPv6 services (ip6ip6); None: the interface's first global IPv6 address.
+    encap_source6: ipaddress.IPv6Address | None = None
     seed: int = Settings.hash_seed
     timeouts: dict = field(default_factory=lambda: Settings(snat_addrs=[]).timeouts())
     services: list[Service] = field(default_factory=list)
     health: dict[str, "CheckSpec"] = field(default_factory=dict)  # service name -> check (serve)
 
-    def settings(self, default_snat: list[ipaddress.IPv4Address]) -> Settings:
+    def settings(self, default_snat: list[ipaddress.IPv4Address],
+                 default_encap6: ipaddress.IPv6Address | None = None) -> Settings:
         return Settings(snat_addrs=list(self.snat or default_snat), snat_port_min=self.snat_ports[0],
-                        snat_port_max=self.snat_ports[1], hash_seed=self.seed,
-                        encap_source=self.encap_source).with_timeouts(self.timeouts)
+                        snat_port_max=self.snat_ports[1], hash_seed=self.seed, encap_source=self.encap_source,
+                        encap_source6=self.encap_source6 or default_encap6).with_timeouts(self.timeouts)
+
+    def needs_encap6(self) -> bool:
+        """Whether an IPv6 service encapsulates (and so needs an IPv6 outer source)."""
+        return any(s.vip.version == 6 and s.forward == "ipip" for s in self.services)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
@@ -133,6 +141,18 @@ def parse_port(text: str, what: str = "port") -> int:
     if not 1 <= port <= 65535:
         raise UsageError(f"bad {what} {text!r}: give a number from 1 to 65535")
     return port
+
+
+def parse_encap_sources(text: str) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
+    """ADDR[,ADDR]: the outer source of IPIP packets, at most one per family."""
+    out: dict[int, Address] = {}
+    for item in text.split(","):
+        addr = parse_address(item.strip(), "encapsulation source")
+        if addr.version in out:
+            raise UsageError(f"bad encapsulation sources {text!r}: two IPv{addr.version} addresses; give at most "
+                             "one per family, like 10.0.0.2,fd00::2")
+        out[addr.version] = addr
+    return out.get(4), out.get(6)
 
 
 def parse_snat_addresses(text: str) -> list[Address]:

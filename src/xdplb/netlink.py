@@ -89,6 +89,13 @@ def ipv4_addresses(index: int) -> list[ipaddress.IPv4Interface]:
     return out
 
 
+def global_ipv6_addresses(index: int) -> list[ipaddress.IPv6Address]:
+    """The interface's IPv6 addresses of global scope (unique-local ones included)."""
+    with IPRoute() as ipr:
+        msgs = ipr.get_addr(family=socket.AF_INET6, index=index)
+    return [ipaddress.IPv6Address(m.get_attr("IFA_ADDRESS")) for m in msgs if m["scope"] == 0]
+
+
 def local_ipv4_addresses() -> set[ipaddress.IPv4Address]:
     """Every IPv4 address of this network namespace."""
     with IPRoute() as ipr:

@@ -399,6 +399,7 @@ def diff_settings(ifname: str, old: Settings, new: Settings) -> list[str]:
     pairs = [("snat", ",".join(map(str, old.snat_addrs)), ",".join(map(str, new.snat_addrs))),
              ("snat_ports", f"{old.snat_port_min}-{old.snat_port_max}", f"{new.snat_port_min}-{new.snat_port_max}"),
              ("encap_source", old.encap_source or "the SNAT address", new.encap_source or "the SNAT address"),
+             ("encap_source (IPv6)", old.encap_source6 or "none", new.encap_source6 or "none"),
              ("seed", old.hash_seed, new.hash_seed),
              *[(f"timeouts.{key}", old.timeouts()[key], new.timeouts()[key]) for key in old.timeouts()]]
     for key, a, b in pairs:

@@ -241,7 +241,8 @@ def running_config(ifname: str, found: loader.Attachment) -> InterfaceConfig:
     dp = found.dataplane
     s = dp.read_settings()
     return InterfaceConfig(name=ifname, mode=found.mode, flows=dp.flow_capacity(), snat=s.snat_addrs,
-                           snat_ports=(s.snat_port_min, s.snat_port_max), encap_source=s.encap_source, seed=s.hash_seed,
+                           snat_ports=(s.snat_port_min, s.snat_port_max), encap_source=s.encap_source,
+                           encap_source6=s.encap_source6, seed=s.hash_seed,
                            timeouts=s.timeouts(), services=dp.services())
 
 

@@ -79,7 +79,7 @@ def assert_untouched():
     (["attach", "eth0", "--backends", "10.77.0.2", "--snat-ports", "30000-40000"], 2,
      "overlap this host's ephemeral ports"),
     (["attach", "eth0", "--vip", "fd00::1", "--backends", "fd00::2"], 2,
-     "IPv6 services forward with --forward dsr only so far"),
+     "IPv6 services forward with --forward dsr or ipip only so far"),
     (["attach", "eth0", "--backends", "[fd00::2]:80"], 2, "backend [fd00::2]:80 is IPv6 but the VIP is IPv4"),
     (["attach", "eth0", "--backends", "fd00::2:80"], 2, "ambiguous: it reads as the IPv6 address fd00::2:80"),
 ])

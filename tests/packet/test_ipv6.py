@@ -5,7 +5,9 @@ checksum: dsr changes only the MACs, so the expected frame is the sent one with 
 MACs, byte for byte."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import os
 import socket
 
 import pytest
@@ -14,13 +16,15 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6ND_RA, ICM
                                 IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.l2 import Ether
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
 
-from xdplb import abi, hashing, layout
+from xdplb import abi, hashing, layout, namespaces
 from xdplb.model import Backend, Service
 from xdplb.netlink import NextHop
 
 from . import packets as P
-from .conftest import LOOPBACK, XDP_DROP, XDP_PASS, XDP_TX
+from .conftest import LOOPBACK, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 
 VIP6 = "fd00::2"
 CLIENT6 = "fd00:1::10"
@@ -288,3 +292,106 @@ def test_ipv6_flows_are_counted_listed_and_reset_beside_ipv4_ones(h6):
     owned = sum(1 for c in mine.values() if c.backend_id == ids[BACKEND6])
     assert h6.dp.reset_flows(ids[BACKEND6]) == owned
     assert all(v.backend_id != ids[BACKEND6] for v in flows6(h6).values())
+
+
+# ---- ipip (ip6ip6) -------------------------------------------------------------------------
+ENCAP6 = "fd00::1"
+
+
+def ipip6(h, sent: bytes, sport: int = 40000, backend: str = BACKEND6, mac: str = P.BACKEND_MAC) -> bytes:
+    """What ip6ip6 sends: the packet untouched inside an outer IPv6 header from the
+    encapsulation source (hop limit 64, traffic class the inner one's, flow label from the
+    inner 5-tuple)."""
+    inner = IPv6(sent[14:])
+    label = hashing.flow_hash6(CLIENT6, sport, VIP6, 80, socket.IPPROTO_TCP, h.dp._config().flow_seed) & 0xFFFFF
+    outer = IPv6(src=ENCAP6, dst=backend, nh=41, hlim=64, tc=inner.tc, fl=label, plen=len(sent) - 14)
+    return P.build(Ether(src=P.LB_MAC, dst=mac) / outer) + sent[14:]
+
+
+@pytest.fixture
+def ip6ip6(h6):
+    h6.sync(settings=dataclasses.replace(h6.settings, encap_source6=ipaddress.IPv6Address(ENCAP6)))
+    h6.configure([v6service(forward="ipip")])
+    return h6
+
+
+def test_ip6ip6_puts_the_packet_as_sent_inside_an_outer_header_to_the_backend(ip6ip6):
+    for flags in ("S", "A", "PA"):
+        sent = P.build(Ether(src=P.CLIENT_MAC, dst=P.LB_MAC) / IPv6(src=CLIENT6, dst=VIP6, tc=0xb9)
+                       / TCP(sport=40000, dport=80, flags=flags) / b"data")
+        assert ip6ip6.run(sent) == (XDP_TX, ipip6(ip6ip6, sent))
+    flow = flows6(ip6ip6)[(CLIENT6, 40000)]
+    assert flow.encap == 1
+    assert ip6ip6.dp.read_settings().encap_source6 == ipaddress.IPv6Address(ENCAP6)
+    conns, _ = ip6ip6.dp.connections()
+    assert conns[0].via == "ipip"
+
+
+def test_an_ipv6_ipip_service_without_an_outer_source_drops_new_flows(h6):
+    h6.configure([v6service(forward="ipip")])  # the harness gives no encap_source6
+    assert h6.run(syn())[0] == XDP_DROP
+    assert h6.dp.counters()["table_full"] == 1
+
+
+MTU6 = 1400  # the link towards the backend in the MTU tests
+
+
+@pytest.fixture
+def small_mtu_link():
+    """A namespace with a veth link of MTU6 (test runs there see its loopback as the
+    ingress interface, and bpf_check_mtu finds the link): its ifindex."""
+    name = f"xdplb-m6-{os.getpid()}"
+    pyroute2_netns.create(name)
+    try:
+        with IPRoute(netns=name) as ipr:
+            ipr.link("add", ifname="m6", kind="veth", peer="m6p")
+            index = ipr.link_lookup(ifname="m6")[0]
+            ipr.link("set", index=index, mtu=MTU6)
+        yield name, index
+    finally:
+        pyroute2_netns.remove(name)
+
+
+def segment6(l3_len: int, sport: int = 40000) -> bytes:
+    """A client's data segment whose IPv6 packet is l3_len bytes long."""
+    head = 40 + 20
+    return P.build(Ether(src=P.CLIENT_MAC, dst=P.LB_MAC) / IPv6(src=CLIENT6, dst=VIP6)
+                   / TCP(sport=sport, dport=80, flags="A", seq=1001) / (b"z" * (l3_len - head)))
+
+
+def packet_too_big(frame: bytes, mtu: int) -> bytes:
+    """The answer to a client's packet too big once encapsulated: as much of it as fits
+    in 1280 bytes, from the VIP, checksum computed by scapy."""
+    quote = frame[14:14 + 1280 - 48]
+    return P.build(Ether(src=P.LB_MAC, dst=P.CLIENT_MAC) / IPv6(src=VIP6, dst=CLIENT6, hlim=64)
+                   / ICMPv6PacketTooBig(mtu=mtu) / quote)
+
+
+def test_a_packet_too_big_once_encapsulated_is_answered_with_packet_too_big(ip6ip6, small_mtu_link):
+    netns, index = small_mtu_link
+    ip6ip6.move_hop(BACKEND6, NextHop(index, P.BACKEND_MAC, P.LB_MAC))
+    run = lambda frame: namespaces.run_in_netns(netns, lambda: ip6ip6.run(frame))  # noqa: E731
+    assert run(syn())[0] == XDP_REDIRECT
+    fits = segment6(MTU6 - 40)
+    assert run(fits) == (XDP_REDIRECT, ipip6(ip6ip6, fits))
+    too_big = segment6(MTU6 - 39)
+    action, out = run(too_big)
+    assert (action, out) == (XDP_TX, packet_too_big(too_big, MTU6 - 40))
+    assert len(out) == 14 + 1280  # quoted as much as fits the minimum MTU
+    counters = ip6ip6.dp.counters()
+    assert (counters["frag_needed"], counters["tx"], counters["redirect"], counters["too_big"]) == (1, 1, 2, 0)
+    # A short quote (a packet under 1232 bytes) is quoted whole: another link, MTU 1280.
+    with IPRoute(netns=netns) as ipr:
+        ipr.link("set", index=index, mtu=1280)
+    small = segment6(1245)
+    assert run(small) == (XDP_TX, packet_too_big(small, 1280))
+
+
+def test_an_icmpv6_error_about_an_ip6ip6_flow_is_encapsulated_to_its_backend(ip6ip6):
+    ip6ip6.run(syn(40000))
+    reply = IPv6(src=VIP6, dst=CLIENT6, hlim=63) / TCP(sport=80, dport=40000, flags="SA")
+    error = frame(ICMPv6PacketTooBig(mtu=1280) / bytes(reply), src="fd00:9::1", dst=VIP6)
+    action, out = ip6ip6.run(error)
+    assert action == XDP_TX and out[14 + 40:] == error[14:]
+    assert IPv6(out[14:]).nh == 41 and IPv6(out[14:]).dst == BACKEND6
+    assert ip6ip6.dp.counters()["icmp_translated"] == 1

@@ -268,5 +268,5 @@ def test_check_reports_every_problem_without_applying(tmp_path):
     assert result.output.splitlines() == [
         f"Error: {bad}: 2 problems:",
         "  interfaces.eth0.flows: must be a whole number from 1024 to 4194304, not 'x'",
-        "  interfaces.eth0: service [fd00::1]:80/tcp: IPv6 services forward with --forward dsr only so far (nat is "
-        "IPv4 only): give --forward dsr, or an IPv4 VIP"]
+        "  interfaces.eth0: service [fd00::1]:80/tcp: IPv6 services forward with --forward dsr or ipip only so "
+        "far (nat is IPv4 only): give --forward dsr or ipip, or an IPv4 VIP"]

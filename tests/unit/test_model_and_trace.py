@@ -187,8 +187,8 @@ def test_ipv6_services_are_refused_before_anything_changes():
                           clients=[ipaddress.IPv6Network("fd00::/64")])
     wanted = model.InterfaceConfig(name="eth0", services=[v6, v6_listed, mixed], snat=[V6("fd00::9")])
     assert control.problems(wanted, None, link) == [
-        "eth0: service [fd00::1]:80/tcp: IPv6 services forward with --forward dsr only so far (nat is IPv4 only): "
-        "give --forward dsr, or an IPv4 VIP",
+        "eth0: service [fd00::1]:80/tcp: IPv6 services forward with --forward dsr or ipip only so far (nat is "
+        "IPv4 only): give --forward dsr or ipip, or an IPv4 VIP",
         "eth0: service [fd00::1]:81/tcp: backend 10.0.0.3:81 is IPv4 but the VIP is IPv6: a service's backends "
         "are of its address family",
         "eth0: service [fd00::1]:81/tcp: IPv6 services take no client allow-list yet: remove --clients, or give "
