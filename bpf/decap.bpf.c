@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
- * xdplb's decapsulator, for the backends of services in ipip mode: an IPv4-in-IPv4
- * packet addressed to this host loses its outer header here and its inner packet goes
- * on to the kernel as if it had arrived as it is. Everything else passes untouched.
+ * xdplb's decapsulator, for the backends of services in ipip mode: an IPv4-in-IPv4 or
+ * IPv6-in-IPv6 packet addressed to this host loses its outer header here and its inner
+ * packet goes on to the kernel as if it had arrived as it is. Everything else passes
+ * untouched (an outer IPv6 header with extension headers too: the balancer adds none).
  *
  * "Addressed to this host" means: the outer destination is in xdplb_dc_local, which the
  * control plane fills with this host's addresses. The kernel's own test (a route of
@@ -21,18 +22,27 @@
 #include "decap_abi.h"
 #include "parse.h"
 #include "csum.h"
+#include <linux/ipv6.h>
 
 char LICENSE[] SEC("license") = "GPL";
 
 #define IP_HEADER_MAX_BYTES 60 /* ihl 15 */
 
-/* This host's IPv4 addresses (the value is unused), written by `xdplb decap attach`. */
+/* This host's addresses (the value is unused), written by `xdplb decap attach`: IPv6 ones
+ * as they are, IPv4 ones mapped (::ffff:a.b.c.d). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, XDPLB_DC_MAX_LOCAL);
-	__type(key, __be32);
+	__type(key, struct xdplb_dc_addr);
 	__type(value, __u8);
 } xdplb_dc_local SEC(".maps");
+
+static __always_inline int is_local4(__be32 addr)
+{
+	struct xdplb_dc_addr key = { .w = { 0, 0, bpf_htonl(0xffff), addr } };
+
+	return bpf_map_lookup_elem(&xdplb_dc_local, &key) != NULL;
+}
 
 /* Packets per outcome, indexed by enum xdplb_dc_counter. */
 struct {
@@ -115,6 +125,60 @@ static __always_inline int ecn_decapsulate(const struct iphdr *outer, struct iph
 	return 0;
 }
 
+/* RFC 6040 for IPv6: the ECN field is the low two bits of the traffic class, bits 20-21
+ * of the header's first word; no header checksum to mend. */
+static __always_inline int ecn_decapsulate6(const struct ipv6hdr *outer, struct ipv6hdr *inner)
+{
+	__u32 word = bpf_ntohl(*(__be32 *)inner), out = (bpf_ntohl(*(__be32 *)outer) >> 20) & ECN_MASK;
+	__u32 in = (word >> 20) & ECN_MASK, ecn;
+
+	if (out == ECN_CE) {
+		if (!in)
+			return -1;
+		ecn = ECN_CE;
+	} else if (out == ECN_ECT_1 && in == ECN_ECT_0) {
+		ecn = ECN_ECT_1;
+	} else {
+		return 0;
+	}
+	*(__be32 *)inner = bpf_htonl((word & ~((__u32)ECN_MASK << 20)) | ecn << 20);
+	return 0;
+}
+
+static __always_inline int decapsulate6(struct xdp_md *ctx, struct ethhdr *eth)
+{
+	void *end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *outer = (void *)(eth + 1), *inner = (void *)(outer + 1);
+	struct xdplb_dc_addr key;
+	struct ethhdr saved;
+	__u32 payload;
+
+	if ((void *)(outer + 1) > end || outer->version != 6)
+		return counted(XDPLB_DC_MALFORMED, XDP_PASS);
+	if (outer->nexthdr != IPPROTO_IPV6)
+		return counted(XDPLB_DC_NOT_IPIP, XDP_PASS);
+	payload = bpf_ntohs(outer->payload_len);
+	if ((void *)inner + payload > end)
+		return counted(XDPLB_DC_MALFORMED, XDP_PASS);
+	__builtin_memcpy(key.w, &outer->daddr, sizeof(key.w));
+	if (!bpf_map_lookup_elem(&xdplb_dc_local, &key))
+		return counted(XDPLB_DC_NOT_LOCAL, XDP_PASS);
+	/* The inner packet complete, and within the outer payload (past it: padding). */
+	if ((void *)(inner + 1) > end || inner->version != 6 ||
+	    sizeof(*inner) + bpf_ntohs(inner->payload_len) > payload)
+		return counted(XDPLB_DC_INNER_MALFORMED, XDP_PASS);
+	if (ecn_decapsulate6(outer, inner))
+		return counted(XDPLB_DC_ECN_DROP, XDP_DROP);
+	__builtin_memcpy(&saved, eth, sizeof(saved));
+	if (bpf_xdp_adjust_head(ctx, sizeof(struct ipv6hdr)))
+		return counted(XDPLB_DC_ERROR, XDP_PASS);
+	eth = (void *)(long)ctx->data;
+	if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
+		return counted(XDPLB_DC_ERROR, XDP_DROP); /* unreachable: the inner header is there */
+	__builtin_memcpy(eth, &saved, sizeof(saved));
+	return counted(XDPLB_DC_DECAPSULATED, XDP_PASS);
+}
+
 SEC("xdp")
 int xdplb_decap(struct xdp_md *ctx)
 {
@@ -122,8 +186,11 @@ int xdplb_decap(struct xdp_md *ctx)
 	struct ethhdr *eth, saved;
 	struct iphdr *outer, *inner;
 	__u32 outer_len;
+	int proto = parse_ethhdr(&c, &eth);
 
-	if (parse_ethhdr(&c, &eth) != bpf_htons(ETH_P_IP))
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return decapsulate6(ctx, eth);
+	if (proto != bpf_htons(ETH_P_IP))
 		return counted(XDPLB_DC_NOT_IPIP, XDP_PASS);
 	outer = c.pos;
 	if ((void *)(outer + 1) > c.end)
@@ -132,7 +199,7 @@ int xdplb_decap(struct xdp_md *ctx)
 		return counted(XDPLB_DC_NOT_IPIP, XDP_PASS);
 	if (parse_iphdr(&c, &outer) < 0 || !ip_checksum_ok(ctx, sizeof(*eth), outer->ihl * 4))
 		return counted(XDPLB_DC_MALFORMED, XDP_PASS);
-	if (!bpf_map_lookup_elem(&xdplb_dc_local, &outer->daddr))
+	if (!is_local4(outer->daddr))
 		return counted(XDPLB_DC_NOT_LOCAL, XDP_PASS);
 	if (ip_is_fragment(outer))
 		return counted(XDPLB_DC_FRAGMENT, XDP_PASS);

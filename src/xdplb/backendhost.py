@@ -131,7 +131,8 @@ def converge(ifname: str, vips: list[str] | None) -> list[str]:
                 if vip not in record["added"] and vip in (vips or []) and vip not in previous:
                     lines.append(f"{vip} is on lo already: left there, also after detach")
                 continue
-            record["added"].append(vip)
+            if vip not in record["added"]:  # a record outliving its lo (a namespace made again) has it
+                record["added"].append(vip)
             _save(record)
             netlink.add_address(LOOPBACK, vip, _host_prefix(vip))
             undo.append(lambda vip=vip: netlink.remove_address(LOOPBACK, vip, _host_prefix(vip)))

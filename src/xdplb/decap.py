@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import backendhost, build, decap_abi, loader, locking, namespaces, netlink
+from . import abi, backendhost, build, decap_abi, layout, loader, locking, namespaces, netlink
 from .errors import NotFoundError, UsageError, XdplbError
 from .libbpf import ProgInfo, libbpf
 
@@ -61,25 +61,27 @@ def open_attached(link: netlink.Link) -> Decap | loader.ForeignProgram | None:
     return found
 
 
-def local_addresses() -> list[ipaddress.IPv4Address]:
-    """What an outer header may be addressed to: every address of this namespace, as for
-    the kernel's own tunnels, except loopback ones, which never arrive from outside."""
-    addrs = {a.ip for addrs in netlink.ipv4_addresses_by_link().values() for a in addrs if not a.ip.is_loopback}
+def local_addresses() -> list:
+    """What an outer header may be addressed to: every address of this namespace, both
+    families, as for the kernel's own tunnels, except loopback ones, which never arrive
+    from outside. IPv4 first, then IPv6."""
+    addrs = {a.ip for addrs in netlink.addresses_by_link().values() for a in addrs if not a.ip.is_loopback}
     if len(addrs) > decap_abi.MAX_LOCAL:
-        raise XdplbError(f"this host has {len(addrs)} IPv4 addresses; the decapsulator holds up to "
+        raise XdplbError(f"this host has {len(addrs)} addresses; the decapsulator holds up to "
                          f"{decap_abi.MAX_LOCAL} (XDPLB_DC_MAX_LOCAL in bpf/decap_abi.h)")
-    return sorted(addrs)
+    return sorted(addrs, key=lambda a: (a.version, a))
 
 
-def _key(addr: ipaddress.IPv4Address) -> ctypes.c_uint32:
-    return ctypes.c_uint32.from_buffer_copy(addr.packed)  # __be32: the bytes as on the wire
+def _key(addr):
+    return layout.addr_words(addr)  # struct xdplb_dc_addr: IPv4 mapped, as the data plane's backends
 
 
-def read_local(fd: int) -> list[ipaddress.IPv4Address]:
-    return sorted(ipaddress.IPv4Address(bytes(k)) for k in libbpf().keys(fd, ctypes.c_uint32))
+def read_local(fd: int) -> list:
+    keys = libbpf().keys(fd, abi.be32 * 4)
+    return sorted((layout.from_words(k) for k in keys), key=lambda a: (a.version, a))
 
 
-def write_local(fd: int, addrs: list[ipaddress.IPv4Address]) -> None:
+def write_local(fd: int, addrs: list) -> None:
     """Adds before it removes: an address kept is never missing meanwhile."""
     lib = libbpf()
     for addr in addrs:

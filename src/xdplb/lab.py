@@ -239,11 +239,12 @@ def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix:
     return lab
 
 
-def prepare_backend(host: Host, forward: str) -> None:
+def prepare_backend(host: Host, forward: str | None) -> None:
     """What a backend of a dsr or ipip service needs (xdplb decap, run in its namespace);
     for nat, undoes it, so that the lab can be switched between modes. The IPv6 bypass VIP
     stays on lo in every mode: IPv6 services forward in dsr mode whatever the IPv4 ones
-    do, and an IPv6 address on lo changes nothing for IPv4 (no ARP sysctl)."""
+    do, and an IPv6 address on lo changes nothing for IPv4 (no ARP sysctl). forward None
+    undoes everything (the lab going down), records included."""
     from . import backendhost, decap
 
     def work():
@@ -252,7 +253,8 @@ def prepare_backend(host: Host, forward: str) -> None:
             return
         if any(e["program_id"] for e in decap.status("eth0")["interfaces"]):
             decap.detach("eth0")
-        backendhost.converge("eth0", [str(BYPASS_VIP), str(BYPASS_VIP6)] if forward == "dsr" else [str(BYPASS_VIP6)])
+        vips = {"dsr": [str(BYPASS_VIP), str(BYPASS_VIP6)], "nat": [str(BYPASS_VIP6)], None: None}[forward]
+        backendhost.converge("eth0", vips)
     run_in_netns(host.namespace, work)
 
 
@@ -272,7 +274,7 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
     removed = []
     for host in existing_hosts(prefix):
         if host.role == "backend":
-            prepare_backend(host, "nat")  # drops the decapsulator's pins and records
+            prepare_backend(host, None)  # drops the decapsulator's pins and records
         pid = _read_pid(prefix, host)
         if pid:
             os.killpg(pid, signal.SIGTERM)

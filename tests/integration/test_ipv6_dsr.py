@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""IPv6 dsr end to end on the lab (checksum offloads off, so every receiver checks
-checksums): real clients over IPv6, backends holding the IPv6 VIP on lo as `xdplb lab up
---forward dsr` prepares them, and an IPv4 service beside it on the same interface."""
+"""IPv6 dsr and ipip (ip6ip6) end to end on the lab (checksum offloads off, so every
+receiver checks checksums): real clients over IPv6, backends holding the IPv6 VIP on lo
+(and decapsulating, for ipip) as `xdplb lab up --forward` prepares them, and an IPv4
+service of the same mode beside it on the same interface."""
 from __future__ import annotations
 
 import http.client
@@ -30,18 +31,19 @@ def backends_ready(forward: str) -> None:
             lab.prepare_backend(host, forward)
 
 
-@pytest.fixture
-def dual_stack(testlab):
-    """An IPv4 and an IPv6 dsr service on the balancer's eth0, two backends each."""
-    backends_ready("dsr")
+@pytest.fixture(params=["dsr", "ipip"])
+def dual_stack(request, testlab):
+    """An IPv4 and an IPv6 service of one mode on the balancer's eth0, two backends each."""
+    mode = request.param
+    backends_ready(mode)
     try:
-        xdplb("-n", LB_NS, "attach", "eth0", "--mode", "native", "--vip", VIP4, "--forward", "dsr",
+        xdplb("-n", LB_NS, "attach", "eth0", "--mode", "native", "--vip", VIP4, "--forward", mode,
               "--backends", ",".join(BACKENDS[:2]), "--flows", "65536")
         try:
-            xdplb("-n", LB_NS, "service", "add", "eth0", SERVICE6, "--forward", "dsr")
+            xdplb("-n", LB_NS, "service", "add", "eth0", SERVICE6, "--forward", mode)
             for b in BACKENDS6:
                 xdplb("-n", LB_NS, "backend", "add", "eth0", SERVICE6, b)
-            yield
+            yield mode
         finally:
             xdplb("-n", LB_NS, "detach", "eth0", check=False)
     finally:
@@ -73,7 +75,11 @@ def test_new_ipv6_connections_reach_both_backends_with_the_real_client_address(d
     (entry,) = json.loads(xdplb("-n", LB_NS, "stats", "eth0", "--json").stdout)
     assert entry["counters"]["new_flow"] >= 200
     listed = xdplb("-n", LB_NS, "service", "list", "eth0").stdout
-    assert f"{SERVICE6}  dsr  backends 2" in listed and f"{VIP4}:80/tcp  dsr  backends 2" in listed
+    assert f"{SERVICE6}  {dual_stack}  backends 2" in listed and f"{VIP4}:80/tcp  {dual_stack}  backends 2" in listed
+    if dual_stack == "ipip":  # each backend's decapsulator took the outer IPv6 headers off
+        decapsulated = sum(json.loads(xdplb("-n", f"{PREFIX}-{NAMES6[b]}", "decap", "status", "--json").stdout)
+                           ["interfaces"][0]["counters"]["decapsulated"] for b in BACKENDS6)
+        assert decapsulated >= 200
 
 
 def test_both_families_are_balanced_at_once_on_one_interface(dual_stack):
@@ -93,9 +99,28 @@ def test_the_client_resolves_the_ipv6_vip_to_the_balancer_not_a_backend(dual_sta
     assert known[VIP6].dmac == lb_mac
 
 
+def test_an_ipv6_upload_larger_than_the_path_mtu_completes(dual_stack):
+    """20 kB in full-size segments: with ipip each would exceed the 1500-byte link once
+    encapsulated, so the balancer answers "packet too big" and the client's TCP sends
+    smaller segments; with dsr nothing grows."""
+    body = b"x" * 20_000
+
+    def upload():
+        conn = http.client.HTTPConnection(VIP6, 80, timeout=10)
+        conn.request("GET", "/", body=body, headers={"Content-Length": str(len(body))})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return resp.getheader("X-Received")
+    assert in_ns(CLIENT_NS, upload) == str(len(body))
+    if dual_stack == "ipip":
+        (entry,) = json.loads(xdplb("-n", LB_NS, "stats", "eth0", "--json").stdout)
+        assert entry["counters"]["frag_needed"] >= 1
+
+
 def test_ipv6_udp_is_balanced_and_answered_from_the_vip(dual_stack):
     service = f"[{VIP6}]:{lab.UDP_PORT}/udp"
-    xdplb("-n", LB_NS, "service", "add", "eth0", service, "--forward", "dsr")
+    xdplb("-n", LB_NS, "service", "add", "eth0", service, "--forward", dual_stack)
     for b in BACKENDS6:
         xdplb("-n", LB_NS, "backend", "add", "eth0", service, b)
 
@@ -122,7 +147,7 @@ def test_an_ipv6_keepalive_connection_survives_detach_and_attach(dual_stack):
         resp.read()
         first = resp.getheader("X-Backend")
         xdplb("-n", LB_NS, "detach", "eth0")
-        xdplb("-n", LB_NS, "attach", "eth0", "--mode", "native", "--vip", VIP6, "--forward", "dsr",
+        xdplb("-n", LB_NS, "attach", "eth0", "--mode", "native", "--vip", VIP6, "--forward", dual_stack,
               "--backends", ",".join(BACKENDS6), "--flows", "65536")
         later = []
         for _ in range(3):

@@ -102,9 +102,11 @@ def test_native_on_a_veth_warns_about_both_causes(plain_bridge):
         xdplb("detach", "eth0")
 
 
-def test_ipv6_dsr_on_a_plain_bridge(plain_bridge):
+@pytest.mark.parametrize("forward", ["dsr", "ipip"])
+def test_ipv6_dsr_and_ipip_on_a_plain_bridge(plain_bridge, forward):
     """As below for IPv6: the backend prepared with `xdplb decap attach --vip` (the VIP on
-    lo as a /128), the VIP a second address of the balancer."""
+    lo as a /128, the decapsulator for ip6ip6), the VIP a second address of the balancer,
+    whose own IPv6 address is the outer source."""
     vip = "fd43::3"
     ip("-n", LB_NS, "addr", "add", f"{vip}/128", "dev", "eth0", "nodad")
     prepared = subprocess.run([sys.executable, "-m", "xdplb", "-n", BACKEND_NS, "decap", "attach", "eth0",
@@ -112,14 +114,14 @@ def test_ipv6_dsr_on_a_plain_bridge(plain_bridge):
     try:
         assert prepared.returncode == 0, prepared.stderr
         attached = xdplb("attach", "eth0", "--vip", vip, "--port", str(PORT), "--backends",
-                         f"[{ADDRESSES6[BACKEND_NS]}]:{PORT}", "--flows", "4096", "--forward", "dsr")
+                         f"[{ADDRESSES6[BACKEND_NS]}]:{PORT}", "--flows", "4096", "--forward", forward)
         assert attached.returncode == 0, attached.stderr
         try:
             answers = [curl(f"http://[{vip}]:{PORT}/") for _ in range(20)]
             assert [a.stdout for a in answers] == ["hello from the backend\n"] * 20, [a.stderr for a in answers]
             (entry,) = json.loads(xdplb("stats", "eth0", "--json", "--interval", "0").stdout)
             assert entry["counters"]["new_flow"] == 20, entry["counters"]
-            assert entry["services"][0]["name"] == f"[{vip}]:{PORT}/tcp"
+            assert (entry["services"][0]["name"], entry["services"][0]["forward"]) == (f"[{vip}]:{PORT}/tcp", forward)
         finally:
             xdplb("detach", "eth0")
     finally:

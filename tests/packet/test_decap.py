@@ -23,6 +23,7 @@ from . import packets as P
 XDP_DROP, XDP_PASS = 1, 2
 ECN_ECT1, ECN_ECT0, ECN_CE = 1, 2, 3
 BACKEND = "10.0.0.101"  # this host's address: the outer destination the balancer uses
+BACKEND6 = "fd00::101"  # its IPv6 one
 OTHER_HOST = "10.0.0.102"
 LB = "10.0.0.2"  # the balancer's encap source
 VIP = "10.0.0.50"
@@ -69,7 +70,8 @@ class Decapsulator:
 @pytest.fixture(scope="module")
 def dc(decap_object):
     d = Decapsulator(decap_object)
-    decap.write_local(d.fds[decap_abi.LOCAL_MAP], [ipaddress.IPv4Address(BACKEND), ipaddress.IPv4Address("192.0.2.7")])
+    decap.write_local(d.fds[decap_abi.LOCAL_MAP], [ipaddress.IPv4Address(BACKEND), ipaddress.IPv4Address("192.0.2.7"),
+                                                   ipaddress.IPv6Address(BACKEND6)])
     yield d
     d.close()
 
@@ -300,7 +302,10 @@ def fix_checksum(frame: bytearray, at: int, length: int) -> None:
 def expected(frame: bytes) -> str:
     """The decision as described: IPv4 with protocol 4, a complete and consistent outer
     header with a valid checksum, to a local address, not a fragment, holding a complete
-    IPv4 header whose length fits in the outer payload: decapsulated. Else the reason."""
+    IPv4 header whose length fits in the outer payload: decapsulated. Else the reason.
+    The same for IPv6 in IPv6 (next header 41, no header checksum, no fragments)."""
+    if frame[12:14] == b"\x86\xdd":
+        return expected6(frame[14:])
     if frame[12:14] != b"\x08\x00":
         return "not_ipip"
     ip = frame[14:]
@@ -324,6 +329,59 @@ def expected(frame: bytes) -> str:
     if ip[1] & 3 == ECN_CE and not inner[1] & 3:
         return "ecn_drop"
     return "decapsulated"
+
+
+def expected6(ip: bytes) -> str:
+    if len(ip) < 40 or ip[0] >> 4 != 6:
+        return "malformed"
+    if ip[6] != 41:
+        return "not_ipip"
+    payload = int.from_bytes(ip[4:6], "big")
+    if 40 + payload > len(ip):
+        return "malformed"
+    if ip[24:40] != ipaddress.IPv6Address(BACKEND6).packed:
+        return "not_local"
+    inner = ip[40:]
+    if len(inner) < 40 or inner[0] >> 4 != 6 or 40 + int.from_bytes(inner[4:6], "big") > payload:
+        return "inner_malformed"
+    if (ip[1] >> 4) & 3 == ECN_CE and not (inner[1] >> 4) & 3:
+        return "ecn_drop"
+    return "decapsulated"
+
+
+def inner_after_ecn6(outer: bytes, inner: bytes) -> bytes:
+    """inner_after_ecn for IPv6: the ECN bits of the traffic class (bits 4-5 of byte 1)."""
+    out, ecn = (outer[1] >> 4) & 3, (inner[1] >> 4) & 3
+    if out == ECN_CE:
+        ecn = ECN_CE
+    elif out == ECN_ECT1 and ecn == ECN_ECT0:
+        ecn = ECN_ECT1
+    return inner[:1] + bytes([inner[1] & 0xCF | ecn << 4]) + inner[2:]
+
+
+@st.composite
+def frames6(draw):
+    """IPv6-in-IPv6 frames close to valid, each field sometimes off."""
+    inner = draw(st.one_of(
+        st.builds(lambda tc, payload: P.build(P.IPv6(src="fd00:1::10", dst="fd00::2", tc=tc) / P.UDP() / payload),
+                  st.integers(0, 255), st.binary(max_size=40)),
+        st.binary(max_size=60)))
+    tc = draw(st.sampled_from([0, 0, ECN_ECT1, ECN_ECT0, ECN_CE, 0xb8 | ECN_CE]))
+    dst = ipaddress.IPv6Address(draw(st.sampled_from([BACKEND6, "fd00::999"]))).packed
+    outer = bytearray(struct.pack("!IHBB16s16s", 6 << 28 | tc << 20 | 0x12345, len(inner), 41, 64,
+                                  ipaddress.IPv6Address("fd00::1").packed, dst))
+    if draw(st.integers(0, 9)) == 0:
+        outer[6] = draw(st.sampled_from([4, 6, 17, 0, 59]))
+    if draw(st.integers(0, 9)) == 0:
+        outer[0] = draw(st.integers(0, 255))
+    if draw(st.integers(0, 9)) == 0:
+        struct.pack_into("!H", outer, 4, draw(st.integers(0, 0xFFFF)))
+    frame = bytes.fromhex("0200000000b1" "020000000001" "86dd") + bytes(outer) + inner
+    if draw(st.integers(0, 7)) == 0:
+        frame = frame[:draw(st.integers(14, len(frame)))]
+    if draw(st.integers(0, 4)) == 0:
+        frame += draw(st.binary(min_size=1, max_size=20))
+    return frame
 
 
 def inner_after_ecn(outer_tos: int, inner: bytes) -> bytes:
@@ -382,14 +440,35 @@ def frames(draw):
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(frame=st.one_of(frames(), frames(), frames(), st.binary(min_size=14, max_size=120)))
+@given(frame=st.one_of(frames(), frames(), frames(), frames6(), st.binary(min_size=14, max_size=120)))
 def test_generated_frames_are_untouched_or_lose_exactly_the_outer_header(dc, frame):
     action, out, moved = dc.outcome(frame)
     want = expected(frame)
     assert moved == [want]
     assert action == (XDP_DROP if want == "ecn_drop" else XDP_PASS)
-    if want == "decapsulated":
+    if want == "decapsulated" and frame[12:14] == b"\x86\xdd":
+        assert out == frame[:14] + inner_after_ecn6(frame[14:], frame[54:])
+    elif want == "decapsulated":
         hl = (frame[14] & 0xF) * 4
         assert out == frame[:14] + inner_after_ecn(frame[15], frame[14 + hl:])
     elif want != "ecn_drop":
         assert out == frame
+
+
+def ip6ip6(inner: bytes, dst: str = BACKEND6, tc: int = 0) -> bytes:
+    outer = P.IPv6(src="fd00::1", dst=dst, nh=41, hlim=64, tc=tc, plen=len(inner))
+    return P.build(ETH / outer) + inner
+
+
+def test_ip6ip6_to_this_host_loses_its_outer_header_and_nothing_else(dc):
+    inner = P.build(P.IPv6(src="fd00:1::10", dst="fd00::2") / P.TCP(sport=40000, dport=80, flags="S"))
+    frame = ip6ip6(inner)
+    assert dc.outcome(frame) == (XDP_PASS, frame[:12] + b"\x86\xdd" + inner, ["decapsulated"])
+    other = ip6ip6(inner, dst="fd00::999")
+    assert dc.outcome(other) == (XDP_PASS, other, ["not_local"])
+    # Congestion marked on the way (RFC 6040) reaches the inner packet.
+    ect0 = P.build(P.IPv6(src="fd00:1::10", dst="fd00::2", tc=ECN_ECT0) / P.UDP() / b"x")
+    assert dc.outcome(ip6ip6(ect0, tc=ECN_CE))[1][14:] == inner_after_ecn6(bytes([0x60, ECN_CE << 4]), ect0)
+    assert P.IPv6(dc.outcome(ip6ip6(ect0, tc=ECN_CE))[1][14:]).tc & 3 == ECN_CE
+    not_ect = P.build(P.IPv6(src="fd00:1::10", dst="fd00::2") / P.UDP() / b"x")
+    assert dc.outcome(ip6ip6(not_ect, tc=ECN_CE))[0] == XDP_DROP

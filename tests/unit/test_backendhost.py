@@ -174,3 +174,15 @@ def test_decap_attach_refuses_a_bad_vip_in_one_line_before_anything(monkeypatch,
     assert message in result.output and len(result.output.strip().splitlines()) == 1
 
 
+
+
+def test_a_record_outliving_its_namespace_does_not_list_a_vip_twice(host):
+    """A namespace removed without detaching and made again under its name: its record
+    says the VIP was added, lo does not have it. Adding it again lists it once, and
+    detaching removes it once."""
+    backendhost.converge("eth0", ["fd42:42::3"])
+    host.lo.discard("fd42:42::3/128")  # the new namespace's lo
+    assert backendhost.converge("eth0", ["fd42:42::3"]) == ["added fd42:42::3/128 to lo"]
+    assert backendhost.load()["added"] == ["fd42:42::3"]
+    assert backendhost.converge("eth0", None) == ["removed fd42:42::3/128 from lo"]
+    assert host.lo == {"127.0.0.1/8"}

@@ -299,3 +299,22 @@ def test_dsr_and_ipip_backends_must_use_the_service_port():
     assert control.problems(InterfaceConfig("eth0", services=[svc]), None, link) == [
         "eth0: service 10.0.0.2:80/tcp: backend 10.0.0.11:8080: with --forward ipip a backend must use the "
         "service's port 80 (the packet keeps its destination); give 10.0.0.11:80"]
+
+
+def test_an_outer_source_per_family_round_trips_and_two_of_one_family_are_refused():
+    text = GOOD.replace('snat_ports = "40000-50000"', 'snat_ports = "40000-50000"\nencap_source = ["10.0.0.9", "fd00::9"]')
+    (iface,) = config.parse(text)
+    assert (iface.encap_source, iface.encap_source6) == (ipaddress.IPv4Address("10.0.0.9"),
+                                                         ipaddress.IPv6Address("fd00::9"))
+    assert 'encap_source = ["10.0.0.9", "fd00::9"]' in config.dump([iface])
+    (again,) = config.parse(config.dump([iface]))
+    assert again == iface
+    (only6,) = config.parse(GOOD.replace('snat_ports = "40000-50000"', 'snat_ports = "40000-50000"\nencap_source = "fd00::9"'))
+    assert (only6.encap_source, only6.encap_source6) == (None, ipaddress.IPv6Address("fd00::9"))
+    _, problems = config.check(GOOD.replace('snat_ports = "40000-50000"',
+                                            'snat_ports = "40000-50000"\nencap_source = "10.0.0.9,10.0.0.8"'))
+    assert problems == ["interfaces.eth0.encap_source: bad encapsulation sources '10.0.0.9,10.0.0.8': two IPv4 "
+                        "addresses; give at most one per family, like 10.0.0.2,fd00::2"]
+    s = Settings(snat_addrs=[ipaddress.IPv4Address("10.0.0.2")])
+    assert plan.diff_settings("eth0", s, Settings(snat_addrs=s.snat_addrs, encap_source6=ipaddress.IPv6Address("fd00::9"))) \
+        == ["eth0: ~ encap_source (IPv6) none -> fd00::9"]
