@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from xdplb import abi, build
@@ -39,9 +40,15 @@ VIP = "10.0.0.2"
 # A TCP service of each bypass mode, same backends (their port equals the service's).
 BYPASS_VIPS = {"dsr": "10.0.0.3", "ipip": "10.0.0.4"}
 CLIENT = "10.1.0.1"
+# IPv6 twins of the bypass services, same backend hosts (IPv6 has no NAT yet).
+BYPASS_VIPS6 = {"dsr": "fd00::3", "ipip": "fd00::4"}
+CLIENT6 = "fd01::1"
+ENCAP6 = "fd00::2"
+IPV6_SADDR_LAST_WORD = ETH_HLEN + 8 + 12
 # Enough backends that a million concurrent flows find SNAT ports: full NAT with one SNAT
 # address has (ports in a CPU's slice) flows per backend and CPU.
 BACKENDS = [str(ipaddress.IPv4Address("10.0.1.0") + i) for i in range(64)]
+BACKENDS6 = [str(ipaddress.IPv6Address("fd00:1::") + i) for i in range(64)]
 SNAT_PORTS = (20000, 59999)
 STEADY_FLOWS = 1024
 LOOPBACK = 1  # test runs without a context see the loopback device as ingress
@@ -50,7 +57,7 @@ LOOPBACK = 1  # test runs without a context see the loopback device as ingress
 class BenchFrame(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint32), ("new_client_each_time", ctypes.c_uint32),
                 ("first_client", ctypes.c_uint32), ("saddr", ctypes.c_uint32),
-                ("mem_mask", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("mem_mask", ctypes.c_uint32), ("saddr_offset", ctypes.c_uint32),
                 ("data", ctypes.c_uint8 * MAX_FRAME)]
 
 
@@ -59,8 +66,8 @@ def frame(pkt) -> bytes:
 
 
 def tcp(src, sport, dst, dport, flags, smac=CLIENT_MAC) -> bytes:
-    return frame(Ether(src=smac, dst=LB_MAC) / IP(src=src, dst=dst, ttl=64)
-                 / TCP(sport=sport, dport=dport, flags=flags) / (b"x" * 10))
+    ip = IPv6(src=src, dst=dst, hlim=64) if ":" in src else IP(src=src, dst=dst, ttl=64)
+    return frame(Ether(src=smac, dst=LB_MAC) / ip / TCP(sport=sport, dport=dport, flags=flags) / (b"x" * 10))
 
 
 @dataclass
@@ -106,13 +113,18 @@ class Bench:
         lib.bpf_object__close(obj)
         self.dp = DataPlane(fds)
         self.settings = Settings(snat_addrs=[ipaddress.IPv4Address(VIP)], snat_port_min=SNAT_PORTS[0],
-                                 snat_port_max=SNAT_PORTS[1], hash_seed=1)
+                                 snat_port_max=SNAT_PORTS[1], hash_seed=1,
+                                 encap_source6=ipaddress.IPv6Address(ENCAP6))
         hops = {b: hop or NextHop(LOOPBACK, f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", LB_MAC)
                 for i, b in enumerate(BACKENDS)}
+        hops |= {b: hops[b4] for b, b4 in zip(BACKENDS6, BACKENDS)}  # one host, both families
         backends = [Backend(ipaddress.IPv4Address(b), 80) for b in BACKENDS]
         services = [Service(ipaddress.IPv4Address(VIP), 80, proto, backends) for proto in ("tcp", "udp")]
         services += [Service(ipaddress.IPv4Address(vip), 80, "tcp", backends, forward=mode)
                      for mode, vip in BYPASS_VIPS.items()]
+        backends6 = [Backend(ipaddress.IPv6Address(b), 80) for b in BACKENDS6]
+        services += [Service(ipaddress.IPv6Address(vip), 80, "tcp", backends6, forward=mode)
+                     for mode, vip in BYPASS_VIPS6.items()]
         self.dp.sync(plan.Wanted(self.settings, services, hops))
         self.slots = flow_slots(flows)
         obj = lib.load_object(str(BENCH_OBJECT), {"bench_mem": self.slots})
@@ -129,10 +141,11 @@ class Bench:
 
     def set_frame(self, data: bytes, target_fd: int, new_clients: bool = False) -> None:
         """The frame bench_reset restores before every run of target."""
-        saddr = int.from_bytes(data[ETH_HLEN + 12:ETH_HLEN + 16], sys.byteorder)  # kept in network order
+        offset = IPV6_SADDR_LAST_WORD if data[12:14] == b"\x86\xdd" else ETH_HLEN + 12
+        saddr = int.from_bytes(data[offset:offset + 4], sys.byteorder)  # kept in network order
         value = BenchFrame(len=len(data), new_client_each_time=int(new_clients),
                            first_client=int(ipaddress.IPv4Address("10.128.0.0")), saddr=saddr,
-                           mem_mask=self.slots - 1)
+                           mem_mask=self.slots - 1, saddr_offset=offset)
         ctypes.memmove(value.data, data, len(data))
         self.lib.update(self.frame_fd, ctypes.c_uint32(0), value)
         self.lib.update(self.target_fd, ctypes.c_uint32(0), ctypes.c_uint32(target_fd))
@@ -180,7 +193,8 @@ def _bypass_backend(mode: str, out: bytes) -> str:
     """The backend a dsr frame went to (by its MAC, see Bench's next hops) or the outer
     destination of an ipip one."""
     if mode == "ipip":
-        return Ether(out)[IP].dst
+        outer = Ether(out)[IPv6] if out[12:14] == b"\x86\xdd" else Ether(out)[IP]
+        return outer.dst
     mac = Ether(out).dst.split(":")
     return BACKENDS[int(mac[4], 16) * 256 + int(mac[5], 16)]
 
@@ -189,7 +203,10 @@ def _bypass_check(mode: str, sent: bytes, out: bytes) -> str:
     """dsr changes the MACs only; ipip puts the IP packet, untouched, behind an outer header."""
     if mode == "dsr" and out[12:] == sent[12:]:
         return "only the MACs changed"
-    if mode == "ipip" and Ether(out)[IP].proto == 4 and out[ETH_HLEN + 20:] == sent[ETH_HLEN:]:
+    if mode == "ipip" and out[12:14] == b"\x86\xdd":
+        if out[ETH_HLEN + 6] == 41 and out[ETH_HLEN + 40:] == sent[ETH_HLEN:]:
+            return "inner packet untouched"
+    elif mode == "ipip" and Ether(out)[IP].proto == 4 and out[ETH_HLEN + 20:] == sent[ETH_HLEN:]:
         return "inner packet untouched"
     raise RuntimeError(f"{mode}: the forwarded frame is not what {mode} sends")
 
@@ -235,6 +252,14 @@ def run(repeat: int, runs: int, fill_sizes: list[int], cpu: int = 0) -> Results:
             fig.checked = _checked_same(bench, ack, action, out, XDP_TX) + "; " + _bypass_check(mode, ack, out)
             res.figures.append(fig)
 
+        for mode, vip in BYPASS_VIPS6.items():
+            bench.run_once(tcp(CLIENT6, 40000, vip, 80, "S"))
+            ack = tcp(CLIENT6, 40000, vip, 80, "A")
+            fig, action, out = bench.against_floor(f"established flow (TCP ACK), {mode}, IPv6", bench.xdplb, ack,
+                                                   repeat, runs)
+            fig.checked = _checked_same(bench, ack, action, out, XDP_TX) + "; " + _bypass_check(mode, ack, out)
+            res.figures.append(fig)
+
         dgram = frame(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=80)
                       / (b"x" * 32))
         bench.run_once(dgram)
@@ -257,19 +282,22 @@ def run(repeat: int, runs: int, fill_sizes: list[int], cpu: int = 0) -> Results:
 
     # The same in each bypass mode, each in a table of its own as empty as the first one
     # was; then a segment of a connection the table does not know (stateless recovery).
-    for mode, vip in BYPASS_VIPS.items():
+    for mode, vip, client, family, backends in (
+            [(m, v, CLIENT, "", BACKENDS) for m, v in BYPASS_VIPS.items()]
+            + [(m, v, CLIENT6, ", IPv6", BACKENDS6) for m, v in BYPASS_VIPS6.items()]):
         bench = Bench(flows)
         try:
-            fig, action, out = bench.against_floor(f"new flow (TCP SYN), {mode}, table larger than the caches",
-                                                   bench.xdplb, tcp(CLIENT, 40000, vip, 80, "S"), repeat, runs,
+            fig, action, out = bench.against_floor(f"new flow (TCP SYN), {mode}{family}, table larger than the caches",
+                                                   bench.xdplb, tcp(client, 40000, vip, 80, "S"), repeat, runs,
                                                    new_clients=True)
-            if action != XDP_TX or _bypass_backend(mode, out) not in BACKENDS:
+            # dsr: the backend named by its MAC, one host for both families (Bench's next hops).
+            if action != XDP_TX or _bypass_backend(mode, out) not in (BACKENDS if mode == "dsr" else backends):
                 raise RuntimeError(f"{mode} new-flow runs did not forward to a backend")
             fig.checked = f"each iteration a new client; forwarded to a backend; table of {flows:,} flows"
             res.figures.append(fig)
             recovered = bench.dp.counters()["recovered"]
-            fig, action, out = bench.against_floor(f"unknown connection's ACK (stateless recovery), {mode}",
-                                                   bench.xdplb, tcp(CLIENT, 40000, vip, 80, "A"), repeat, runs,
+            fig, action, out = bench.against_floor(f"unknown connection's ACK (stateless recovery), {mode}{family}",
+                                                   bench.xdplb, tcp(client, 40000, vip, 80, "A"), repeat, runs,
                                                    new_clients=True)
             recovered = bench.dp.counters()["recovered"] - recovered
             if action != XDP_TX or recovered != repeat * runs:
@@ -316,6 +344,16 @@ def run(repeat: int, runs: int, fill_sizes: list[int], cpu: int = 0) -> Results:
                 raise RuntimeError(f"{mode} steady-state new-flow runs did not forward to a backend")
             evicted = bench.dp.counters()["evicted"] - evicted
             fig.checked = f"{evicted / (repeat * runs):.1f} least recently seen entries evicted per SYN"
+            res.figures.insert(len(res.figures) - 1, fig)
+        for mode, vip in BYPASS_VIPS6.items():
+            syn = tcp(CLIENT6, 40000, vip, 80, "S")
+            bench.measure(bench.xdplb, syn, repeat, 1, new_clients=True)  # fills the LRU map
+            fig, action, out = bench.against_floor(
+                f"new flow (TCP SYN), {mode}, IPv6, LRU map of {bench.dp.flow_capacity():,} flows, full (in cache)",
+                bench.xdplb, syn, repeat, runs, new_clients=True)
+            if action != XDP_TX:
+                raise RuntimeError(f"{mode} IPv6 steady-state new-flow runs did not forward to a backend")
+            fig.checked = "each iteration a new client, forwarded; the map stays full (LRU eviction)"
             res.figures.insert(len(res.figures) - 1, fig)
     finally:
         bench.close()

@@ -20,11 +20,11 @@ char LICENSE[] SEC("license") = "GPL";
 
 struct bench_frame {
 	__u32 len;
-	__u32 new_client_each_time; /* rewrite the IPv4 source so every run is a new flow */
+	__u32 new_client_each_time; /* rewrite the source so every run is a new flow */
 	__u32 first_client;         /* host byte order */
-	__be32 saddr;               /* the frame's own IPv4 source */
+	__be32 saddr;               /* the frame's own IPv4 source (IPv6: its last 32 bits) */
 	__u32 mem_mask;             /* bench_mem entries - 1 (a power of two) */
-	__u32 pad;
+	__u32 saddr_offset;         /* where those 32 bits are: IPv4's source, or IPv6's last word */
 	__u8 data[BENCH_MAX_FRAME];
 };
 
@@ -63,7 +63,7 @@ struct {
 SEC("xdp")
 int bench_reset(struct xdp_md *ctx)
 {
-	__u32 zero = 0, len;
+	__u32 zero = 0, len, off;
 	struct bench_frame *f = bpf_map_lookup_elem(&bench_frame, &zero);
 	__u64 *n = bpf_map_lookup_elem(&bench_count, &zero);
 	long cur;
@@ -71,7 +71,8 @@ int bench_reset(struct xdp_md *ctx)
 	if (!f || !n)
 		return XDP_ABORTED;
 	len = f->len;
-	if (len < IPV4_SADDR_OFFSET + 4 || len > BENCH_MAX_FRAME)
+	off = f->saddr_offset;
+	if (len < IPV4_SADDR_OFFSET + 4 || len > BENCH_MAX_FRAME || off > len - 4 || off > BENCH_MAX_FRAME - 4)
 		return XDP_ABORTED;
 	*n += 1;
 	/* The last iteration may have moved the start of the frame (an IPIP header pushed in
@@ -81,7 +82,7 @@ int bench_reset(struct xdp_md *ctx)
 		return XDP_ABORTED;
 	/* The new client goes into the saved frame, which is then copied in one go: every
 	 * mode costs the same single store. */
-	*(__be32 *)&f->data[IPV4_SADDR_OFFSET] =
+	*(__be32 *)&f->data[off] =
 		f->new_client_each_time ? bpf_htonl(f->first_client + (__u32)*n) : f->saddr;
 	if (bpf_xdp_store_bytes(ctx, 0, f->data, len))
 		return XDP_ABORTED;
