@@ -61,6 +61,47 @@ struct packet6 {
 	__u8 first_fragment;
 };
 
+/* trace_line() for IPv6 packets (the same lease, the same fields, see XDPLB_TRACE_TAG6). */
+static __noinline void trace_line6(struct xdp_md *ctx, const struct xdplb_config *cfg, const struct packet6 *pkt,
+				   const struct xdplb_flow6 *flow, __u32 event_action)
+{
+	static const char fmt[] = XDPLB_TRACE_TAG6 " %u %u %x %pI6 %u %pI6 %u %pI6 %u %u %u %u";
+	__u32 zero = 0, left = cfg->trace_until - now_ticks(cfg);
+	struct trace_args *a;
+
+	if (left == 0 || left > XDPLB_TRACE_LEASE_MAX_TICKS)
+		return;
+	a = bpf_map_lookup_elem(&xdplb_trace_args, &zero);
+	if (!a)
+		return;
+	__builtin_memcpy(a->addr6[0], pkt->key.saddr, sizeof(a->addr6[0]));
+	__builtin_memcpy(a->addr6[1], pkt->key.daddr, sizeof(a->addr6[1]));
+	if (flow)
+		__builtin_memcpy(a->addr6[2], flow->daddr, sizeof(a->addr6[2]));
+	else
+		__builtin_memset(a->addr6[2], 0, sizeof(a->addr6[2]));
+	a->v[0] = ctx->ingress_ifindex;
+	a->v[1] = pkt->key.proto;
+	a->v[2] = pkt->tcp_flags;
+	a->v[3] = (__u64)(long)a->addr6[0];
+	a->v[4] = bpf_ntohs(pkt->key.sport);
+	a->v[5] = (__u64)(long)a->addr6[1];
+	a->v[6] = bpf_ntohs(pkt->key.dport);
+	a->v[7] = (__u64)(long)a->addr6[2];
+	a->v[8] = flow ? bpf_ntohs(pkt->key.dport) : 0; /* dsr and ipip keep the service's port */
+	a->v[9] = flow ? flow->backend_id : XDPLB_NO_BACKEND;
+	a->v[10] = event_action >> 8;
+	a->v[11] = event_action & 0xff;
+	bpf_trace_vprintk(fmt, sizeof(fmt), a->v, sizeof(a->v));
+}
+
+static __always_inline void trace6(struct xdp_md *ctx, const struct xdplb_config *cfg, const struct packet6 *pkt,
+				   const struct xdplb_flow6 *flow, __u32 event, __u32 action)
+{
+	if (cfg->flags & XDPLB_CFG_TRACE)
+		trace_line6(ctx, cfg, pkt, flow, event << 8 | action);
+}
+
 /* Where an IPv6 flow's packets go: its backend's next hop while the backend entry still
  * holds the flow's backend, else the flow's own copy. */
 struct hop6 {
@@ -296,8 +337,9 @@ static __always_inline int ip6ip6_encapsulate(struct xdp_md *ctx, const struct x
 }
 
 static __always_inline int forward6(struct xdp_md *ctx, const struct xdplb_config *cfg, struct packet6 *pkt,
-				    const struct xdplb_flow6 *flow, __u32 new_flow)
+				    const struct xdplb_flow6 *flow, __u32 event)
 {
+	__u32 new_flow = event == XDPLB_EV_NEW_FLOW;
 	/* As pointers: the compiler would spill a 32-bit copy of ctx->data otherwise, which
 	 * the verifier refuses. */
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
@@ -320,6 +362,7 @@ static __always_inline int forward6(struct xdp_md *ctx, const struct xdplb_confi
 		__builtin_memcpy(pkt->eth->h_source, hop.smac, ETH_ALEN);
 	} else if (!ip6ip6_fits(ctx, pkt->ip6, hop.ifindex, &mtu)) {
 		/* Never an ICMPv6 error about an ICMPv6 error (RFC 4443). */
+		trace6(ctx, cfg, pkt, flow, XDPLB_EV_TOO_BIG, pkt->key.proto == NEXTHDR_ICMPV6 ? XDP_DROP : XDP_TX);
 		if (pkt->key.proto == NEXTHDR_ICMPV6 ||
 		    answer_packet_too_big(ctx, mtu > XDPLB_ENCAP_MTU_FLOOR + sizeof(struct ipv6hdr) ?
 						   mtu - sizeof(struct ipv6hdr) : XDPLB_ENCAP_MTU_FLOOR))
@@ -330,6 +373,7 @@ static __always_inline int forward6(struct xdp_md *ctx, const struct xdplb_confi
 	}
 	account(flow->service_id, &xdplb_svc_stats, bytes, new_flow);
 	account(flow->backend_id, &xdplb_be_stats, bytes, new_flow);
+	trace6(ctx, cfg, pkt, flow, event, hop.ifindex == ctx->ingress_ifindex ? XDP_TX : XDP_REDIRECT);
 	if (flow->encap && ip6ip6_encapsulate(ctx, cfg, flow, &hop, flow_hash6(&pkt->key, cfg->flow_seed)))
 		return XDP_ABORTED; /* no headroom: cannot happen, and the xdp_exception tracepoint says so */
 	if (hop.ifindex == ctx->ingress_ifindex) {
@@ -374,7 +418,7 @@ __noinline int relay_icmp6_error(struct xdp_md *ctx)
 	flow = bpf_map_lookup_elem(&xdplb_flows6, &key);
 	if (!flow)
 		return pass(XDPLB_CNT_PASS);
-	action = forward6(ctx, cfg, &pkt, flow, 0);
+	action = forward6(ctx, cfg, &pkt, flow, XDPLB_EV_ICMP);
 	if (action != XDP_DROP)
 		count(XDPLB_CNT_ICMP_TRANSLATED);
 	return action;
@@ -418,15 +462,18 @@ static __always_inline int new_flow6(struct xdp_md *ctx, const struct xdplb_conf
 	/* IPv6 allow-lists are refused by the control plane; a service that has one anyway
 	 * lets nobody in rather than everybody. */
 	if (svc->flags & XDPLB_SVC_ALLOWLIST) {
-		if (svc->flags & XDPLB_SVC_PASS_NOT_ALLOWED)
+		if (svc->flags & XDPLB_SVC_PASS_NOT_ALLOWED) {
+			trace6(ctx, cfg, pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_PASS);
 			return pass(XDPLB_CNT_NOT_ALLOWED);
+		}
+		trace6(ctx, cfg, pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_DROP);
 		return drop(XDPLB_CNT_NOT_ALLOWED);
 	}
 	be = select_backend(svc, flow_hash6(&pkt->key, cfg->hash_seed), &id);
-	if (!be)
-		return pass(XDPLB_CNT_NO_BACKEND);
-	if (be->service_id != svc->id) {
-		count(XDPLB_CNT_BACKEND_MISMATCH);
+	if (!be || be->service_id != svc->id) {
+		if (be)
+			count(XDPLB_CNT_BACKEND_MISMATCH);
+		trace6(ctx, cfg, pkt, NULL, XDPLB_EV_NO_BACKEND, XDP_PASS);
 		return pass(XDPLB_CNT_NO_BACKEND);
 	}
 	/* Built in the per-CPU scratch space: the stack of this call chain is short. */
@@ -448,16 +495,20 @@ static __always_inline int new_flow6(struct xdp_md *ctx, const struct xdplb_conf
 	if (svc->flags & XDPLB_SVC_IPIP) {
 		const __be32 *src = cfg->encap_source6;
 
-		if (!(src[0] | src[1] | src[2] | src[3]))
-			return drop(XDPLB_CNT_TABLE_FULL); /* as IPv4 ipip without a source */
+		if (!(src[0] | src[1] | src[2] | src[3])) { /* as IPv4 ipip without a source */
+			trace6(ctx, cfg, pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
+			return drop(XDPLB_CNT_TABLE_FULL);
+		}
 		fresh->encap = 1;
 	}
-	if (bpf_map_update_elem(&xdplb_flows6, &pkt->key, fresh, BPF_ANY))
+	if (bpf_map_update_elem(&xdplb_flows6, &pkt->key, fresh, BPF_ANY)) {
+		trace6(ctx, cfg, pkt, NULL, XDPLB_EV_TABLE_FULL, XDP_DROP);
 		return drop(XDPLB_CNT_TABLE_FULL);
+	}
 	if (pkt->key.proto == IPPROTO_TCP && !(fresh->flags & XDPLB_FLOW_HANDSHAKE))
 		count(XDPLB_CNT_RECOVERED);
 	count(XDPLB_CNT_NEW_FLOW);
-	return forward6(ctx, cfg, pkt, fresh, 1);
+	return forward6(ctx, cfg, pkt, fresh, XDPLB_EV_NEW_FLOW);
 }
 
 /* xdplb_v6's answer for an ICMPv6 message (any other is an XDP action): xdplb_main then
@@ -498,10 +549,14 @@ __noinline int xdplb_v6(struct xdp_md *ctx)
 	svc = bpf_map_lookup_elem(&xdplb_services6, &skey);
 	if (!svc)
 		return pass(XDPLB_CNT_PASS);
-	if (pkt.first_fragment)
+	if (pkt.first_fragment) {
+		trace6(ctx, cfg, &pkt, NULL, XDPLB_EV_FRAGMENT, XDP_DROP);
 		return drop(XDPLB_CNT_FRAGMENT);
-	if (pkt.ip6->hop_limit <= 1)
+	}
+	if (pkt.ip6->hop_limit <= 1) {
+		trace6(ctx, cfg, &pkt, NULL, XDPLB_EV_TTL_EXPIRED, XDP_PASS);
 		return pass(XDPLB_CNT_TTL_EXPIRED);
+	}
 	now = now_ticks(cfg);
 	flow = bpf_map_lookup_elem(&xdplb_flows6, &pkt.key);
 	/* A SYN on a closing flow is the client reusing its port: balanced afresh. */
@@ -513,7 +568,7 @@ __noinline int xdplb_v6(struct xdp_md *ctx)
 		if (pkt.key.proto == IPPROTO_TCP &&
 		    ((pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) || (flow->flags & XDPLB_FLOW_HANDSHAKE)))
 			track_tcp_state6(flow, pkt.tcp_flags);
-		return forward6(ctx, cfg, &pkt, flow, 0);
+		return forward6(ctx, cfg, &pkt, flow, XDPLB_EV_FLOW);
 	}
 	return new_flow6(ctx, cfg, &pkt, svc, now);
 }

@@ -248,6 +248,9 @@ struct {
 #define TRACE_ARGS 12
 struct trace_args {
 	__u64 v[TRACE_ARGS];
+	/* An IPv6 line's addresses: its arguments point here (bpf_trace_vprintk's %pI6 reads
+	 * the 16 bytes an argument points to). */
+	__be32 addr6[3][4];
 };
 
 struct {

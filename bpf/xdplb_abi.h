@@ -169,6 +169,9 @@ enum xdplb_trace_event {
  * ifindex proto tcp_flags saddr sport daddr dport out_daddr out_dport backend event action
  * (addresses and ports in host byte order, hexadecimal addresses). */
 #define XDPLB_TRACE_TAG "xdplb1"
+/* IPv6 packets' lines: the same fields, the three addresses as the kernel's %pI6 prints
+ * them (eight groups of four hex digits; out_daddr all zero without a flow). */
+#define XDPLB_TRACE_TAG6 "xdplb6"
 
 
 /* A service's address: the key of a service table slot. */

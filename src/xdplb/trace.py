@@ -59,16 +59,30 @@ class TraceRecord:
         return "".join(c for i, c in enumerate(TCP_FLAGS) if self.tcp_flags & (1 << i)) or "."
 
     def __str__(self) -> str:
-        dest = f"-> {self.out_daddr}:{self.out_dport}" if self.out_daddr != "0.0.0.0" else ""
+        dest = f"-> {_endpoint(self.out_daddr, self.out_dport)}" if self.out_daddr not in ("0.0.0.0", "::") else ""
         backend = f"backend {self.backend}" if self.backend != abi.NO_BACKEND else "no backend"
-        return (f"{self.saddr}:{self.sport} -> {self.daddr}:{self.dport} {PROTOS.get(self.proto, self.proto)} "
-                f"[{self.flags_text()}] {self.event} {backend} {dest} {self.action}").replace("  ", " ")
+        return (f"{_endpoint(self.saddr, self.sport)} -> {_endpoint(self.daddr, self.dport)} "
+                f"{PROTOS.get(self.proto, self.proto)} [{self.flags_text()}] {self.event} {backend} {dest} "
+                f"{self.action}").replace("  ", " ")
+
+
+def _endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _address(text: str, v6: bool) -> str:
+    """An address as a line carries it: IPv4 as hexadecimal, IPv6 as %pI6 prints it."""
+    return str(ipaddress.IPv6Address(text)) if v6 else str(ipaddress.IPv4Address(int(text, 16)))
 
 
 def decode(line: str) -> TraceRecord | None:
     """Decodes one trace_pipe line, or None if it is not one of ours."""
+    v6 = False
     tag = abi.TRACE_TAG + " "
     at = line.find(tag)
+    if at < 0:
+        v6, tag = True, abi.TRACE_TAG6 + " "
+        at = line.find(tag)
     if at < 0:
         return None
     fields = line[at + len(tag):].split()
@@ -79,9 +93,8 @@ def decode(line: str) -> TraceRecord | None:
          action) = fields
         return TraceRecord(
             ifindex=int(ifindex), proto=int(proto), tcp_flags=int(flags, 16),
-            saddr=str(ipaddress.IPv4Address(int(saddr, 16))), sport=int(sport),
-            daddr=str(ipaddress.IPv4Address(int(daddr, 16))), dport=int(dport),
-            out_daddr=str(ipaddress.IPv4Address(int(odaddr, 16))), out_dport=int(odport),
+            saddr=_address(saddr, v6), sport=int(sport), daddr=_address(daddr, v6), dport=int(dport),
+            out_daddr=_address(odaddr, v6), out_dport=int(odport),
             backend=int(backend), event=EVENTS.get(int(event), f"event{event}"),
             action=ACTIONS.get(int(action), f"action{action}"))
     except ValueError:

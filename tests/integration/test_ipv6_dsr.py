@@ -8,6 +8,9 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -168,3 +171,20 @@ def test_an_ipv6_service_survives_export_and_apply(dual_stack, tmp_path):
     path.write_text(exported)
     assert "no changes" in (dry := xdplb("-n", LB_NS, "apply", str(path), "--dry-run", check=False)).stdout + dry.stderr
     assert dry.returncode == 0
+
+
+def test_trace_shows_ipv6_packets(dual_stack):
+    """The kernel prints IPv6 addresses itself (%pI6), and trace decodes them."""
+    tracer = subprocess.Popen([sys.executable, "-m", "xdplb", "-n", LB_NS, "trace", "eth0", "--duration", "4"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        in_ns(CLIENT_NS, lambda: fetch(VIP6, 2))
+        out, err = tracer.communicate(timeout=20)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+    lines = [line for line in out.splitlines() if line.startswith(f"[{CLIENT6}]:")]
+    assert any(f" -> [{VIP6}]:80 tcp [S] new backend " in line and any(f"-> [{b}]:80 " in line for b in BACKENDS6)
+               for line in lines), out + err

@@ -90,6 +90,7 @@ def test_constants_match_header():
 def test_trace_tag_matches_header():
     text = (build.BPF_DIR / "xdplb_abi.h").read_text()
     assert f'#define XDPLB_TRACE_TAG "{abi.TRACE_TAG}"' in text
+    assert f'#define XDPLB_TRACE_TAG6 "{abi.TRACE_TAG6}"' in text
 
 
 def test_the_verifier_has_room_to_spare(bpf_object):

@@ -451,7 +451,7 @@ TRACE_ARGS = test_trace.TRACE_ARGS
 
 def last_trace(harness, fd) -> tuple[int, int] | None:
     """(event, action) of the trace line the last run printed on CPU 0, then cleared."""
-    size = TRACE_ARGS * 8 * harness.dp.ncpus
+    size = test_trace.TRACE_VALUE * harness.dp.ncpus
     buf = ctypes.create_string_buffer(size)
     harness.dp.lib.lookup(fd, ctypes.c_uint32(0), buf)
     harness.dp.lib.update(fd, ctypes.c_uint32(0), ctypes.create_string_buffer(size))

@@ -5,6 +5,7 @@ checksum: dsr changes only the MACs, so the expected frame is the sent one with 
 MACs, byte for byte."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import ipaddress
 import os
@@ -395,3 +396,23 @@ def test_an_icmpv6_error_about_an_ip6ip6_flow_is_encapsulated_to_its_backend(ip6
     assert action == XDP_TX and out[14 + 40:] == error[14:]
     assert IPv6(out[14:]).nh == 41 and IPv6(out[14:]).dst == BACKEND6
     assert ip6ip6.dp.counters()["icmp_translated"] == 1
+
+
+def test_an_ipv6_packet_is_traced_with_its_three_addresses(h6):
+    from . import test_trace
+    fd = test_trace.open_trace_args(h6.prog_fd)
+    try:
+        h6.configure([v6service()])
+        h6.dp.renew_trace()
+        assert h6.run(syn(46000))[0] == XDP_TX
+        size = test_trace.TRACE_VALUE
+        buf = ctypes.create_string_buffer(size * h6.dp.ncpus)
+        h6.dp.lib.lookup(fd, ctypes.c_uint32(0), buf)
+        v = list((ctypes.c_uint64 * 12).from_buffer_copy(buf.raw[:96]))
+        addrs = [str(ipaddress.IPv6Address(buf.raw[96 + 16 * i:112 + 16 * i])) for i in range(3)]
+        assert v[1:3] == [6, 0x02] and (v[4], v[6], v[8]) == (46000, 80, 80)
+        assert (v[10], v[11]) == (abi.TraceEvent.NEW_FLOW, XDP_TX)
+        assert addrs == [CLIENT6, VIP6, BACKEND6]
+        assert (v[5] - v[3], v[7] - v[5]) == (16, 16)  # %pI6 arguments: pointers to those addresses
+    finally:
+        os.close(fd)

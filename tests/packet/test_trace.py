@@ -22,27 +22,32 @@ from . import packets as P
 from .conftest import XDP_TX, service
 
 TRACE_ARGS = 12
+TRACE_VALUE = TRACE_ARGS * 8 + 3 * 16  # struct trace_args: the arguments, then an IPv6 line's addresses
+
+
+def open_trace_args(prog_fd: int) -> int:
+    """An fd of the program's xdplb_trace_args (the kernel keeps 15 characters of its name)."""
+    lib = libbpf()
+    for map_id in lib.prog_map_ids(prog_fd):
+        fd = lib.bpf_map_get_fd_by_id(map_id)
+        if lib.obj_info(fd, MapInfo()).name.decode() == "xdplb_trace_arg":
+            return fd
+        os.close(fd)
+    pytest.fail("the program has no xdplb_trace_args map")
 
 
 @pytest.fixture
 def trace_args(harness):
-    """The fd of xdplb_trace_args (the kernel keeps 15 characters of its name)."""
-    lib = libbpf()
-    for map_id in lib.prog_map_ids(harness.prog_fd):
-        fd = lib.bpf_map_get_fd_by_id(map_id)
-        if lib.obj_info(fd, MapInfo()).name.decode() == "xdplb_trace_arg":
-            yield fd
-            os.close(fd)
-            return
-        os.close(fd)
-    pytest.fail("the program has no xdplb_trace_args map")
+    fd = open_trace_args(harness.prog_fd)
+    yield fd
+    os.close(fd)
 
 
 def traced(harness, fd, sport: int) -> list[int] | None:
     """Runs a SYN from `sport` and returns the trace line it printed (its arguments), or
     None if it printed none."""
     lib = libbpf()
-    size = TRACE_ARGS * 8 * harness.dp.ncpus
+    size = TRACE_VALUE * harness.dp.ncpus
     lib.update(fd, ctypes.c_uint32(0), ctypes.create_string_buffer(size))
     action, _ = harness.run(P.tcp(P.CLIENT, sport, P.VIP, 80, flags="S"))
     assert action == XDP_TX

@@ -90,6 +90,17 @@ def test_trace_line_decodes():
     assert str(rec) == "10.42.0.10:40346 -> 10.42.0.2:80 tcp [S] new backend 1 -> 10.42.0.102:80 TX"
 
 
+def test_an_ipv6_trace_line_decodes():
+    line = ("curl-123 [001] ..s21 100.0: bpf_trace_printk: xdplb6 3 6 2 fd42:0042:0000:0000:0000:0000:0000:000a "
+            "40346 fd42:0042:0000:0000:0000:0000:0000:0003 80 fd42:0042:0000:0000:0000:0000:0000:0066 80 1 0 4")
+    rec = trace.decode(line)
+    assert (rec.saddr, rec.daddr, rec.out_daddr) == ("fd42:42::a", "fd42:42::3", "fd42:42::66")
+    assert str(rec) == "[fd42:42::a]:40346 -> [fd42:42::3]:80 tcp [S] new backend 1 -> [fd42:42::66]:80 REDIRECT"
+    none = trace.decode(line.replace("fd42:0042:0000:0000:0000:0000:0000:0066 80 1 0 4",
+                                     "0000:0000:0000:0000:0000:0000:0000:0000 0 65535 3 2"))
+    assert str(none) == "[fd42:42::a]:40346 -> [fd42:42::3]:80 tcp [S] no-backend no backend PASS"
+
+
 def test_trace_ignores_foreign_lines():
     assert trace.decode("sshd-1 [000] bpf_trace_printk: hello 1 2 3") is None
     assert trace.decode(f"x: {abi.TRACE_TAG} 1 2") is None
