@@ -19,7 +19,7 @@ from xdplb.libbpf import BPF_F_TEST_XDP_LIVE_FRAMES, libbpf
 from xdplb.namespaces import run_in_netns
 from xdplb.netlink import NextHop
 
-from .perpacket import BENCH_OBJECT, BYPASS_VIPS, CLIENT, VIP, Bench, tcp
+from .perpacket import BENCH_OBJECT, BYPASS_VIPS, BYPASS_VIPS6, CLIENT, CLIENT6, VIP, Bench, tcp
 
 NS = "xdplb-b-live"
 BATCH = 64
@@ -78,6 +78,10 @@ def run(repeat: int, runs: int) -> list[Rate]:
             for mode, vip in (("nat", VIP), *BYPASS_VIPS.items()):
                 bench.run_once(tcp(CLIENT, 40000, vip, 80, "S"))  # every live frame is an established-flow packet
                 cases.append((f"xdplb, established flow, {mode}", bench.xdplb, tcp(CLIENT, 40000, vip, 80, "A")))
+            for mode, vip in BYPASS_VIPS6.items():
+                bench.run_once(tcp(CLIENT6, 40000, vip, 80, "S"))
+                cases.append((f"xdplb, established flow, {mode}, IPv6", bench.xdplb,
+                               tcp(CLIENT6, 40000, vip, 80, "A")))
             out = []
             for name, target, frame in cases:
                 ctx = bytes(XdpMd(data_end=len(frame), ingress_ifindex=lb_index))  # data_end: the frame length

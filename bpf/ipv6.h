@@ -25,9 +25,10 @@
  * Neighbour discovery, router advertisements, echo and every other ICMPv6 message pass
  * untouched, but for errors about a flow's packets (destination unreachable, packet too
  * big, time exceeded, parameter problem): the backend answered from the VIP, so the error
- * comes here and is relayed to that flow's backend as it is (IPv4's dsr does the same).
- * The hop limit is kept (the backend is on this link; IPv4's dsr keeps the TTL); a packet
- * with hop limit 1 or less passes, as one with TTL 1 does.
+ * comes here and is relayed to that flow's backend as it is, encapsulated for ipip (as
+ * IPv4's dsr and ipip do). The packet's hop limit is kept (dsr: the backend is on this
+ * link; ipip: the outer header is what crosses routers), as IPv4's TTL is; a packet with
+ * hop limit 1 or less passes, as one with TTL 1 does.
  */
 #ifndef XDPLB_IPV6_H
 #define XDPLB_IPV6_H

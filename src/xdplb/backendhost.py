@@ -134,13 +134,13 @@ def converge(ifname: str, vips: list[str] | None) -> list[str]:
             if vip not in record["added"]:  # a record outliving its lo (a namespace made again) has it
                 record["added"].append(vip)
             _save(record)
-            netlink.add_address(LOOPBACK, vip, _host_prefix(vip))
+            netlink.add_address(LOOPBACK, vip, _host_prefix(vip), vip=True)
             undo.append(lambda vip=vip: netlink.remove_address(LOOPBACK, vip, _host_prefix(vip)))
             lines.append(f"added {vip}/{_host_prefix(vip)} to lo")
         for vip in [v for v in record["added"] if v not in wanted]:
             if vip in on_lo:
                 netlink.remove_address(LOOPBACK, vip, _host_prefix(vip))
-                undo.append(lambda vip=vip: netlink.add_address(LOOPBACK, vip, _host_prefix(vip)))
+                undo.append(lambda vip=vip: netlink.add_address(LOOPBACK, vip, _host_prefix(vip), vip=True))
                 lines.append(f"removed {vip}/{_host_prefix(vip)} from lo")
             record["added"].remove(vip)
             _save(record)

@@ -64,8 +64,10 @@ def open_attached(link: netlink.Link) -> Decap | loader.ForeignProgram | None:
 def local_addresses() -> list:
     """What an outer header may be addressed to: every address of this namespace, both
     families, as for the kernel's own tunnels, except loopback ones, which never arrive
-    from outside. IPv4 first, then IPv6."""
-    addrs = {a.ip for addrs in netlink.addresses_by_link().values() for a in addrs if not a.ip.is_loopback}
+    from outside, and IPv6 link-local ones, which the balancer never sends to (it
+    addresses a backend as configured). IPv4 first, then IPv6."""
+    addrs = {a.ip for addrs in netlink.addresses_by_link().values() for a in addrs
+             if not a.ip.is_loopback and not a.ip.is_link_local}
     if len(addrs) > decap_abi.MAX_LOCAL:
         raise XdplbError(f"this host has {len(addrs)} addresses; the decapsulator holds up to "
                          f"{decap_abi.MAX_LOCAL} (XDPLB_DC_MAX_LOCAL in bpf/decap_abi.h)")

@@ -226,7 +226,7 @@ def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix:
         have = {str(a.ip) for a in netlink.addresses_in("eth0", lb.namespace)}
         for vip, prefixlen in ((BYPASS_VIP, 32), (BYPASS_VIP6, 128)):
             if str(vip) not in have:
-                netlink.add_address("eth0", str(vip), prefixlen, netns=lb.namespace)
+                netlink.add_address("eth0", str(vip), prefixlen, netns=lb.namespace, vip=True)
         for host in lab:
             if host.role == "backend":
                 host.pid = _start_server(prefix, host)

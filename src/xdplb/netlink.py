@@ -177,11 +177,17 @@ def add_veth(name: str, peer: str, netns: str | None = None, peer_netns: str | N
 IFA_F_NODAD = 0x02
 
 
-def add_address(ifname: str, address: str, prefixlen: int, netns: str | None = None) -> None:
+def add_address(ifname: str, address: str, prefixlen: int, netns: str | None = None, vip: bool = False) -> None:
     """An IPv4 or IPv6 address on ifname. IPv6 ones skip duplicate address detection:
-    usable at once, not a second or two later (every address given here is one we chose)."""
+    usable at once, not a second or two later (every address given here is one we chose).
+    A VIP (vip=True) of IPv6 is deprecated from the start (preferred lifetime 0, valid for
+    ever): it still takes packets and answers from itself, but the kernel never picks it
+    as the source of a connection of its own (RFC 6724, rule 3), where IPv4 has the
+    route's preferred source to keep a VIP out of the way."""
     with _ipr(netns) as ipr:
         extra = {"flags": IFA_F_NODAD} if ":" in address else {}
+        if vip and ":" in address:
+            extra |= {"preferred_lft": 0, "valid_lft": 0xFFFFFFFF}
         ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=address, prefixlen=prefixlen, **extra)
 
 

@@ -25,7 +25,8 @@ def test_bench_smoke_runs_every_section(bpf_object):
     assert all(0.99 <= r["delivered"] <= 1.01 for r in data["live_frames"]), data["live_frames"]
     for mode in ("dsr", "ipip"):
         assert any(n.endswith(f"), {mode}") for n in names) and any(f"{mode}, table" in n for n in names)
-    assert [r["name"].rsplit(", ", 1)[-1] for r in data["live_frames"][1:]] == ["nat", "dsr", "ipip"]
+    assert [r["name"].split("established flow, ", 1)[-1] for r in data["live_frames"][1:]] == [
+        "nat", "dsr", "ipip", "dsr, IPv6", "ipip, IPv6"]
     assert {k.split("/")[0] for k in data["end_to_end"]} == {"direct", "xdplb", "xdplb-dsr", "xdplb-ipip",
                                                               "nftables", "haproxy"}
     assert all(s[0]["value"] > 0 for s in data["end_to_end"].values())

@@ -108,7 +108,7 @@ def test_ipv6_dsr_and_ipip_on_a_plain_bridge(plain_bridge, forward):
     lo as a /128, the decapsulator for ip6ip6), the VIP a second address of the balancer,
     whose own IPv6 address is the outer source."""
     vip = "fd43::3"
-    ip("-n", LB_NS, "addr", "add", f"{vip}/128", "dev", "eth0", "nodad")
+    ip("-n", LB_NS, "addr", "add", f"{vip}/128", "dev", "eth0", "nodad", "preferred_lft", "0")
     prepared = subprocess.run([sys.executable, "-m", "xdplb", "-n", BACKEND_NS, "decap", "attach", "eth0",
                                "--vip", vip], capture_output=True, text=True, timeout=60)
     try:

@@ -32,7 +32,8 @@ class FakeHost:
         return {"lo": [ipaddress.ip_interface(a) for a in sorted(self.lo)],
                 "eth0": [ipaddress.ip_interface(a) for a in self.eth0]}
 
-    def add(self, ifname, address, prefixlen):
+    def add(self, ifname, address, prefixlen, vip=False):
+        assert vip
         assert ifname == "lo"
         if address == self.fail_on:
             raise OSError(17, "File exists")
