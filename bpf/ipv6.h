@@ -446,6 +446,19 @@ static __always_inline void track_tcp_state6(struct xdplb_flow6 *flow, __u8 tcp_
 		__sync_fetch_and_and(&flow->flags, ~(__u32)XDPLB_FLOW_HANDSHAKE);
 }
 
+static __always_inline int client6_allowed(const struct xdplb_service *svc, const __be32 *addr)
+{
+	struct xdplb_client_key6 key = {
+		.prefixlen = 32 + 128,
+		.service_id = bpf_htonl(svc->id),
+	};
+
+	if (!(svc->flags & XDPLB_SVC_ALLOWLIST))
+		return 1;
+	__builtin_memcpy(key.addr, addr, sizeof(key.addr));
+	return bpf_map_lookup_elem(&xdplb_clients6, &key) != NULL;
+}
+
 /* A packet of a service without a live flow: Maglev picks the backend (hash_seed, shared by
  * every node, so a flow another node balanced lands on the same one), the flow is stored
  * and the packet forwarded. A TCP segment other than a SYN opens a flow too, as for IPv4's
@@ -460,9 +473,7 @@ static __always_inline int new_flow6(struct xdp_md *ctx, const struct xdplb_conf
 
 	if (!(svc->flags & SVC_NO_NAT))
 		return pass(XDPLB_CNT_PASS);
-	/* IPv6 allow-lists are refused by the control plane; a service that has one anyway
-	 * lets nobody in rather than everybody. */
-	if (svc->flags & XDPLB_SVC_ALLOWLIST) {
+	if (!client6_allowed(svc, pkt->key.saddr)) {
 		if (svc->flags & XDPLB_SVC_PASS_NOT_ALLOWED) {
 			trace6(ctx, cfg, pkt, NULL, XDPLB_EV_NOT_ALLOWED, XDP_PASS);
 			return pass(XDPLB_CNT_NOT_ALLOWED);

@@ -144,6 +144,15 @@ struct {
 	__type(value, __u8);
 } xdplb_clients SEC(".maps");
 
+/* The same for IPv6 services' allow-lists. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, XDPLB_MAX_CLIENT_RULES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct xdplb_client_key6);
+	__type(value, __u8);
+} xdplb_clients6 SEC(".maps");
+
 /* Packet counters by action and reason (enum xdplb_counter). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -385,6 +385,13 @@ struct xdplb_client_key {
 	__be32 addr;
 };
 
+/* Key of xdplb_clients6, as xdplb_client_key for IPv6 clients. */
+struct xdplb_client_key6 {
+	__u32 prefixlen;
+	__be32 service_id;
+	__be32 addr[4];
+};
+
 /* Per-CPU values of xdplb_svc_stats and xdplb_be_stats. */
 struct xdplb_traffic {
 	__u64 packets;

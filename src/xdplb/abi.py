@@ -182,6 +182,10 @@ class ClientKey(ctypes.Structure):
     _fields_ = [("prefixlen", u32), ("service_id", be32), ("addr", be32)]
 
 
+class ClientKey6(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("service_id", be32), ("addr", be32 * 4)]
+
+
 class Traffic(ctypes.Structure):
     _fields_ = [("packets", u64), ("bytes", u64), ("new_flows", u64)]
 
@@ -203,6 +207,7 @@ MAPS = {
     "xdplb_be_stats": (u32, Traffic),
     "xdplb_services6": (ServiceKey6, Service),
     "xdplb_flows6": (FlowKey6, Flow6),  # an LRU hash, sized at a quarter of xdplb_flows
+    "xdplb_clients6": (ClientKey6, u8),
 }
 # Structs that appear in the object's DWARF under these names.
 STRUCTS = {
@@ -212,4 +217,5 @@ STRUCTS = {
     "xdplb_config": Config,
     "xdplb_client_key": ClientKey, "xdplb_traffic": Traffic,
     "xdplb_service_key6": ServiceKey6, "xdplb_flow_key6": FlowKey6, "xdplb_flow6": Flow6,
+    "xdplb_client_key6": ClientKey6,
 }

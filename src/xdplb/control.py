@@ -79,16 +79,11 @@ def family_problems(wanted: InterfaceConfig) -> list[str]:
         family = svc.vip.version
         out += [f"service {svc.name}: backend {b.endpoint} is IPv{b.addr.version} but the VIP is IPv{family}: "
                 "a service's backends are of its address family" for b in svc.backends if b.addr.version != family]
-        if family == 4:
-            out += [f"service {svc.name}: client network {n} is IPv6 but the VIP is IPv4: give IPv4 networks"
-                    for n in svc.clients if n.version != 4]
-            continue
-        if svc.forward == "nat":
+        out += [f"service {svc.name}: client network {n} is IPv{n.version} but the VIP is IPv{family}: give "
+                f"IPv{family} networks" for n in svc.clients if n.version != family]
+        if family == 6 and svc.forward == "nat":
             out.append(f"service {svc.name}: IPv6 services forward with --forward dsr or ipip only so far (nat "
                        "is IPv4 only): give --forward dsr or ipip, or an IPv4 VIP")
-        if svc.clients:
-            out.append(f"service {svc.name}: IPv6 services take no client allow-list yet: remove --clients, "
-                       "or give an IPv4 VIP")
     out += [f"SNAT address {a} is IPv6: the SNAT sources of IPv4 services are IPv4 addresses"
             for a in wanted.snat or [] if a.version != 4]
     return out

@@ -135,9 +135,10 @@ class DataPlane:
 
     def _client_rules(self) -> dict[int, set[tuple]]:
         out: dict[int, set] = {}
-        for key in self.lib.keys(self.fds["xdplb_clients"], abi.ClientKey):
-            svc_id, rule = layout.client_rule_of(key)
-            out.setdefault(svc_id, set()).add(rule)
+        for name, key_type in (("xdplb_clients", abi.ClientKey), ("xdplb_clients6", abi.ClientKey6)):
+            for key in self.lib.keys(self.fds[name], key_type):
+                svc_id, rule = layout.client_rule_of(key)
+                out.setdefault(svc_id, set()).add(rule)
         return out
 
     def _inner_fd(self, outer: str, index: int) -> int | None:
@@ -284,11 +285,12 @@ class DataPlane:
             os.close(fd)
 
     def _do_SetClients(self, op: plan.SetClients) -> None:
-        fd = self.fds["xdplb_clients"]
+        def fd(rule) -> int:
+            return self.fds["xdplb_clients6" if rule[0].version == 6 else "xdplb_clients"]
         for rule in op.remove:
-            self.lib.delete(fd, layout.client_key(op.service_id, rule))
+            self.lib.delete(fd(rule), layout.client_key(op.service_id, rule))
         for rule in op.add:
-            self.lib.update(fd, layout.client_key(op.service_id, rule), ctypes.c_uint8(1))
+            self.lib.update(fd(rule), layout.client_key(op.service_id, rule), ctypes.c_uint8(1))
 
     def _do_ZeroStats(self, op: plan.ZeroStats) -> None:
         name = "xdplb_svc_stats" if op.kind == "service" else "xdplb_be_stats"

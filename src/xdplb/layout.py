@@ -170,19 +170,23 @@ def next_hop_of(b: abi.Backend) -> NextHop:
     return NextHop(b.ifindex, mac_text(b.dmac), mac_text(b.smac))
 
 
-def client_rules(networks: list[ipaddress.IPv4Network]) -> set[tuple]:
+def client_rules(networks: list) -> set[tuple]:
     """A service's allow-list as the (network address, prefix length) pairs of its rules."""
     return {(n.network_address, n.prefixlen) for n in networks}
 
 
-def client_key(svc_id: int, rule: tuple) -> abi.ClientKey:
+def client_key(svc_id: int, rule: tuple) -> abi.ClientKey | abi.ClientKey6:
+    """The key of a rule in xdplb_clients, or xdplb_clients6 for an IPv6 network."""
     addr, plen = rule
+    if addr.version == 6:
+        return abi.ClientKey6(prefixlen=32 + plen, service_id=socket.htonl(svc_id), addr=addr_words(addr))
     return abi.ClientKey(prefixlen=32 + plen, service_id=socket.htonl(svc_id), addr=be32(addr))
 
 
-def client_rule_of(key: abi.ClientKey) -> tuple[int, tuple]:
-    """(service id, rule) of a key of xdplb_clients."""
-    return socket.ntohl(key.service_id), (from_be32(key.addr), key.prefixlen - 32)
+def client_rule_of(key: abi.ClientKey | abi.ClientKey6) -> tuple[int, tuple]:
+    """(service id, rule) of a key of xdplb_clients or xdplb_clients6."""
+    addr = from_words(key.addr) if isinstance(key, abi.ClientKey6) else from_be32(key.addr)
+    return socket.ntohl(key.service_id), (addr, key.prefixlen - 32)
 
 
 def service_table(entries: list[tuple[abi.ServiceKey, abi.Service]]) -> ctypes.Array:
@@ -210,7 +214,7 @@ def services_from(table: dict[tuple, abi.Service], backends: dict[int, abi.Backe
     for (vip, port, proto), value in sorted(table.items(), key=lambda kv: (kv[0][0].version, kv[0])):
         members = sorted(Backend(from_words(b.addr), socket.ntohs(b.port), b.weight)
                          for b in backends.values() if b.service_id == value.id)
-        nets = sorted(ipaddress.IPv4Network((addr, plen)) for addr, plen in clients.get(value.id, ()))
+        nets = sorted(ipaddress.ip_network((addr, plen)) for addr, plen in clients.get(value.id, ()))
         out.append(Service(vip, port, proto, members, nets, value.ring_size, value.udp_timeout_s,
                            "pass" if value.flags & abi.ServiceFlags.PASS_NOT_ALLOWED else "drop",
                            forward_of(value)))

@@ -416,3 +416,20 @@ def test_an_ipv6_packet_is_traced_with_its_three_addresses(h6):
         assert (v[5] - v[3], v[7] - v[5]) == (16, 16)  # %pI6 arguments: pointers to those addresses
     finally:
         os.close(fd)
+
+
+def test_an_ipv6_allow_list_lets_its_networks_in_and_drops_or_passes_the_rest(h6):
+    listed = dataclasses.replace(v6service(), clients=[ipaddress.IPv6Network("fd00:1::/64")])
+    h6.configure([listed])
+    assert h6.dp.services()[0].clients == [ipaddress.IPv6Network("fd00:1::/64")]  # read back from the map
+    assert not h6.sync([listed])
+    inside = syn(47000)
+    assert h6.run(inside) == (XDP_TX, dsr(inside))
+    outside = syn(47001, src="fd00:2::10")
+    assert h6.run(outside)[0] == XDP_DROP
+    assert h6.dp.counters()["not_allowed"] == 1
+    h6.configure([dataclasses.replace(listed, not_allowed="pass")])
+    assert h6.run(outside) == (XDP_PASS, outside)
+    h6.configure([v6service()])  # the allow-list removed: everybody in
+    assert list(h6.dp.lib.keys(h6.dp.fds["xdplb_clients6"], abi.ClientKey6)) == []
+    assert h6.run(syn(47002, src="fd00:2::10"))[0] == XDP_TX

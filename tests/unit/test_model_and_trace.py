@@ -193,7 +193,8 @@ def test_ipv6_services_are_refused_before_anything_changes():
                         xdp_mode="")
     v6 = model.Service(V6("fd00::1"), 80, "tcp", [model.Backend(V6("fd00::2"), 80)])
     v6_listed = model.Service(V6("fd00::1"), 81, "tcp", [model.Backend(ipaddress.IPv4Address("10.0.0.3"), 81)],
-                              clients=[ipaddress.IPv6Network("fd00::/64")], forward="dsr")
+                              clients=[ipaddress.IPv4Network("10.0.0.0/8"), ipaddress.IPv6Network("fd00::/64")],
+                              forward="dsr")
     mixed = model.Service(ipaddress.IPv4Address("10.0.0.2"), 80, "tcp", [model.Backend(V6("fd00::2"), 80)],
                           clients=[ipaddress.IPv6Network("fd00::/64")])
     wanted = model.InterfaceConfig(name="eth0", services=[v6, v6_listed, mixed], snat=[V6("fd00::9")])
@@ -202,8 +203,7 @@ def test_ipv6_services_are_refused_before_anything_changes():
         "IPv4 only): give --forward dsr or ipip, or an IPv4 VIP",
         "eth0: service [fd00::1]:81/tcp: backend 10.0.0.3:81 is IPv4 but the VIP is IPv6: a service's backends "
         "are of its address family",
-        "eth0: service [fd00::1]:81/tcp: IPv6 services take no client allow-list yet: remove --clients, or give "
-        "an IPv4 VIP",
+        "eth0: service [fd00::1]:81/tcp: client network 10.0.0.0/8 is IPv4 but the VIP is IPv6: give IPv6 networks",
         "eth0: service 10.0.0.2:80/tcp: backend [fd00::2]:80 is IPv6 but the VIP is IPv4: a service's backends "
         "are of its address family",
         "eth0: service 10.0.0.2:80/tcp: client network fd00::/64 is IPv6 but the VIP is IPv4: give IPv4 networks",
