@@ -9,9 +9,11 @@
  * gave its first packet.
  *
  * ip6ip6 makes a packet 40 bytes longer. When it no longer fits the egress link, the
- * client gets an ICMPv6 "packet too big" from the VIP with the MTU it may use (never
- * below IPv6's minimum, 1280: RFC 8200), as IPv4 clients get "fragmentation needed";
- * IPv6 routers never fragment, so there is no DF to look at.
+ * client gets an ICMPv6 "packet too big" from the VIP with the MTU it may use, as IPv4
+ * clients get "fragmentation needed" (IPv6 routers never fragment, so there is no DF to
+ * look at). That MTU is never below IPv6's minimum, 1280 (RFC 8200): links towards ipip
+ * backends need 1320 bytes, or packets between their MTU - 40 and 1280 are dropped
+ * (counted too_big), since only fragmenting the outer packet would get them through.
  *
  * Extension headers (RFC 8200), at most XDPLB_V6_EXT_HEADERS of them, else the packet
  * passes to the kernel:
@@ -362,11 +364,14 @@ static __always_inline int forward6(struct xdp_md *ctx, const struct xdplb_confi
 		__builtin_memcpy(pkt->eth->h_dest, hop.dmac, ETH_ALEN);
 		__builtin_memcpy(pkt->eth->h_source, hop.smac, ETH_ALEN);
 	} else if (!ip6ip6_fits(ctx, pkt->ip6, hop.ifindex, &mtu)) {
-		/* Never an ICMPv6 error about an ICMPv6 error (RFC 4443). */
-		trace6(ctx, cfg, pkt, flow, XDPLB_EV_TOO_BIG, pkt->key.proto == NEXTHDR_ICMPV6 ? XDP_DROP : XDP_TX);
-		if (pkt->key.proto == NEXTHDR_ICMPV6 ||
-		    answer_packet_too_big(ctx, mtu > XDPLB_ENCAP_MTU_FLOOR + sizeof(struct ipv6hdr) ?
-						   mtu - sizeof(struct ipv6hdr) : XDPLB_ENCAP_MTU_FLOOR))
+		/* Never an ICMPv6 error about an ICMPv6 error (RFC 4443); and no MTU below
+		 * IPv6's minimum to offer: a link towards the backend under 1320 bytes takes
+		 * only what already fits, the rest is dropped (see XDPLB_ENCAP_MTU_FLOOR). */
+		int answer = pkt->key.proto != NEXTHDR_ICMPV6 &&
+			     mtu >= XDPLB_ENCAP_MTU_FLOOR + sizeof(struct ipv6hdr);
+
+		trace6(ctx, cfg, pkt, flow, XDPLB_EV_TOO_BIG, answer ? XDP_TX : XDP_DROP);
+		if (!answer || answer_packet_too_big(ctx, mtu - sizeof(struct ipv6hdr)))
 			return drop(XDPLB_CNT_TOO_BIG);
 		count(XDPLB_CNT_FRAG_NEEDED);
 		count(XDPLB_CNT_TX);

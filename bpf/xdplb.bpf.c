@@ -416,7 +416,9 @@ static __noinline void check_backend_hop(const struct xdplb_config *cfg, struct 
 	if (flow->hop_gen == (__u8)gen)
 		return;
 	be = bpf_map_lookup_elem(&xdplb_backends, &id);
-	if (!be || be->addr[3] != flow->daddr || be->port != flow->dport)
+	/* The whole address: an IPv6 backend reusing the id may end in the same 32 bits. */
+	if (!be || be->addr[0] || be->addr[1] || be->addr[2] != bpf_htonl(0xffff) || be->addr[3] != flow->daddr ||
+	    be->port != flow->dport)
 		return;
 	if (hop_equal(flow, be)) {
 		word = (__u32 *)&slot->flow.flags;

@@ -789,8 +789,11 @@ def decap_status(ctx, iface, as_json):
             click.echo(f"{e['interface']}: no decapsulator{held}")
             continue
         click.echo(f"{e['interface']}: decap program {e['program_id']}, {e['mode']} mode, {vips}")
-        click.echo(f"  decapsulates IPIP to: {', '.join(e['local_addresses']) or 'nothing'}")
-        if e["addresses_changed"]:
+        click.echo(f"  decapsulates IPIP and ip6ip6 to: {', '.join(e['local_addresses']) or 'nothing'}")
+        if e.get("outdated"):
+            click.echo(f"  built by an older xdplb (IPv4 addresses only): run xdplb decap attach {e['interface']} "
+                       "again to replace it")
+        elif e["addresses_changed"]:
             click.echo(f"  this host's addresses changed since: run xdplb decap attach {e['interface']} again")
         nonzero = {k: v for k, v in e["counters"].items() if v}
         click.echo("  counters: " + (", ".join(f"{k} {v}" for k, v in nonzero.items()) or "none yet"))

@@ -72,8 +72,8 @@ def problems(wanted: InterfaceConfig, found, link: netlink.Link, where: str = ""
 
 def family_problems(wanted: InterfaceConfig) -> list[str]:
     """What the data plane cannot do yet with IPv6, refused before anything changes: an
-    IPv6 service forwards in dsr mode only, without an allow-list; and a service's
-    backends, client networks, SNAT and IPIP sources are of its address family."""
+    IPv6 service forwards in dsr or ipip mode (no NAT66 yet); and a service's backends
+    and client networks, and the SNAT sources, are of its address family."""
     out = []
     for svc in wanted.services:
         family = svc.vip.version

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import abi, backendhost, build, decap_abi, layout, loader, locking, namespaces, netlink
 from .errors import NotFoundError, UsageError, XdplbError
-from .libbpf import ProgInfo, libbpf
+from .libbpf import MapInfo, ProgInfo, libbpf
 
 LOCK_NAME = "decap"  # one lock for every interface: they share backendhost's record
 
@@ -28,6 +28,9 @@ class Decap:
     prog_id: int
     mode: str
     fds: dict[str, int] = field(default_factory=dict)
+    # Built before local addresses were 16 bytes (IPv6, IPv4 mapped): its map cannot
+    # take today's keys, so attach replaces the program instead of updating it.
+    outdated: bool = False
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -58,6 +61,8 @@ def open_attached(link: netlink.Link) -> Decap | loader.ForeignProgram | None:
     if set(found.fds) != set(decap_abi.MAPS):
         found.close()
         return loader.ForeignProgram(link.xdp_prog_id, name)
+    key_size = lib.obj_info(found.fds[decap_abi.LOCAL_MAP], MapInfo()).key_size
+    found.outdated = key_size != ctypes.sizeof(abi.be32 * 4)
     return found
 
 
@@ -149,12 +154,14 @@ def attach(ifname: str, vips: list[ipaddress.IPv4Address] | None, mode: str = "a
             if vips is not None:
                 backendhost.check_vips(vips)
             wanted_vips = [str(v) for v in vips] if vips is not None else (backendhost.managed(ifname) or [])
-            if isinstance(found, Decap):
+            if isinstance(found, Decap) and not found.outdated:
                 lines = backendhost.converge(ifname, wanted_vips)
                 local = local_addresses()
                 write_local(found.fds[decap_abi.LOCAL_MAP], local)
                 return lines + [_summary("updated on", found.prog_id, found.mode, ifname, local, wanted_vips)]
-            return _load_and_attach(link, mode, isinstance(found, loader.ForeignProgram), wanted_vips)
+            if isinstance(found, Decap):  # outdated: replaced in the mode it runs in
+                mode = found.mode
+            return _load_and_attach(link, mode, found is not None, wanted_vips)
         finally:
             if isinstance(found, Decap):
                 found.close()
@@ -247,9 +254,10 @@ def status(ifname: str | None = None) -> dict:
                  "vips": record["interfaces"].get(name, []), "addresses_changed": False, "foreign_program": None}
         if isinstance(found, Decap):
             try:
-                local = read_local(found.fds[decap_abi.LOCAL_MAP])
+                local = [] if found.outdated else read_local(found.fds[decap_abi.LOCAL_MAP])
                 entry.update(program_id=found.prog_id, mode=found.mode, local_addresses=[str(a) for a in local],
-                             counters=counters(found.fds[decap_abi.STATS_MAP]), addresses_changed=local != local_now)
+                             counters=counters(found.fds[decap_abi.STATS_MAP]), addresses_changed=local != local_now,
+                             outdated=found.outdated)
             finally:
                 found.close()
         elif isinstance(found, loader.ForeignProgram):

@@ -38,7 +38,7 @@ LB_ADDR = SUBNET[2]
 # The VIP of dsr and ipip services: the backends hold it on lo and ignore ARP requests
 # from an address they hold, so it cannot be the balancer's own (primary) address.
 BYPASS_VIP = SUBNET[3]
-BYPASS_VIP6 = SUBNET6[3]  # its IPv6 twin, for IPv6 dsr services
+BYPASS_VIP6 = SUBNET6[3]  # its IPv6 twin, for IPv6 dsr and ipip services
 CLIENT_BASE = 10
 BACKEND_BASE = 101
 STATE_DIR = Path("/run/xdplb/lab")
@@ -204,7 +204,7 @@ def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix:
     """Creates what is missing of the lab (idempotent) and returns its hosts. With forward
     dsr or ipip the backends are prepared for it: the VIP on lo with the ARP settings
     (dsr, ipip) and the decapsulator on their eth0 (ipip); in every mode they hold the
-    IPv6 bypass VIP on lo, for IPv6 dsr services."""
+    IPv6 bypass VIP on lo, for IPv6 dsr services beside IPv4 ones of any mode."""
     _check_prefix(prefix)
     if not 1 <= backends <= MAX_BACKENDS:
         raise UsageError(f"--backends {backends}: give 1 to {MAX_BACKENDS}")
@@ -242,9 +242,10 @@ def up(backends: int = DEFAULT_BACKENDS, clients: int = DEFAULT_CLIENTS, prefix:
 def prepare_backend(host: Host, forward: str | None) -> None:
     """What a backend of a dsr or ipip service needs (xdplb decap, run in its namespace);
     for nat, undoes it, so that the lab can be switched between modes. The IPv6 bypass VIP
-    stays on lo in every mode: IPv6 services forward in dsr mode whatever the IPv4 ones
-    do, and an IPv6 address on lo changes nothing for IPv4 (no ARP sysctl). forward None
-    undoes everything (the lab going down), records included."""
+    stays on lo in every mode, so that an IPv6 dsr service works whatever the IPv4 ones
+    do (an IPv6 address on lo changes nothing for IPv4: no ARP sysctl); IPv6 ipip needs
+    the decapsulator, which only forward ipip attaches. forward None undoes everything
+    (the lab going down), records included."""
     from . import backendhost, decap
 
     def work():

@@ -185,7 +185,7 @@ def client_key(svc_id: int, rule: tuple) -> abi.ClientKey | abi.ClientKey6:
 
 def client_rule_of(key: abi.ClientKey | abi.ClientKey6) -> tuple[int, tuple]:
     """(service id, rule) of a key of xdplb_clients or xdplb_clients6."""
-    addr = from_words(key.addr) if isinstance(key, abi.ClientKey6) else from_be32(key.addr)
+    addr = ipaddress.IPv6Address(bytes(key.addr)) if isinstance(key, abi.ClientKey6) else from_be32(key.addr)
     return socket.ntohl(key.service_id), (addr, key.prefixlen - 32)
 
 
@@ -226,7 +226,7 @@ def table_key(key: abi.ServiceKey) -> tuple:
 
 
 def table_key6(key: abi.ServiceKey6) -> tuple:
-    return from_words(key.vip), socket.ntohs(key.port), PROTOCOL_NAMES[key.proto]
+    return ipaddress.IPv6Address(bytes(key.vip)), socket.ntohs(key.port), PROTOCOL_NAMES[key.proto]
 
 
 # ---- rings -------------------------------------------------------------------------

@@ -295,21 +295,28 @@ class Libbpf:
         self.check(self.lib.bpf_map_update_batch(fd, keys, values, ctypes.byref(n), None),
                    "map batch update")
 
-    def items(self, fd: int, key_type, value_type, batch: int = 4096):
-        """Every (key, value) of a hash map, read `batch` entries per system call. A map
-        changing meanwhile may give an entry twice or not at all, as iterating keys does."""
+    def batches(self, fd: int, key_type, value_type, batch: int = 4096):
+        """A hash map's entries, `batch` per system call: (keys, values, n) with the
+        first n entries of each buffer valid until the next batch. A map changing
+        meanwhile may give an entry twice or not at all, as iterating keys does."""
         keys, values = (key_type * batch)(), (value_type * batch)()
         token = ctypes.create_string_buffer(ctypes.sizeof(key_type))  # the kernel's cursor between calls
         start = None
         while True:
             n = c_uint32(batch)
             rc = self.lib.bpf_map_lookup_batch(fd, start, token, keys, values, ctypes.byref(n), None)
-            for i in range(n.value):  # copies: the next batch reuses the buffers
-                yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
+            if n.value:
+                yield keys, values, n.value
             if rc == -errno.ENOENT:
                 return
             self.check(rc, "map batch lookup")
             start = token
+
+    def items(self, fd: int, key_type, value_type, batch: int = 4096):
+        """Every (key, value) of a hash map (see batches), each a copy."""
+        for keys, values, n in self.batches(fd, key_type, value_type, batch):
+            for i in range(n):
+                yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
 
     def test_run(self, prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None = None,
                  flags: int = 0, batch_size: int = 0) -> tuple[int, bytes, int]:

@@ -192,6 +192,10 @@ def parse_address(text: str, what: str = "address", family: int | None = None) -
         if addr.version == 6 and addr.scope_id:
             raise UsageError(f"bad {what} {text!r}: an address with a zone (%{addr.scope_id}) is link-local to "
                              "one interface; give a global or unique-local IPv6 address")
+        if addr.version == 6 and addr.ipv4_mapped:
+            # The maps keep IPv4 addresses in that very form (layout.addr_words).
+            raise UsageError(f"bad {what} {text!r}: an IPv4-mapped IPv6 address; give the IPv4 address, "
+                             f"{addr.ipv4_mapped}")
         return addr
     if literal != text or ":" in text:
         raise UsageError(f"bad {what} {text!r}: not an IPv6 address (give it like fd00::1 or [fd00::1])")
@@ -212,7 +216,10 @@ def parse_address(text: str, what: str = "address", family: int | None = None) -
         kind = {4: "an IPv4 address or a name with one", 6: "an IPv6 address or a name with one"}.get(
             family, "an address or a resolvable name")
         raise UsageError(f"bad {what} {text!r}: give {kind}") from None
-    found = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    found = [a for a in (ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos)
+             if not (a.version == 6 and a.ipv4_mapped)]
+    if not found:
+        raise UsageError(f"bad {what} {text!r}: it resolves to IPv4-mapped IPv6 addresses only; give the IPv4 address")
     return next((a for a in found if a.version == 4), found[0])
 
 
@@ -301,14 +308,22 @@ def parse_proto(text: str) -> str:
     return proto
 
 
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     out = []
     for part in text.split(","):
         try:
-            out.append(ipaddress.ip_network(part.strip()))
-            continue
+            network = ipaddress.ip_network(part.strip())
         except ValueError:
-            pass
+            network = None
+        if network is not None:
+            if network.version == 6 and network.subnet_of(_V4_MAPPED):
+                raise UsageError(f"bad client network {part!r}: IPv4-mapped IPv6 addresses (::ffff:0:0/96); "
+                                 "give IPv4 networks for IPv4 clients")
+            out.append(network)
+            continue
         # 10.0.0.1/8 most likely means 10.0.0.0/8, but it may be a typo for 10.0.0.1/32:
         # say which network it is rather than guess.
         try:

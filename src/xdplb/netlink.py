@@ -90,10 +90,13 @@ def ipv4_addresses(index: int) -> list[ipaddress.IPv4Interface]:
 
 
 def global_ipv6_addresses(index: int) -> list[ipaddress.IPv6Address]:
-    """The interface's IPv6 addresses of global scope (unique-local ones included)."""
+    """The interface's usable IPv6 addresses of global scope (unique-local ones included):
+    not deprecated (a VIP the host holds, see add_address), tentative or failed DAD."""
     with IPRoute() as ipr:
         msgs = ipr.get_addr(family=socket.AF_INET6, index=index)
-    return [ipaddress.IPv6Address(m.get_attr("IFA_ADDRESS")) for m in msgs if m["scope"] == 0]
+    unusable = IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE
+    return [ipaddress.IPv6Address(m.get_attr("IFA_ADDRESS")) for m in msgs
+            if m["scope"] == 0 and not (m.get_attr("IFA_FLAGS") or m["flags"]) & unusable]
 
 
 def local_ipv4_addresses() -> set[ipaddress.IPv4Address]:
@@ -175,6 +178,9 @@ def add_veth(name: str, peer: str, netns: str | None = None, peer_netns: str | N
 
 
 IFA_F_NODAD = 0x02
+IFA_F_DADFAILED = 0x08
+IFA_F_DEPRECATED = 0x20
+IFA_F_TENTATIVE = 0x40
 
 
 def add_address(ifname: str, address: str, prefixlen: int, netns: str | None = None, vip: bool = False) -> None:

@@ -381,11 +381,13 @@ def test_a_packet_too_big_once_encapsulated_is_answered_with_packet_too_big(ip6i
     assert len(out) == 14 + 1280  # quoted as much as fits the minimum MTU
     counters = ip6ip6.dp.counters()
     assert (counters["frag_needed"], counters["tx"], counters["redirect"], counters["too_big"]) == (1, 1, 2, 0)
-    # A short quote (a packet under 1232 bytes) is quoted whole: another link, MTU 1280.
+    # Over a link below 1320 bytes no MTU can be offered (none is below 1280): dropped.
     with IPRoute(netns=netns) as ipr:
-        ipr.link("set", index=index, mtu=1280)
-    small = segment6(1245)
-    assert run(small) == (XDP_TX, packet_too_big(small, 1280))
+        ipr.link("set", index=index, mtu=1300)
+    assert run(segment6(1261))[0] == XDP_DROP
+    assert run(segment6(1300))[0] == XDP_DROP
+    assert ip6ip6.dp.counters()["too_big"] == 2
+    assert run(segment6(1260))[0] == XDP_REDIRECT  # what fits still goes
 
 
 def test_an_icmpv6_error_about_an_ip6ip6_flow_is_encapsulated_to_its_backend(ip6ip6):

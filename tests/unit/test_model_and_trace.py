@@ -135,10 +135,18 @@ def test_ipv6_backends(text, addr, port, weight):
     ("[10.0.0.1x]", "not an IPv6 address"),
     ("fe80::1%eth0", "with a zone"),
     ("fd00::g", "not an IPv6 address"),
+    # The maps hold IPv4 addresses in this form: one would read back as IPv4.
+    ("[::ffff:10.0.0.1]:80", r"an IPv4-mapped IPv6 address; give the IPv4 address, 10.0.0.1"),
 ])
 def test_bad_ipv6_backends_name_the_problem(text, message):
     with pytest.raises(UsageError, match=message):
         model.parse_backend(text, 80)
+
+
+def test_ipv4_mapped_client_networks_are_refused_but_any_ipv6_client_is_not():
+    with pytest.raises(UsageError, match=r"IPv4-mapped IPv6 addresses \(::ffff:0:0/96\); give IPv4 networks"):
+        model.parse_networks("::ffff:10.0.0.0/104")
+    assert model.parse_networks("::/0") == [ipaddress.IPv6Network("::/0")]
 
 
 def test_ipv6_services_take_brackets():
@@ -187,7 +195,7 @@ def test_names_resolve_to_either_family(monkeypatch):
         model.parse_address("six.example", "VIP", family=4)
 
 
-def test_ipv6_services_are_refused_before_anything_changes():
+def test_nat66_and_mixed_families_are_refused_before_anything_changes():
     from xdplb import control, netlink
     link = netlink.Link(index=7, name="eth0", kind="veth", mac="02:00:00:00:00:01", up=True, xdp_prog_id=0,
                         xdp_mode="")
