@@ -257,15 +257,28 @@ def v6_frames(draw):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=v6_frames())
-def test_no_ipv6_frame_is_ever_forwarded_changed_beyond_its_macs(h6, data):
-    h6.configure([v6service(BACKEND6, BACKEND6_2)])
+@given(data=v6_frames(), forward=st.sampled_from(["dsr", "ipip"]))
+def test_no_ipv6_frame_is_ever_forwarded_changed(h6, data, forward):
+    """Whatever the frame: passed untouched, dropped, or sent to a backend as it came
+    (behind new MACs, or inside an outer IPv6 header to that backend)."""
+    if h6.settings.encap_source6 is None:
+        h6.sync(settings=dataclasses.replace(h6.settings, encap_source6=ipaddress.IPv6Address(ENCAP6)))
+    wanted = [v6service(BACKEND6, BACKEND6_2, forward=forward)]
+    if h6.configured != wanted:  # a flow keeps the mode it was created in: start afresh
+        h6.configure(wanted)
+        for key in list(h6.dp.lib.keys(h6.dp.fds["xdplb_flows6"], abi.FlowKey6)):
+            h6.dp.lib.delete(h6.dp.fds["xdplb_flows6"], key)
     action, out = h6.run(data)
     if action == XDP_PASS:
         assert out == data
-    elif action == XDP_TX:
+    elif action == XDP_TX and forward == "dsr":
         assert out[12:] == data[12:] and out[6:12] == bytes.fromhex(P.LB_MAC.replace(":", ""))
         assert ":".join(f"{x:02x}" for x in out[:6]) in MACS
+    elif action == XDP_TX:
+        backend = MACS[":".join(f"{x:02x}" for x in out[:6])]
+        outer = IPv6(out[14:54])
+        assert (outer.nh, outer.src, outer.dst, outer.plen) == (41, ENCAP6, backend, len(out) - 54)
+        assert out[54:] == data[14:14 + len(out) - 54] and len(out) - 54 <= len(data) - 14
     else:
         assert action == XDP_DROP
 
