@@ -3,6 +3,7 @@
 control process, and the metrics endpoint parsed by Prometheus' own parser."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -373,3 +374,46 @@ def test_serve_tells_systemd_when_it_is_ready_alive_and_stopping(testlab, tmp_pa
             proc.wait()
         listener.close()
         xdplb("-n", LB_NS, "detach", "eth0", check=False)
+
+
+def test_an_ipv6_service_is_health_checked_served_and_labelled(testlab, tmp_path):
+    """A dsr IPv6 service beside the IPv4 one (the lab's backends hold its VIP on lo in
+    every mode): serve checks its backends over IPv6, takes a dead one out, and the
+    metrics name it in brackets."""
+    hosts = {h.name: h for h in lab.hosts(PREFIX, 3, 2)}
+    a6, b6 = hosts["backend-a"].address6, hosts["backend-b"].address6
+    vip6 = str(lab.BYPASS_VIP6)
+    path = tmp_path / "lb.toml"
+    path.write_text(config_text() + f"""
+[[interfaces.eth0.services]]
+vip = "{vip6}"
+port = 80
+forward = "dsr"
+backends = [ {{ address = "{a6}" }}, {{ address = "{b6}" }} ]
+health = {{ type = "http", path = "/", interval = {INTERVAL}, timeout = 0.2, rise = {RISE}, fall = {FALL} }}
+""")
+    server = Serve(path)
+    try:
+        def fetch6(n):
+            out = set()
+            for _ in range(n):
+                conn = http.client.HTTPConnection(vip6, 80, timeout=5)
+                conn.request("GET", "/", headers={"Connection": "close"})
+                resp = conn.getresponse()
+                resp.read()
+                out.add(resp.getheader("X-Backend"))
+                conn.close()
+            return out
+        assert in_ns(CLIENT_NS, lambda: fetch6(40)) == {NAMES[A], NAMES[B]}
+        pidfile = lab.STATE_DIR / PREFIX / f"{PREFIX}-backend-a.pid"
+        os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+        server.wait_for(rf"event=backend_down .*backend=\[{a6}\]:80")
+        server.wait_for(rf"event=flows_reset .*backend=\[{a6}\]:80")
+        assert in_ns(CLIENT_NS, lambda: fetch6(20)) == {NAMES[B]}
+        labels = tuple(sorted((("interface", "eth0"), ("port", "80"), ("proto", "tcp"),
+                               ("service", f"[{vip6}]:80/tcp"), ("vip", vip6), ("backend", f"[{a6}]:80"))))
+        assert scrape()[("xdplb_backend_up", labels)] == 0
+    finally:
+        server.stop()
+        xdplb("-n", LB_NS, "detach", "eth0", check=False)
+        lab.up(backends=3, clients=2, prefix=PREFIX)  # restarts the server the test stopped

@@ -448,3 +448,22 @@ def test_an_ipv6_allow_list_lets_its_networks_in_and_drops_or_passes_the_rest(h6
     h6.configure([v6service()])  # the allow-list removed: everybody in
     assert list(h6.dp.lib.keys(h6.dp.fds["xdplb_clients6"], abi.ClientKey6)) == []
     assert h6.run(syn(47002, src="fd00:2::10"))[0] == XDP_TX
+
+
+def test_an_ipv6_backend_reusing_an_ipv4_backends_id_does_not_take_its_flows(h6):
+    """The id of a retired IPv4 backend goes to an IPv6 one whose address ends in the
+    same 32 bits, on the same port: the IPv4 flow keeps its own next hop."""
+    from .test_forwarding import FIRST, to_backend
+    look_alike = str(ipaddress.IPv6Address("fd00::") + int(ipaddress.IPv4Address(P.BACKEND)))
+    h6.hops[look_alike] = NextHop(LOOPBACK, "02:00:00:00:00:c6", P.LB_MAC)
+    four = lambda *b: Service(ipaddress.IPv4Address(P.VIP), 80, "tcp",  # noqa: E731
+                              [Backend(ipaddress.IPv4Address(x), 80) for x in b])
+    h6.configure([four(P.BACKEND)])
+    h6.run(P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="S"))
+    old_id = h6.dp.backend_ids()[(0, f"{P.BACKEND}:80")]
+    h6.sync([four(P.BACKEND2)])
+    h6.sync([four(P.BACKEND2), v6service(look_alike)])
+    assert h6.dp.backend_ids()[(1, f"[{look_alike}]:80")] == old_id
+    assert h6.move_hop(look_alike, NextHop(LOOPBACK, "02:00:00:00:00:c7", P.LB_MAC))  # bumps the generation
+    ack = P.tcp(P.CLIENT, 40000, P.VIP, 80, flags="A", seq=1001)
+    assert h6.run(ack) == (XDP_TX, to_backend(FIRST, 80, flags="A", seq=1001))
