@@ -145,12 +145,27 @@ static __always_inline int ecn_decapsulate6(const struct ipv6hdr *outer, struct 
 	return 0;
 }
 
+/* Takes the outer header (outer_len bytes after the Ethernet header) away: the Ethernet
+ * header moves to just before the inner one, and the inner packet goes to the kernel. */
+static __always_inline int strip_outer(struct xdp_md *ctx, struct ethhdr *eth, __u32 outer_len)
+{
+	struct ethhdr saved;
+
+	__builtin_memcpy(&saved, eth, sizeof(saved));
+	if (bpf_xdp_adjust_head(ctx, outer_len))
+		return counted(XDPLB_DC_ERROR, XDP_PASS);
+	eth = (void *)(long)ctx->data;
+	if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
+		return counted(XDPLB_DC_ERROR, XDP_DROP); /* unreachable: the inner header is there */
+	__builtin_memcpy(eth, &saved, sizeof(saved));
+	return counted(XDPLB_DC_DECAPSULATED, XDP_PASS);
+}
+
 static __always_inline int decapsulate6(struct xdp_md *ctx, struct ethhdr *eth)
 {
 	void *end = (void *)(long)ctx->data_end;
 	struct ipv6hdr *outer = (void *)(eth + 1), *inner = (void *)(outer + 1);
 	struct xdplb_dc_addr key;
-	struct ethhdr saved;
 	__u32 payload;
 
 	if ((void *)(outer + 1) > end || outer->version != 6)
@@ -169,21 +184,14 @@ static __always_inline int decapsulate6(struct xdp_md *ctx, struct ethhdr *eth)
 		return counted(XDPLB_DC_INNER_MALFORMED, XDP_PASS);
 	if (ecn_decapsulate6(outer, inner))
 		return counted(XDPLB_DC_ECN_DROP, XDP_DROP);
-	__builtin_memcpy(&saved, eth, sizeof(saved));
-	if (bpf_xdp_adjust_head(ctx, sizeof(struct ipv6hdr)))
-		return counted(XDPLB_DC_ERROR, XDP_PASS);
-	eth = (void *)(long)ctx->data;
-	if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
-		return counted(XDPLB_DC_ERROR, XDP_DROP); /* unreachable: the inner header is there */
-	__builtin_memcpy(eth, &saved, sizeof(saved));
-	return counted(XDPLB_DC_DECAPSULATED, XDP_PASS);
+	return strip_outer(ctx, eth, sizeof(struct ipv6hdr));
 }
 
 SEC("xdp")
 int xdplb_decap(struct xdp_md *ctx)
 {
 	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
-	struct ethhdr *eth, saved;
+	struct ethhdr *eth;
 	struct iphdr *outer, *inner;
 	__u32 outer_len;
 	int proto = parse_ethhdr(&c, &eth);
@@ -212,14 +220,6 @@ int xdplb_decap(struct xdp_md *ctx)
 	if (ecn_decapsulate(outer, inner))
 		return counted(XDPLB_DC_ECN_DROP, XDP_DROP);
 
-	/* Options or not, the outer header goes as a whole: the Ethernet header moves to
-	 * just before the inner one. */
-	__builtin_memcpy(&saved, eth, sizeof(saved));
-	if (bpf_xdp_adjust_head(ctx, outer_len))
-		return counted(XDPLB_DC_ERROR, XDP_PASS);
-	eth = (void *)(long)ctx->data;
-	if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
-		return counted(XDPLB_DC_ERROR, XDP_DROP); /* unreachable: the inner header is there */
-	__builtin_memcpy(eth, &saved, sizeof(saved));
-	return counted(XDPLB_DC_DECAPSULATED, XDP_PASS);
+	/* Options or not, the outer header goes as a whole. */
+	return strip_outer(ctx, eth, outer_len);
 }

@@ -140,6 +140,13 @@ def start_server(netns: str, port: int, directory: str, bind: str = "0.0.0.0") -
     raise AssertionError(f"test server on {netns}:{port} did not start")
 
 
+def backends_ready(forward: str) -> None:
+    """Prepares the lab's backends for services of one forwarding mode (lab.prepare_backend)."""
+    for host in lab.existing_hosts(PREFIX):
+        if host.role == "backend":
+            lab.prepare_backend(host, forward)
+
+
 def xdp_on(netns: str, ifname: str = "eth0") -> str:
     return subprocess.run(["ip", "-n", netns, "-d", "link", "show", ifname], capture_output=True,
                           text=True).stdout

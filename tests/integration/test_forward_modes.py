@@ -11,17 +11,11 @@ import pytest
 
 from xdplb import lab
 
-from .conftest import BACKENDS, CLIENT_NS, LB_NS, NAMES, PREFIX, in_ns, xdplb
+from .conftest import BACKENDS, CLIENT_NS, LB_NS, NAMES, backends_ready, in_ns, xdplb
 
 VIP = str(lab.BYPASS_VIP)  # not the balancer's own address (see lab.BYPASS_VIP)
 
 CLIENT_ADDR = str(lab.SUBNET[lab.CLIENT_BASE])
-
-
-def backends_ready(forward: str) -> None:
-    for host in lab.existing_hosts(PREFIX):
-        if host.role == "backend":
-            lab.prepare_backend(host, forward)
 
 
 @pytest.fixture(params=["dsr", "ipip"])

@@ -17,7 +17,7 @@ import pytest
 from xdplb import lab, netlink
 from xdplb.namespaces import run_in_netns
 
-from .conftest import BACKENDS, CLIENT_NS, LB_NS, NAMES, PREFIX, in_ns, xdplb
+from .conftest import BACKENDS, CLIENT_NS, LB_NS, NAMES, PREFIX, backends_ready, in_ns, xdplb
 
 VIP6 = str(lab.BYPASS_VIP6)
 VIP4 = str(lab.BYPASS_VIP)
@@ -26,12 +26,6 @@ BACKENDS6 = [HOSTS[f"backend-{c}"].address6 for c in "ab"]
 NAMES6 = {HOSTS[f"backend-{c}"].address6: f"backend-{c}" for c in "abc"}
 CLIENT6 = HOSTS["client"].address6
 SERVICE6 = f"[{VIP6}]:80/tcp"
-
-
-def backends_ready(forward: str) -> None:
-    for host in lab.existing_hosts(PREFIX):
-        if host.role == "backend":
-            lab.prepare_backend(host, forward)
 
 
 @pytest.fixture(params=["dsr", "ipip"])
