@@ -30,11 +30,14 @@ BACKEND_NS = [f"{PREFIX}-backend-a", f"{PREFIX}-backend-b"]
 BACKENDS = [str(lab.SUBNET[lab.BACKEND_BASE + i]) for i in range(2)]
 VIP = str(lab.LB_ADDR)
 BYPASS_VIP = str(lab.BYPASS_VIP)  # dsr and ipip: not the balancer's own address, on the backends' lo
+BYPASS_VIP6 = str(lab.BYPASS_VIP6)
+BACKENDS6 = [str(lab.SUBNET6[lab.BACKEND_BASE + i]) for i in range(2)]
 HTTP_PORT, IPERF_PORT = 8080, 5201
 STATUS_PORT = 8081  # nginx stub_status, on each backend's loopback only (counts requests there)
 STATE = Path("/run/xdplb/bench")
-MODES = ["direct", "xdplb", "xdplb-dsr", "xdplb-ipip", "nftables", "haproxy"]
-FORWARD = {"xdplb": "nat", "xdplb-dsr": "dsr", "xdplb-ipip": "ipip"}
+MODES = ["direct", "xdplb", "xdplb-dsr", "xdplb-ipip", "direct-ipv6", "xdplb-dsr-ipv6", "nftables", "haproxy"]
+FORWARD = {"xdplb": "nat", "xdplb-dsr": "dsr", "xdplb-ipip": "ipip", "xdplb-dsr-ipv6": "dsr"}
+IPV6_MODES = {"direct-ipv6", "xdplb-dsr-ipv6"}  # clients reach the service (and it the backends) over IPv6
 TESTS = ["keepalive", "newconn", "iperf3"]
 
 
@@ -83,7 +86,8 @@ events {{ worker_connections 4096; }}
 http {{
   access_log off;
   keepalive_requests 1000000;
-  server {{ listen {HTTP_PORT} reuseport backlog=4096; location / {{ return 200 "hello from {name}\\n"; }} }}
+  server {{ listen {HTTP_PORT} reuseport backlog=4096; listen [::]:{HTTP_PORT} ipv6only=on reuseport backlog=4096;
+            location / {{ return 200 "hello from {name}\\n"; }} }}
   server {{ listen 127.0.0.1:{STATUS_PORT}; location / {{ stub_status; }} }}
 }}
 """)
@@ -137,8 +141,9 @@ table ip xdplb_bench {{
 # SNAT source safely; a shorter tcp_closing hands sources back blindly.
 # Native mode: the lab gives the peer veths an XDP program and turns checksum offload off
 # (auto would choose generic on a veth).
-def xdplb_config(forward: str) -> str:
-    vip = VIP if forward == "nat" else BYPASS_VIP
+def xdplb_config(forward: str, ipv6: bool = False) -> str:
+    vip = VIP if forward == "nat" else BYPASS_VIP6 if ipv6 else BYPASS_VIP
+    backends = BACKENDS6 if ipv6 else BACKENDS
     return f"""
 [interfaces.eth0]
 mode = "native"
@@ -148,13 +153,13 @@ flows = 262144
 vip = "{vip}"
 port = {HTTP_PORT}
 forward = "{forward}"
-backends = [ {{ address = "{BACKENDS[0]}" }}, {{ address = "{BACKENDS[1]}" }} ]
+backends = [ {{ address = "{backends[0]}" }}, {{ address = "{backends[1]}" }} ]
 
 [[interfaces.eth0.services]]
 vip = "{vip}"
 port = {IPERF_PORT}
 forward = "{forward}"
-backends = [ {{ address = "{BACKENDS[0]}" }} ]
+backends = [ {{ address = "{backends[0]}" }} ]
 """
 
 
@@ -170,6 +175,10 @@ class Mode:
     def target(self) -> str:
         if self.name == "direct":
             return BACKENDS[0]
+        if self.name == "direct-ipv6":
+            return BACKENDS6[0]
+        if self.name in IPV6_MODES:
+            return BYPASS_VIP6
         return BYPASS_VIP if FORWARD.get(self.name, "nat") != "nat" else VIP
 
     def __enter__(self):
@@ -177,7 +186,7 @@ class Mode:
             for host in self.backends:
                 lab.prepare_backend(host, FORWARD[self.name])
             path = STATE / "xdplb.toml"
-            path.write_text(xdplb_config(FORWARD[self.name]))
+            path.write_text(xdplb_config(FORWARD[self.name], self.name in IPV6_MODES))
             subprocess.run([sys.executable, "-m", "xdplb", "-n", LB_NS, "apply", str(path)], check=True,
                            capture_output=True)
         elif self.name == "nftables":
@@ -245,10 +254,15 @@ def settle() -> None:
     time.sleep(1.0)
 
 
+def _host(addr: str) -> str:
+    """An address as a URL's host: IPv6 in brackets."""
+    return f"[{addr}]" if ":" in addr else addr
+
+
 def _wait_port(ns: str, host: str, port: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = subprocess.run(_ns(ns, "curl", "-s", "-o", "/dev/null", "-m", "1", f"http://{host}:{port}/"))
+        r = subprocess.run(_ns(ns, "curl", "-s", "-o", "/dev/null", "-m", "1", f"http://{_host(host)}:{port}/"))
         if r.returncode == 0:
             return
         time.sleep(0.1)
@@ -266,7 +280,7 @@ _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 def _wrk(mode: Mode, seconds: int, close: bool) -> Sample:
     target = mode.target()
-    cmd = ["wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", f"http://{target}:{HTTP_PORT}/"]
+    cmd = ["wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", f"http://{_host(target)}:{HTTP_PORT}/"]
     if close:
         cmd[1:1] = ["-H", "Connection: close"]
     before, xdp_before = _busy_seconds(), mode.xdp_run_ns()
@@ -333,7 +347,8 @@ def table(res: Results) -> list[str]:
              "16 connections; iperf3: one TCP stream to backend a, client to server. xdplb is xdplb-nat; dsr "
              "and ipip serve a VIP that the backends hold on lo. CPU/req: whole machine, above direct. XDP ns/req: "
              "the run time of the balancer's XDP program per request (both directions in nat, the client's "
-             "only in dsr and ipip).", "",
+             "only in dsr and ipip). The -ipv6 modes run over IPv6 (the same hosts' fd42:42::/64 addresses); "
+             "the others over IPv4.", "",
              "| mode | keep-alive req/s | p50 / p99 ms | CPU us/req | XDP ns/req | new-conn req/s | p50 / p99 ms "
              "| CPU us/req | XDP ns/req | iperf3 Gbit/s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -354,7 +369,8 @@ def table(res: Results) -> list[str]:
             f"{res.median(mode, 'iperf3'):.2f} ({ip[0]:.2f}-{ip[1]:.2f}) |")
     lines.append("")
     for ours in FORWARD:
-        for other in ("direct", "nftables", "haproxy"):
+        others = ("direct-ipv6", "xdplb-dsr") if ours in IPV6_MODES else ("direct", "nftables", "haproxy")
+        for other in others:
             ratios = ", ".join(f"{t} {res.median(ours, t) / res.median(other, t):.2f}x" for t in TESTS)
             lines.append(f"{ours} / {other}: {ratios}.  ")
     return lines

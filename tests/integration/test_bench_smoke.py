@@ -28,7 +28,7 @@ def test_bench_smoke_runs_every_section(bpf_object):
     assert [r["name"].split("established flow, ", 1)[-1] for r in data["live_frames"][1:]] == [
         "nat", "dsr", "ipip", "dsr, IPv6", "ipip, IPv6"]
     assert {k.split("/")[0] for k in data["end_to_end"]} == {"direct", "xdplb", "xdplb-dsr", "xdplb-ipip",
-                                                              "nftables", "haproxy"}
+                                                              "direct-ipv6", "xdplb-dsr-ipv6", "nftables", "haproxy"}
     assert all(s[0]["value"] > 0 for s in data["end_to_end"].values())
     assert any(t["name"].startswith("seed change") for t in data["control_plane"])
     assert any(t["name"].startswith("active-flow count") for t in data["control_plane"])
