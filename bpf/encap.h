@@ -63,26 +63,37 @@ static __always_inline int ipip_fits(struct xdp_md *ctx, const struct iphdr *ip,
  * the next, which the client's do, where a constant would make every fragmented outer
  * packet of a backend look alike). Returns 0, or -1 without headroom, which XDP always
  * leaves (256 bytes). */
+/* Makes room for an outer header of `size` bytes before the IP packet and writes a new
+ * Ethernet header (next hop's MACs, EtherType `proto`) before it; returns where the outer
+ * header goes (checked to fit the frame), or NULL without headroom, which XDP always
+ * leaves (256 bytes). The old Ethernet header ends up under the outer header. */
+static __always_inline void *push_outer_header(struct xdp_md *ctx, __u32 size, const __u8 *dmac,
+					       const __u8 *smac, __be16 proto)
+{
+	struct ethhdr *eth;
+	void *outer;
+
+	if (bpf_xdp_adjust_head(ctx, -(int)size))
+		return NULL;
+	eth = (void *)(long)ctx->data;
+	outer = eth + 1;
+	if (outer + size > (void *)(long)ctx->data_end)
+		return NULL;
+	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+	eth->h_proto = proto;
+	return outer;
+}
+
 static __always_inline int ipip_encapsulate(struct xdp_md *ctx, const struct iphdr *inner,
 					    const struct xdplb_flow *flow)
 {
 	__be16 first = bpf_htons(0x4500 | inner->tos), len = bpf_htons(bpf_ntohs(inner->tot_len) + sizeof(*inner));
 	__be16 id = inner->id, frag = inner->frag_off & bpf_htons(IP_DF);
-	struct ethhdr *eth;
-	struct iphdr *outer;
-	void *end;
+	struct iphdr *outer = push_outer_header(ctx, sizeof(*outer), flow->dmac, flow->smac, bpf_htons(ETH_P_IP));
 
-	/* The old Ethernet header ends where the outer IP header does, under it. */
-	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct iphdr)))
+	if (!outer)
 		return -1;
-	eth = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	outer = (void *)(eth + 1);
-	if ((void *)(outer + 1) > end)
-		return -1;
-	__builtin_memcpy(eth->h_dest, flow->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, flow->smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IP);
 	*(__be16 *)outer = first; /* version, header length, TOS */
 	outer->tot_len = len;
 	outer->id = id;

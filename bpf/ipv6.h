@@ -69,12 +69,8 @@ static __noinline void trace_line6(struct xdp_md *ctx, const struct xdplb_config
 				   const struct xdplb_flow6 *flow, __u32 event_action)
 {
 	static const char fmt[] = XDPLB_TRACE_TAG6 " %u %u %x %pI6 %u %pI6 %u %pI6 %u %u %u %u";
-	__u32 zero = 0, left = cfg->trace_until - now_ticks(cfg);
-	struct trace_args *a;
+	struct trace_args *a = trace_lease_args(cfg);
 
-	if (left == 0 || left > XDPLB_TRACE_LEASE_MAX_TICKS)
-		return;
-	a = bpf_map_lookup_elem(&xdplb_trace_args, &zero);
 	if (!a)
 		return;
 	__builtin_memcpy(a->addr6[0], pkt->key.saddr, sizeof(a->addr6[0]));
@@ -311,25 +307,16 @@ static __always_inline int ip6ip6_encapsulate(struct xdp_md *ctx, const struct x
 					      const struct xdplb_flow6 *flow, const struct hop6 *hop, __u32 label)
 {
 	struct ipv6hdr *inner = (void *)(long)ctx->data + sizeof(struct ethhdr), *outer;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth;
 	__u32 tclass;
 	__be16 len;
 
-	if ((void *)(inner + 1) > end)
+	if ((void *)(inner + 1) > (void *)(long)ctx->data_end)
 		return -1;
 	tclass = (bpf_ntohl(*(__be32 *)inner) >> 20) & 0xff;
 	len = bpf_htons(sizeof(*inner) + bpf_ntohs(inner->payload_len));
-	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct ipv6hdr)))
+	outer = push_outer_header(ctx, sizeof(*outer), hop->dmac, hop->smac, bpf_htons(ETH_P_IPV6));
+	if (!outer)
 		return -1;
-	eth = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	outer = (void *)(eth + 1);
-	if ((void *)(outer + 1) > end)
-		return -1;
-	__builtin_memcpy(eth->h_dest, hop->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, hop->smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IPV6);
 	*(__be32 *)outer = bpf_htonl(6 << 28 | tclass << 20 | (label & 0xfffff));
 	outer->payload_len = len;
 	outer->nexthdr = IPPROTO_IPV6;

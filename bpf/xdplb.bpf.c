@@ -98,20 +98,27 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 	return PARSE_L4;
 }
 
+/* The per-CPU arguments of a trace line while the trace lease runs (see
+ * XDPLB_TRACE_LEASE_MAX_TICKS), else NULL. The deadline is checked here, after the flag,
+ * so that tracing off stays one branch. */
+static __always_inline struct trace_args *trace_lease_args(const struct xdplb_config *cfg)
+{
+	__u32 zero = 0, left = cfg->trace_until - now_ticks(cfg);
+
+	if (left == 0 || left > XDPLB_TRACE_LEASE_MAX_TICKS)
+		return NULL;
+	return bpf_map_lookup_elem(&xdplb_trace_args, &zero);
+}
+
 /* A subprogram with its arguments in a per-CPU map, not on the stack: the deepest call
  * chain (main, new_flow, this) must fit in 512 bytes. Prints only while the trace lease
- * runs (see XDPLB_TRACE_LEASE_MAX_TICKS): the deadline is checked here, after the flag,
- * so that tracing off stays one branch. */
+ * runs. */
 static __noinline void trace_line(struct xdp_md *ctx, const struct xdplb_config *cfg, const struct packet *pkt,
 				  const struct xdplb_flow *flow, __u32 event_action)
 {
 	static const char fmt[] = XDPLB_TRACE_TAG " %u %u %x %x %u %x %u %x %u %u %u %u";
-	__u32 zero = 0, left = cfg->trace_until - now_ticks(cfg);
-	struct trace_args *a;
+	struct trace_args *a = trace_lease_args(cfg);
 
-	if (left == 0 || left > XDPLB_TRACE_LEASE_MAX_TICKS)
-		return;
-	a = bpf_map_lookup_elem(&xdplb_trace_args, &zero);
 	if (!a)
 		return;
 	a->v[0] = ctx->ingress_ifindex;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -138,6 +139,21 @@ def start_server(netns: str, port: int, directory: str, bind: str = "0.0.0.0") -
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"test server on {netns}:{port} did not start")
+
+
+def udp_answerers(vip: str, port: int, count: int = 40) -> set[str]:
+    """Who answered: one datagram to vip:port from each of `count` client ports (run it in
+    the client's namespace). The socket is connected, so only answers from the VIP count."""
+    family, anywhere = (socket.AF_INET6, "::") if ":" in vip else (socket.AF_INET, "0.0.0.0")
+    seen = set()
+    for client_port in range(41000, 41000 + count):
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((anywhere, client_port))
+            s.settimeout(3)
+            s.connect((vip, port))
+            s.send(b"ping")
+            seen.add(s.recv(200).split(b" ")[0].decode())
+    return seen
 
 
 def backends_ready(forward: str) -> None:

@@ -5,13 +5,12 @@ prepares them (the VIP on lo, the decapsulator for ipip)."""
 from __future__ import annotations
 
 import http.client
-import socket
 
 import pytest
 
 from xdplb import lab
 
-from .conftest import BACKENDS, CLIENT_NS, LB_NS, NAMES, backends_ready, in_ns, xdplb
+from .conftest import BACKENDS, CLIENT_NS, LB_NS, NAMES, backends_ready, in_ns, udp_answerers, xdplb
 
 VIP = str(lab.BYPASS_VIP)  # not the balancer's own address (see lab.BYPASS_VIP)
 
@@ -63,18 +62,7 @@ def test_udp_is_balanced_and_answered_from_the_vip(forwarding):
     try:
         for b in BACKENDS[:2]:
             xdplb("-n", LB_NS, "backend", "add", "eth0", f"{VIP}:{lab.UDP_PORT}/udp", b)
-
-        def ask():
-            seen = set()
-            for port in range(41000, 41040):
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                    s.bind(("0.0.0.0", port))
-                    s.settimeout(3)
-                    s.connect((VIP, lab.UDP_PORT))  # only answers from the VIP get through
-                    s.send(b"ping")
-                    seen.add(s.recv(200).split(b" ")[0].decode())
-            return seen
-        assert in_ns(CLIENT_NS, ask) == {NAMES[BACKENDS[0]], NAMES[BACKENDS[1]]}
+        assert in_ns(CLIENT_NS, lambda: udp_answerers(VIP, lab.UDP_PORT)) == {NAMES[BACKENDS[0]], NAMES[BACKENDS[1]]}
     finally:
         xdplb("-n", LB_NS, "service", "del", "eth0", f"{VIP}:{lab.UDP_PORT}/udp", check=False)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from xdplb import lab, netlink
 from xdplb.namespaces import run_in_netns
 
-from .conftest import BACKENDS, CLIENT_NS, LB_NS, NAMES, PREFIX, backends_ready, in_ns, xdplb
+from .conftest import BACKENDS, CLIENT_NS, LB_NS, NAMES, PREFIX, backends_ready, in_ns, udp_answerers, xdplb
 
 VIP6 = str(lab.BYPASS_VIP6)
 VIP4 = str(lab.BYPASS_VIP)
@@ -120,18 +119,7 @@ def test_ipv6_udp_is_balanced_and_answered_from_the_vip(dual_stack):
     xdplb("-n", LB_NS, "service", "add", "eth0", service, "--forward", dual_stack)
     for b in BACKENDS6:
         xdplb("-n", LB_NS, "backend", "add", "eth0", service, b)
-
-    def ask():
-        seen = set()
-        for port in range(41000, 41040):
-            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-                s.bind(("::", port))
-                s.settimeout(3)
-                s.connect((VIP6, lab.UDP_PORT))  # only answers from the VIP get through
-                s.send(b"ping")
-                seen.add(s.recv(200).split(b" ")[0].decode())
-        return seen
-    assert in_ns(CLIENT_NS, ask) == {NAMES6[BACKENDS6[0]], NAMES6[BACKENDS6[1]]}
+    assert in_ns(CLIENT_NS, lambda: udp_answerers(VIP6, lab.UDP_PORT)) == {NAMES6[BACKENDS6[0]], NAMES6[BACKENDS6[1]]}
 
 
 def test_an_ipv6_keepalive_connection_survives_detach_and_attach(dual_stack):
